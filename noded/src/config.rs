@@ -1,0 +1,259 @@
+//! `noded.toml`: the daemon's own configuration, with an embedded default for local mode.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default used by `noded run` without `--config`: everything local and private, so it can run on
+/// any Debian machine without touching the host's containerd.
+pub const LOCAL_DEFAULT: &str = include_str!("../local-default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl crate::exit::ExitStatus for ConfigError {
+    fn exit_code(&self) -> u8 {
+        crate::exit::BAD_INPUT
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodedConfig {
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    #[serde(default)]
+    pub containerd: ContainerdSection,
+    #[serde(default)]
+    pub probe: ProbeSection,
+    #[serde(default)]
+    pub templates: Vec<TemplateSection>,
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSection {
+    /// Persistent state (ownership records, backups, guest assets).
+    pub data_dir: PathBuf,
+    /// Volatile state (sockets, template tmpfs mounts).
+    pub run_dir: PathBuf,
+    /// gRPC API socket (`noded status`, AcquireVm).
+    pub api_socket: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// `json` in the DaemonSet, `text` for humans.
+    pub log_format: LogFormat,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/noded"),
+            run_dir: PathBuf::from("/run/noded"),
+            api_socket: PathBuf::from("/run/noded/noded.sock"),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            log_format: LogFormat::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdSection {
+    /// containerd's config file that noded edits.
+    pub config: PathBuf,
+    /// Kata handlers to register.
+    pub runtimes: Vec<String>,
+    pub kata_root: PathBuf,
+    /// `auto|never|systemd|command:CMD`.
+    pub restart: String,
+    /// containerd's gRPC socket (also serves CRI).
+    pub socket: PathBuf,
+    /// Local mode: noded starts and owns a private containerd under `daemon.data_dir`.
+    pub private: bool,
+    /// Re-apply the config on every start (the DaemonSet does; local mode too).
+    pub apply_on_start: bool,
+}
+
+impl Default for ContainerdSection {
+    fn default() -> Self {
+        Self {
+            config: PathBuf::from("/etc/containerd/config.toml"),
+            runtimes: vec!["kata-qemu".into(), "kata-qemu-warm".into()],
+            kata_root: PathBuf::from("/opt/kata"),
+            restart: "auto".into(),
+            socket: PathBuf::from("/run/containerd/containerd.sock"),
+            private: false,
+            apply_on_start: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSection {
+    /// Handlers to prove with a real sandbox; empty means `containerd.runtimes`.
+    pub handlers: Vec<String>,
+    pub interval_seconds: u64,
+    pub timeout_seconds: u64,
+    /// Consecutive failures before a handler is declared not ready.
+    pub failure_threshold: u32,
+}
+
+impl Default for ProbeSection {
+    fn default() -> Self {
+        Self {
+            handlers: Vec::new(),
+            interval_seconds: 60,
+            timeout_seconds: 30,
+            failure_threshold: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateSection {
+    pub name: String,
+    /// Runtime handler the template's clones are accounted to.
+    #[serde(default = "default_template_handler")]
+    pub runtime_handler: String,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Guest kernel; empty = the guest assets noded builds under `daemon.data_dir`.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Pre-forked clones kept ready.
+    #[serde(default = "default_pool_target")]
+    pub pool_target: u32,
+    /// Upper bound on memory the pool may hold (host bytes of idle clones), MiB.
+    #[serde(default = "default_pool_budget")]
+    pub pool_memory_budget_mib: u64,
+}
+
+fn default_template_handler() -> String {
+    "kata-qemu-warm".into()
+}
+fn default_memory_mib() -> u64 {
+    512
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_pool_target() -> u32 {
+    2
+}
+fn default_pool_budget() -> u64 {
+    1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSection {
+    pub enabled: bool,
+    /// Node name; empty = the `NODE_NAME` environment variable (downward API).
+    pub node_name: String,
+    /// Taint noded removes once every handler is proven.
+    pub startup_taint: String,
+    /// Minimum seconds between label updates.
+    pub label_interval_seconds: u64,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            node_name: String::new(),
+            startup_taint: "noded.io/runtime-not-ready".into(),
+            label_interval_seconds: 30,
+        }
+    }
+}
+
+impl NodedConfig {
+    /// Parses `text` read from `path` (used in messages only).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// The embedded local-mode default.
+    pub fn local_default() -> Result<Self, ConfigError> {
+        Self::parse(Path::new("<embedded local-default.toml>"), LOCAL_DEFAULT)
+    }
+
+    /// Handlers that must pass a probe before the node is ready.
+    pub fn probe_handlers(&self) -> Vec<String> {
+        if self.probe.handlers.is_empty() {
+            self.containerd.runtimes.clone()
+        } else {
+            self.probe.handlers.clone()
+        }
+    }
+}
+
+/// Collapses a multi-line parser message (toml prints a source excerpt) into one line.
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' ')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = NodedConfig::local_default().expect("embedded default must parse");
+        assert!(c.containerd.private);
+        assert!(!c.kubernetes.enabled);
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_field() {
+        let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), "[daemon]\nbogus = 1\n")
+            .expect_err("unknown field must fail");
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/noded/noded.toml:"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+}

@@ -1,0 +1,3 @@
+//! containerd: config model and edit, restart, verification, and a private containerd for local mode.
+
+pub mod cli;

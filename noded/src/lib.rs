@@ -1,0 +1,14 @@
+//! noded: makes bare-metal Kubernetes nodes ready to run Kata Containers VMs fast.
+//!
+//! One module per concern; `main.rs` only parses the command line and calls into here.
+
+pub mod api;
+pub mod config;
+pub mod containerd;
+pub mod daemon;
+pub mod exit;
+pub mod k8s;
+pub mod kata;
+pub mod metrics;
+pub mod observe;
+pub mod vm;

@@ -1,0 +1,8 @@
+//! Benchmark: metrics (being built; see the issue tracker).
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: &Args) -> anyhow::Result<()> {
+    anyhow::bail!("the metrics benchmark is not built yet")
+}

@@ -1,0 +1,8 @@
+//! Benchmark: ready (being built; see the issue tracker).
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: &Args) -> anyhow::Result<()> {
+    anyhow::bail!("the ready benchmark is not built yet")
+}
