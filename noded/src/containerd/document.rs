@@ -294,9 +294,9 @@ impl ConfigDocument {
         if created_runtimes && version != ConfigVersion::V3 {
             let mut runc = Table::new();
             runc.insert("runtime_type", toml_edit::value("io.containerd.runc.v2"));
-            runc.decor_mut().set_prefix(format!(
-                "\n# Added by noded: containerd drops its built-in runc handler once a config names any runtime.\n"
-            ));
+            runc.decor_mut().set_prefix(
+                "\n# Added by noded: containerd drops its built-in runc handler once a config names any runtime.\n",
+            );
             if let Some(runtimes) =
                 ensure_path(self.doc.as_item_mut(), &version.runtimes_path(), quote)
                 && !runtimes.get("runc").is_some_and(Item::is_table_like)
@@ -327,21 +327,22 @@ impl ConfigDocument {
 
     /// An explicit `version` line: without it containerd would read v2 tables as version 1 and ignore them.
     fn declare_version(&mut self) {
-        if !self.version_declared {
-            let mut doc = DocumentMut::new();
-            doc.insert("version", toml_edit::value(self.version.number()));
-            // Keep `version` first, where containerd's own files have it.
-            for (k, v) in self.doc.iter() {
-                doc.insert(k, v.clone());
-            }
-            *doc.decor_mut() = self.doc.decor().clone();
-            doc.set_trailing(self.doc.trailing().as_str().unwrap_or_default());
-            if let Some(k) = self.doc.as_table().decor().prefix() {
-                doc.as_table_mut().decor_mut().set_prefix(k.clone());
-            }
-            self.doc = doc;
-            self.version_declared = true;
+        // Version 1 is what a file without `version` means already: nothing to declare.
+        if self.version_declared || self.version == ConfigVersion::V1 {
+            return;
         }
+        let mut doc = DocumentMut::new();
+        doc.insert("version", toml_edit::value(self.version.number()));
+        // Keep `version` first, where containerd's own files have it; keys keep their comments.
+        let root = self.doc.as_table();
+        for (name, item) in root.iter() {
+            let key = root.key(name).cloned().unwrap_or_else(|| Key::new(name));
+            doc.as_table_mut().insert_formatted(&key, item.clone());
+        }
+        *doc.decor_mut() = self.doc.decor().clone();
+        doc.set_trailing(self.doc.trailing().as_str().unwrap_or_default());
+        self.doc = doc;
+        self.version_declared = true;
     }
 
     pub fn imports(&self) -> Vec<String> {
