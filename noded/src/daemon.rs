@@ -1,7 +1,142 @@
 //! `noded run`: wires the runtime manager, template pool, observers, metrics and Kubernetes publisher.
+//!
+//! Start order matters: containerd's config is applied (and containerd restarted only if it changed)
+//! before anything probes the runtime; the HTTP endpoints come up first so health is visible while the
+//! rest starts.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-pub fn run_cli(_config: Option<&Path>) -> u8 {
-    crate::exit::RUNTIME_FAILURE
+use tracing::{error, info};
+
+use crate::config::{LogFormat, NodedConfig};
+use crate::exit::{self, ExitStatus};
+use crate::metrics::Metrics;
+use crate::observe::{Observer, ObserverConfig};
+
+/// How often /proc is scanned for VMs (memory, counts, slots); boot samples trigger an early scan.
+const OBSERVE_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("{0}")]
+    Component(String),
+}
+
+/// Entry point of `noded run`. Returns the process exit code.
+pub fn run_cli(config_path: Option<&Path>) -> u8 {
+    let config = match config_path {
+        Some(p) => NodedConfig::load(p),
+        None => NodedConfig::local_default(),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("noded: {e}");
+            return e.exit_code();
+        }
+    };
+    init_tracing(config.daemon.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("{}", DaemonError::Runtime(e));
+            return exit::RUNTIME_FAILURE;
+        }
+    };
+    match rt.block_on(run(config, shutdown_signal())) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            error!("noded run failed: {e}");
+            exit::RUNTIME_FAILURE
+        }
+    }
+}
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling run twice in one process) is harmless: keep the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("{}", DaemonError::Signals(std::io::Error::last_os_error()));
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves. Shutdown never reverts containerd's config or removes
+/// runtimes: running pods keep their runtime (removal is the explicit `installer uninstall`).
+pub async fn run(
+    config: NodedConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    info!(
+        private_containerd = config.containerd.private,
+        templates = config.templates.len(),
+        kubernetes = config.kubernetes.enabled,
+        "noded starting"
+    );
+    // Components are started here in dependency order:
+    // 1. metrics + health HTTP server            (observe/metrics)
+    // 2. containerd config apply (+ private containerd in local mode)   (containerd)
+    // 3. runtime probes                           (containerd::probe)
+    // 4. template pool + gRPC API                 (vm, api)
+    // 5. Kubernetes publisher                     (k8s)
+    let observe_config = ObserverConfig::from_config(&config);
+    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
+    let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
+    let listener = crate::http::bind(config.daemon.metrics_listen)
+        .await
+        .map_err(|e| DaemonError::Component(e.to_string()))?;
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        Arc::clone(&observer),
+        std::future::pending(),
+    ));
+    let scans = tokio::spawn(Arc::clone(&observer).run(OBSERVE_INTERVAL));
+    // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
+    // outcomes into `publisher.handles.health`.
+    let publisher = if config.kubernetes.enabled {
+        Some(
+            crate::k8s::daemon::start(&config, Arc::clone(&observer))
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    shutdown.await;
+    if let Some(p) = publisher {
+        p.stop().await;
+    }
+    http.abort();
+    scans.abort();
+    info!("noded stopped");
+    Ok(())
 }

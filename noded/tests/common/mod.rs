@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod vm;
 
 use std::path::PathBuf;
 
