@@ -5,11 +5,18 @@
 //! rest starts.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{error, info};
 
 use crate::config::{LogFormat, NodedConfig};
 use crate::exit::{self, ExitStatus};
+use crate::metrics::Metrics;
+use crate::observe::{Observer, ObserverConfig};
+
+/// How often /proc is scanned for VMs (memory, counts, slots); boot samples trigger an early scan.
+const OBSERVE_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -102,7 +109,21 @@ pub async fn run(
     // 3. runtime probes                           (containerd::probe)
     // 4. template pool + gRPC API                 (vm, api)
     // 5. Kubernetes publisher                     (k8s)
+    let observe_config = ObserverConfig::from_config(&config);
+    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
+    let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
+    let listener = crate::http::bind(config.daemon.metrics_listen)
+        .await
+        .map_err(|e| DaemonError::Component(e.to_string()))?;
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        Arc::clone(&observer),
+        std::future::pending(),
+    ));
+    let scans = tokio::spawn(Arc::clone(&observer).run(OBSERVE_INTERVAL));
     shutdown.await;
+    http.abort();
+    scans.abort();
     info!("noded stopped");
     Ok(())
 }
