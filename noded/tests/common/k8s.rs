@@ -589,7 +589,7 @@ pub fn capacity(total: u32, free: u32) -> noded::k8s::Capacity {
     noded::k8s::Capacity {
         slots_total: total,
         slots_free: free,
-        boot_p50_ms: 300,
+        boot_p50_ms: Some(300),
         warm_templates: 1,
         vm_cost_bytes: None,
     }
