@@ -120,7 +120,20 @@ pub async fn run(
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
     let scans = tokio::spawn(Arc::clone(&observer).run(interval));
+    // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
+    // outcomes into `publisher.handles.health`.
+    let publisher = if config.kubernetes.enabled {
+        Some(
+            crate::k8s::daemon::start(&config, Arc::clone(&observer))
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     shutdown.await;
+    if let Some(p) = publisher {
+        p.stop().await;
+    }
     http.abort();
     scans.abort();
     info!("noded stopped");

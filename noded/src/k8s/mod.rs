@@ -4,7 +4,9 @@
 //! Entry points: [`publisher::channels`] for the inputs, [`publisher::PublisherSettings::from_config`],
 //! [`publisher::spawn`] (its own task; never blocks the rest of noded).
 
+pub mod daemon;
 pub mod events;
+pub mod feed;
 pub mod node;
 pub mod publisher;
 pub mod retry;

@@ -75,7 +75,8 @@ pub struct Capacity {
     /// VMs the node can hold in total: the `noded.io/vm-slots` extended resource.
     pub slots_total: u32,
     pub slots_free: u32,
-    pub boot_p50_ms: u32,
+    /// Median sandbox boot; `None` until a VM booted on this node.
+    pub boot_p50_ms: Option<u32>,
     pub warm_templates: u32,
     /// Measured host memory of one VM (private bytes of qemu + shim + virtiofsd); `None` until a VM ran.
     pub vm_cost_bytes: Option<u64>,

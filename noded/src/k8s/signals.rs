@@ -17,18 +17,21 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerLabels {
     pub vm_slots_free: u32,
-    pub boot_p50_ms: u32,
+    /// `None` until a VM booted: the label is left out rather than published as 0, which a `Lt`
+    /// affinity would read as "fastest node".
+    pub boot_p50_ms: Option<u32>,
     pub warm_templates: u32,
 }
 
 impl SchedulerLabels {
     /// `(label key, value)` pairs as written on the node.
-    pub fn to_pairs(self) -> [(&'static str, String); 3] {
-        [
-            (super::LABEL_VM_SLOTS_FREE, self.vm_slots_free.to_string()),
-            (super::LABEL_BOOT_P50_MS, self.boot_p50_ms.to_string()),
-            (super::LABEL_WARM_TEMPLATES, self.warm_templates.to_string()),
-        ]
+    pub fn to_pairs(self) -> Vec<(&'static str, String)> {
+        let mut pairs = vec![(super::LABEL_VM_SLOTS_FREE, self.vm_slots_free.to_string())];
+        if let Some(p50) = self.boot_p50_ms {
+            pairs.push((super::LABEL_BOOT_P50_MS, p50.to_string()));
+        }
+        pairs.push((super::LABEL_WARM_TEMPLATES, self.warm_templates.to_string()));
+        pairs
     }
 
     /// True when `new` is outside the hysteresis band around `self` (the published values).
@@ -36,8 +39,10 @@ impl SchedulerLabels {
         let slots_band = (self.vm_slots_free.div_ceil(10)).max(2);
         let slots = self.vm_slots_free.abs_diff(new.vm_slots_free) >= slots_band
             || ((self.vm_slots_free == 0) != (new.vm_slots_free == 0));
-        let boot_band = (self.boot_p50_ms / 5).max(50);
-        let boot = self.boot_p50_ms.abs_diff(new.boot_p50_ms) >= boot_band;
+        let boot = match (self.boot_p50_ms, new.boot_p50_ms) {
+            (Some(old), Some(new)) => old.abs_diff(new) >= (old / 5).max(50),
+            (old, new) => old != new,
+        };
         let warm = self.warm_templates != new.warm_templates;
         slots || boot || warm
     }
@@ -126,7 +131,7 @@ mod tests {
     fn l(free: u32, p50: u32, warm: u32) -> SchedulerLabels {
         SchedulerLabels {
             vm_slots_free: free,
-            boot_p50_ms: p50,
+            boot_p50_ms: Some(p50),
             warm_templates: warm,
         }
     }
@@ -145,6 +150,12 @@ mod tests {
             "min band 50 ms"
         );
         assert!(base.moved_past_band(l(40, 500, 3)));
+        let unknown = SchedulerLabels {
+            boot_p50_ms: None,
+            ..base
+        };
+        assert!(unknown.moved_past_band(base), "first boot measured");
+        assert_eq!(unknown.to_pairs().len(), 2, "no boot label until measured");
     }
 
     #[test]
