@@ -5,11 +5,15 @@
 //! rest starts.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tracing::{error, info};
 
 use crate::config::{LogFormat, NodedConfig};
 use crate::exit::{self, ExitStatus};
+use crate::metrics::Metrics;
+use crate::observe::{Observer, ObserverConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -102,7 +106,36 @@ pub async fn run(
     // 3. runtime probes                           (containerd::probe)
     // 4. template pool + gRPC API                 (vm, api)
     // 5. Kubernetes publisher                     (k8s)
+    let observe_config = ObserverConfig::from_config(&config);
+    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
+    let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
+    let listener = crate::http::bind(config.daemon.metrics_listen)
+        .await
+        .map_err(|e| DaemonError::Component(e.to_string()))?;
+    let http = tokio::spawn(crate::http::serve(
+        listener,
+        Arc::clone(&observer),
+        std::future::pending(),
+    ));
+    // Boot samples trigger an extra scan between the periodic ones.
+    let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
+    let scans = tokio::spawn(Arc::clone(&observer).run(interval));
+    // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
+    // outcomes into `publisher.handles.health`.
+    let publisher = if config.kubernetes.enabled {
+        Some(
+            crate::k8s::daemon::start(&config, Arc::clone(&observer))
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     shutdown.await;
+    if let Some(p) = publisher {
+        p.stop().await;
+    }
+    http.abort();
+    scans.abort();
     info!("noded stopped");
     Ok(())
 }

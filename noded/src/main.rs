@@ -54,6 +54,8 @@ enum TemplateAction {
     Build,
     Status,
     Destroy,
+    /// Build only the guest kernel + initramfs from Debian packages (cached under daemon.data_dir).
+    Assets,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
                 TemplateAction::Build => noded::vm::cli::TemplateAction::Build,
                 TemplateAction::Status => noded::vm::cli::TemplateAction::Status,
                 TemplateAction::Destroy => noded::vm::cli::TemplateAction::Destroy,
+                TemplateAction::Assets => noded::vm::cli::TemplateAction::Assets,
             };
             noded::vm::cli::template(action, config.as_deref())
         }

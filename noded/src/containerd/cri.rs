@@ -190,6 +190,8 @@ pub struct ContainerInfo {
     pub exit_code: i32,
     pub reason: String,
     pub message: String,
+    /// Host PID of the container's init process (containerd's verbose info), while it runs.
+    pub pid: Option<u32>,
 }
 
 /// A pod sandbox to run: the minimal shape that works without CNI (host network, no hostname).
@@ -420,11 +422,12 @@ impl CriClient {
         let r = timed(
             "CreateContainer",
             timeout,
-            self.runtime.create_container(CreateContainerRequest {
+            // Boxed: the request (two full sandbox configs) makes a large future.
+            Box::pin(self.runtime.create_container(CreateContainerRequest {
                 pod_sandbox_id: sandbox_id.into(),
                 config: Some(config),
                 sandbox_config: Some(pod.to_cri()),
-            }),
+            })),
         )
         .await?;
         Ok(r.container_id)
@@ -452,10 +455,17 @@ impl CriClient {
             RPC_TIMEOUT,
             self.runtime.container_status(ContainerStatusRequest {
                 container_id: container_id.into(),
-                verbose: false,
+                verbose: true,
             }),
         )
         .await?;
+        let pid = r
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .and_then(|v| v["pid"].as_u64())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0);
         let s = r.status.ok_or_else(|| CriError::Rpc {
             op: "ContainerStatus",
             code: tonic::Code::NotFound,
@@ -467,6 +477,7 @@ impl CriClient {
             exit_code: s.exit_code,
             reason: s.reason,
             message: s.message,
+            pid,
         })
     }
 
@@ -559,6 +570,26 @@ impl CriClient {
     }
 }
 
+/// Connects and waits until the CRI plugin answers: right after containerd (re)starts its socket is up
+/// before the CRI plugin has recovered its state, and every CRI call fails with "server is not
+/// initialized yet" until then.
+pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<CriClient, CriError> {
+    let start = Instant::now();
+    loop {
+        let attempt = async {
+            let mut c = CriClient::connect(socket).await?;
+            c.version().await?;
+            Ok::<_, CriError>(c)
+        };
+        match attempt.await {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() >= timeout => return Err(e),
+            Err(e) => debug!(error = %e, "CRI not ready yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// The runtime handlers containerd's CRI plugin has loaded right now (what the config applier verifies
 /// after a restart).
 pub async fn loaded_handlers(socket: &Path) -> Result<BTreeMap<String, HandlerInfo>, CriError> {
@@ -570,6 +601,7 @@ pub async fn loaded_handlers(socket: &Path) -> Result<BTreeMap<String, HandlerIn
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -6,6 +6,8 @@ pub mod cli;
 pub mod cri;
 pub mod document;
 pub mod handler;
+pub mod image;
+pub mod private;
 pub mod restart;
 pub mod state;
 pub mod version;

@@ -1,1 +1,71 @@
-//! TODO(skeleton): kata
+//! Kata Containers adapter: the install layout under a Kata root, the derived `kata-qemu-warm`
+//! configuration, and keeping Kata's own VM factory template present and current.
+
+pub mod factory;
+pub mod layout;
+pub mod warm;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use factory::{EnsureAction, EnsureOutcome, Fingerprint, KataFactory, TemplateState};
+pub use layout::{Hypervisor, KataInstall, KataLayout};
+pub use warm::{WarmOptions, WarmOutcome, WarmSharedFs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KataError {
+    #[error("{root}: not a Kata install ({missing} is missing)")]
+    NotInstalled { root: PathBuf, missing: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    InvalidConfig { path: PathBuf, message: String },
+    #[error(
+        "{0}: cannot tell the Kata version (bin/kata-runtime --version or bin/kata-ctl version failed)"
+    )]
+    NoVersion(PathBuf),
+    #[error(
+        "{0}: neither bin/kata-runtime nor bin/kata-ctl is installed; cannot build the VM template"
+    )]
+    NoFactoryTool(PathBuf),
+    #[error("`{tool} factory {verb}` failed (exit {status:?}): {stderr}")]
+    FactoryCommand {
+        tool: PathBuf,
+        verb: String,
+        status: Option<i32>,
+        stderr: String,
+    },
+    #[error("`{tool} factory init` succeeded but left no template in {path} (memory + state)")]
+    TemplateNotCreated { tool: PathBuf, path: PathBuf },
+}
+
+impl crate::exit::ExitStatus for KataError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotInstalled { .. } | Self::InvalidConfig { .. } => crate::exit::BAD_INPUT,
+            _ => crate::exit::RUNTIME_FAILURE,
+        }
+    }
+}
+
+/// temp file in the same directory + fsync + rename, so a crash leaves the old or the new file.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KataError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| KataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}

@@ -1,1 +1,614 @@
-//! TODO(skeleton): observe
+//! Observing VMs on the host: which VMs run, what they cost in host memory, how fast they booted,
+//! how many more fit. Feeds the metrics, `/readyz`, `noded status` and the scheduler signals.
+//!
+//! [`Observer`] is the one stateful piece: it scans `/proc` periodically ([`procscan`]), derives
+//! capacity ([`capacity`]), keeps the latest probe result and recent boot latencies per runtime
+//! handler, and publishes everything to [`crate::metrics::Metrics`].
+
+pub mod capacity;
+pub mod memory;
+pub mod procscan;
+pub mod synthetic;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::config::NodedConfig;
+use crate::metrics::{BootOutcome, HandlerGauges, Metrics, MetricsScope};
+use capacity::{CapacityPolicy, Slots};
+use memory::{HostResources, MemoryUsage, percentile};
+use procscan::{BootKind, Origin, ProcessKind, Sandbox, ScanReport, Scanner, VmRole};
+
+/// Boot latencies kept per handler for the p50/p90 `noded status` and the node labels show.
+const BOOT_WINDOW: usize = 256;
+/// Boot samples whose sandbox no scan found after this many scans are classified without it.
+const PENDING_SCANS: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    Scan(#[from] procscan::ScanError),
+    #[error(transparent)]
+    Host(#[from] memory::HostReadError),
+}
+
+/// A template and the runtime handler its clones are accounted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRef {
+    pub name: String,
+    pub runtime_handler: String,
+}
+
+/// What the observer needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct ObserverConfig {
+    /// `/proc` normally; a synthetic tree in tests and benchmarks.
+    pub proc_root: PathBuf,
+    /// Handlers always reported (configured runtimes and probe handlers).
+    pub handlers: Vec<String>,
+    /// Handlers that must pass their probe for `/readyz`.
+    pub probe_handlers: Vec<String>,
+    pub templates: Vec<TemplateRef>,
+    /// Directories holding template memory files.
+    pub template_dirs: Vec<PathBuf>,
+    pub capacity: CapacityPolicy,
+}
+
+impl ObserverConfig {
+    pub fn from_config(cfg: &NodedConfig) -> ObserverConfig {
+        let templates: Vec<TemplateRef> = cfg
+            .templates
+            .iter()
+            .map(|t| TemplateRef {
+                name: t.name.clone(),
+                runtime_handler: t.runtime_handler.clone(),
+            })
+            .collect();
+        let probe_handlers = cfg.probe_handlers();
+        let mut handlers: Vec<String> = Vec::new();
+        for h in cfg
+            .containerd
+            .runtimes
+            .iter()
+            .chain(&probe_handlers)
+            .chain(templates.iter().map(|t| &t.runtime_handler))
+        {
+            if !handlers.contains(h) {
+                handlers.push(h.clone());
+            }
+        }
+        const MIB: u64 = 1024 * 1024;
+        let o = &cfg.observe;
+        ObserverConfig {
+            proc_root: o.proc_root.clone(),
+            handlers,
+            probe_handlers,
+            templates,
+            template_dirs: vec![
+                PathBuf::from(procscan::KATA_FACTORY_TEMPLATE_DIR),
+                cfg.daemon.run_dir.join("templates"),
+                cfg.daemon.data_dir.join("templates"),
+            ],
+            capacity: CapacityPolicy {
+                reserved_memory_bytes: o.reserved_memory_mib.saturating_mul(MIB),
+                reserved_cpu_millis: o.reserved_cpu_millis,
+                cpu_millis_per_vm: o.cpu_millis_per_vm,
+                prior_memory_bytes: o
+                    .handler_prior_memory_mib
+                    .iter()
+                    .map(|(h, mib)| (h.clone(), mib.saturating_mul(MIB)))
+                    .collect(),
+                default_prior_memory_bytes: o.prior_memory_mib.saturating_mul(MIB),
+            },
+        }
+    }
+
+    /// The label values the metrics registry pre-creates.
+    pub fn metrics_scope(&self) -> MetricsScope {
+        MetricsScope {
+            handlers: self.handlers.clone(),
+            templates: self.templates.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+
+    fn has_template(&self, handler: &str) -> bool {
+        self.templates.iter().any(|t| t.runtime_handler == handler)
+    }
+}
+
+/// The latest probe of one handler.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProbeRecord {
+    pub ok: bool,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+/// Everything `noded status` and the Status RPC show for one runtime handler.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HandlerSnapshot {
+    pub runtime_handler: String,
+    /// Latest probe passed. A handler without a probe yet is not ready.
+    pub ready: bool,
+    pub probe: Option<ProbeRecord>,
+    pub slots_total: u64,
+    pub slots_free: u64,
+    /// Host memory one slot is sized for, and whether it was measured (else the prior).
+    pub slot_cost_bytes: u64,
+    pub slot_cost_measured: bool,
+    pub vms: u64,
+    pub vms_template: u64,
+    pub vms_cold: u64,
+    pub memory: MemoryUsage,
+    pub boot_p50_seconds: Option<f64>,
+    pub boot_p90_seconds: Option<f64>,
+}
+
+impl HandlerSnapshot {
+    pub fn to_proto(&self) -> crate::api::pb::HandlerStatus {
+        crate::api::pb::HandlerStatus {
+            runtime_handler: self.runtime_handler.clone(),
+            ready: self.ready,
+            last_probe_error: self
+                .probe
+                .as_ref()
+                .and_then(|p| p.error.clone())
+                .unwrap_or_default(),
+            last_probe_seconds: self.probe.as_ref().map_or(0.0, |p| p.seconds),
+            slots_total: self.slots_total,
+            slots_free: self.slots_free,
+            vms: self.vms,
+            vms_template: self.vms_template,
+            vms_cold: self.vms_cold,
+            pss_bytes: self.memory.pss,
+            rss_bytes: self.memory.rss,
+            private_bytes: self.memory.private,
+            boot_p50_seconds: self.boot_p50_seconds.unwrap_or(0.0),
+            boot_p90_seconds: self.boot_p90_seconds.unwrap_or(0.0),
+        }
+    }
+}
+
+/// The handler table of `noded status` (from the Status RPC's handlers).
+pub fn render_handler_table(handlers: &[crate::api::pb::HandlerStatus]) -> String {
+    fn mib(b: u64) -> String {
+        format!("{:.0}Mi", b as f64 / (1024.0 * 1024.0))
+    }
+    fn ms(s: f64) -> String {
+        if s > 0.0 {
+            format!("{:.0}ms", s * 1e3)
+        } else {
+            "-".into()
+        }
+    }
+    let header = [
+        "HANDLER", "READY", "SLOTS", "VMS", "TEMPLATE", "COLD", "PSS", "RSS", "PRIVATE",
+        "BOOT-P50", "BOOT-P90", "PROBE",
+    ];
+    let rows: Vec<[String; 12]> = handlers
+        .iter()
+        .map(|h| {
+            let probe = if h.ready {
+                format!("ok {}", ms(h.last_probe_seconds))
+            } else if h.last_probe_error.is_empty() {
+                "not proven".into()
+            } else {
+                format!("failed: {}", h.last_probe_error)
+            };
+            [
+                h.runtime_handler.clone(),
+                if h.ready { "yes" } else { "no" }.into(),
+                format!("{}/{}", h.slots_free, h.slots_total),
+                h.vms.to_string(),
+                h.vms_template.to_string(),
+                h.vms_cold.to_string(),
+                mib(h.pss_bytes),
+                mib(h.rss_bytes),
+                mib(h.private_bytes),
+                ms(h.boot_p50_seconds),
+                ms(h.boot_p90_seconds),
+                probe,
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                let _ = write!(out, "{c}");
+            } else {
+                let _ = write!(out, "{c:<w$}  ");
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `/readyz`: every probe handler's latest probe passed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Handlers not ready and why.
+    pub failing: Vec<(String, String)>,
+}
+
+/// One observation round's per-handler figures.
+#[derive(Debug, Clone, Default)]
+struct HandlerFigures {
+    vms_template: u64,
+    vms_cold: u64,
+    memory: MemoryUsage,
+    pss_per_vm: Vec<u64>,
+    slots: Option<Slots>,
+}
+
+#[derive(Debug)]
+struct PendingBoot {
+    handler: String,
+    sandbox_id: String,
+    seconds: f64,
+    scans_waited: u8,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    figures: BTreeMap<String, HandlerFigures>,
+    /// Boot kind of every live sandbox, from the latest scan.
+    live: HashMap<String, BootKind>,
+    /// Sandboxes already counted as template hit or miss.
+    counted: BTreeSet<String>,
+    /// Handler of a sandbox, learnt from boot samples (containerd events name it; /proc does not).
+    sandbox_handlers: HashMap<String, String>,
+    boots: HashMap<String, VecDeque<f64>>,
+    probes: BTreeMap<String, ProbeRecord>,
+    pending: Vec<PendingBoot>,
+    scanned: bool,
+}
+
+/// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
+#[derive(Debug)]
+pub struct Observer {
+    config: ObserverConfig,
+    scanner: Scanner,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    /// Wakes the periodic loop early when a boot sample waits for classification.
+    wake: tokio::sync::Notify,
+}
+
+impl Observer {
+    pub fn new(config: ObserverConfig, metrics: Arc<Metrics>) -> Observer {
+        let scanner = Scanner::new(
+            config.proc_root.clone(),
+            config.template_dirs.clone(),
+            config.templates.iter().map(|t| t.name.clone()).collect(),
+        );
+        Observer {
+            config,
+            scanner,
+            metrics,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn config(&self) -> &ObserverConfig {
+        &self.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves figures that are at worst one round old.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Scans now, updates the figures and the metrics, and returns the scan (blocking I/O).
+    pub fn observe_now(&self) -> Result<ScanReport, ObserveError> {
+        let scan = self.scanner.scan()?;
+        let host = HostResources::read(self.scanner.root())?;
+        self.apply(&scan, &host);
+        Ok(scan)
+    }
+
+    /// Periodic loop for `noded run`: scans every `interval`, or sooner when a boot sample waits.
+    /// Runs until the task is dropped/aborted; scan errors are logged, not fatal.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            let me = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || me.observe_now()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "VM observation failed"),
+                Err(e) => tracing::warn!(error = %e, "VM observation task failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.wake.notified() => {
+                    // Let the VM's processes settle into /proc before looking.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// A sandbox of `handler` booted in `seconds` (from containerd events). Its boot kind comes from
+    /// the next scan that sees it.
+    pub fn record_boot(&self, handler: &str, sandbox_id: &str, seconds: f64) {
+        let span = tracing::debug_span!("boot", runtime_handler = handler, sandbox = sandbox_id);
+        let _g = span.enter();
+        let mut st = self.state();
+        st.sandbox_handlers
+            .insert(sandbox_id.to_string(), handler.to_string());
+        if let Some(kind) = st.live.get(sandbox_id).copied() {
+            self.finish_boot(&mut st, handler, kind, seconds);
+        } else {
+            st.pending.push(PendingBoot {
+                handler: handler.to_string(),
+                sandbox_id: sandbox_id.to_string(),
+                seconds,
+                scans_waited: 0,
+            });
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// The latest probe of `handler`. A failed probe is also a failed boot of that handler.
+    pub fn record_probe(&self, handler: &str, ok: bool, duration: Duration, error: Option<String>) {
+        let seconds = duration.as_secs_f64();
+        if !ok {
+            tracing::warn!(runtime_handler = handler, error = ?error, "probe sandbox failed");
+            self.metrics.observe_boot(
+                handler,
+                self.assumed_boot(handler),
+                BootOutcome::Failed,
+                seconds,
+            );
+        }
+        self.metrics.set_runtime_ready(handler, ok);
+        self.state()
+            .probes
+            .insert(handler.to_string(), ProbeRecord { ok, seconds, error });
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let st = self.state();
+        let failing: Vec<(String, String)> = self
+            .config
+            .probe_handlers
+            .iter()
+            .filter_map(|h| match st.probes.get(h) {
+                Some(p) if p.ok => None,
+                Some(p) => Some((
+                    h.clone(),
+                    p.error.clone().unwrap_or_else(|| "probe failed".into()),
+                )),
+                None => Some((h.clone(), "no probe has run yet".into())),
+            })
+            .collect();
+        Readiness {
+            ready: failing.is_empty(),
+            failing,
+        }
+    }
+
+    /// Per-handler figures for `noded status`, the Status RPC and the node publisher.
+    pub fn handler_snapshots(&self) -> Vec<HandlerSnapshot> {
+        let st = self.state();
+        let mut names: Vec<String> = self.config.handlers.clone();
+        for h in st.figures.keys().chain(st.probes.keys()) {
+            if !names.contains(h) {
+                names.push(h.clone());
+            }
+        }
+        names
+            .into_iter()
+            .map(|h| {
+                let f = st.figures.get(&h).cloned().unwrap_or_default();
+                let probe = st.probes.get(&h).cloned();
+                let boots: Vec<f64> = st
+                    .boots
+                    .get(&h)
+                    .map(|b| b.iter().copied().collect())
+                    .unwrap_or_default();
+                let slots = f.slots.unwrap_or(Slots {
+                    total: 0,
+                    free: 0,
+                    cost_bytes: 0,
+                    measured: false,
+                });
+                HandlerSnapshot {
+                    ready: probe.as_ref().is_some_and(|p| p.ok),
+                    probe,
+                    slots_total: slots.total,
+                    slots_free: slots.free,
+                    slot_cost_bytes: slots.cost_bytes,
+                    slot_cost_measured: slots.measured,
+                    vms: f.vms_template + f.vms_cold,
+                    vms_template: f.vms_template,
+                    vms_cold: f.vms_cold,
+                    memory: f.memory,
+                    boot_p50_seconds: quantile(&boots, 0.5),
+                    boot_p90_seconds: quantile(&boots, 0.9),
+                    runtime_handler: h,
+                }
+            })
+            .collect()
+    }
+
+    fn assumed_boot(&self, handler: &str) -> BootKind {
+        if self.config.has_template(handler) {
+            BootKind::Template
+        } else {
+            BootKind::Cold
+        }
+    }
+
+    fn finish_boot(&self, st: &mut State, handler: &str, kind: BootKind, seconds: f64) {
+        self.metrics
+            .observe_boot(handler, kind, BootOutcome::Ok, seconds);
+        let window = st.boots.entry(handler.to_string()).or_default();
+        if window.len() == BOOT_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(seconds);
+    }
+
+    /// Which runtime handler a sandbox belongs to. `/proc` rarely says it, so in order: what
+    /// containerd told (boot samples), noded's own template, the shim binary's name, then the
+    /// configured handler that fits the hypervisor and boot kind.
+    fn handler_of(&self, st: &State, sb: &Sandbox) -> String {
+        if let Some(h) = st.sandbox_handlers.get(&sb.id) {
+            return h.clone();
+        }
+        if let Origin::Noded { template } = &sb.origin
+            && let Some(t) = self.config.templates.iter().find(|t| &t.name == template)
+        {
+            return t.runtime_handler.clone();
+        }
+        if let Some(h) = &sb.handler_hint {
+            return h.clone();
+        }
+        let clone = sb
+            .hypervisor
+            .as_ref()
+            .is_some_and(|h| h.role != VmRole::Cold);
+        if clone && let Some(t) = self.config.templates.first() {
+            return t.runtime_handler.clone();
+        }
+        let family = match sb.hypervisor.as_ref().map(|h| h.kind) {
+            Some(ProcessKind::CloudHypervisor) => "clh",
+            Some(ProcessKind::Firecracker) => "fc",
+            _ => "qemu",
+        };
+        self.config
+            .handlers
+            .iter()
+            .find(|h| h.contains(family) && !self.config.has_template(h))
+            .or_else(|| self.config.handlers.iter().find(|h| h.contains(family)))
+            .cloned()
+            .unwrap_or_else(|| format!("kata-{family}"))
+    }
+
+    fn apply(&self, scan: &ScanReport, host: &HostResources) {
+        let mut st = self.state();
+        let mut figures: BTreeMap<String, HandlerFigures> = self
+            .config
+            .handlers
+            .iter()
+            .map(|h| (h.clone(), HandlerFigures::default()))
+            .collect();
+        let mut live: HashMap<String, BootKind> = HashMap::new();
+        for sb in &scan.sandboxes {
+            let handler = self.handler_of(&st, sb);
+            let f = figures.entry(handler.clone()).or_default();
+            // Template sources cost memory but are not VMs anyone booted.
+            f.memory += sb.memory;
+            let Some(kind) = sb.boot() else {
+                continue;
+            };
+            live.insert(sb.id.clone(), kind);
+            match kind {
+                BootKind::Template => f.vms_template += 1,
+                BootKind::Cold => f.vms_cold += 1,
+            }
+            f.pss_per_vm.push(sb.memory.pss);
+            if !st.counted.contains(&sb.id) {
+                match kind {
+                    BootKind::Template => self.metrics.record_template_hit(),
+                    BootKind::Cold if self.config.has_template(&handler) => {
+                        tracing::info!(sandbox = %sb.id, runtime_handler = %handler, "VM booted cold although a template is configured");
+                        self.metrics.record_template_miss();
+                    }
+                    BootKind::Cold => {}
+                }
+                st.counted.insert(sb.id.clone());
+            }
+        }
+        let vms_all: u64 = figures.values().map(|f| f.vms_template + f.vms_cold).sum();
+        for (h, f) in &mut figures {
+            f.slots = Some(capacity::slots(
+                &self.config.capacity,
+                host,
+                h,
+                &f.pss_per_vm,
+                vms_all,
+            ));
+        }
+        // Forget sandboxes that are gone, so the sets stay as large as the node's VM count.
+        st.counted.retain(|id| live.contains_key(id));
+        let pending = std::mem::take(&mut st.pending);
+        for mut p in pending {
+            if let Some(kind) = live.get(&p.sandbox_id).copied() {
+                self.finish_boot(&mut st, &p.handler, kind, p.seconds);
+            } else if p.scans_waited + 1 >= PENDING_SCANS {
+                let kind = self.assumed_boot(&p.handler);
+                tracing::debug!(sandbox = %p.sandbox_id, runtime_handler = %p.handler, "sandbox gone before a scan saw it; boot kind assumed");
+                self.finish_boot(&mut st, &p.handler, kind, p.seconds);
+            } else {
+                p.scans_waited += 1;
+                st.pending.push(p);
+            }
+        }
+        let pending_ids: BTreeSet<&str> =
+            st.pending.iter().map(|p| p.sandbox_id.as_str()).collect();
+        let keep: BTreeSet<String> = st
+            .sandbox_handlers
+            .keys()
+            .filter(|id| live.contains_key(*id) || pending_ids.contains(id.as_str()))
+            .cloned()
+            .collect();
+        st.sandbox_handlers.retain(|id, _| keep.contains(id));
+        st.live = live;
+        st.scanned = true;
+        let gauges: Vec<HandlerGauges> = figures
+            .iter()
+            .map(|(h, f)| {
+                let slots = f.slots.unwrap_or(Slots {
+                    total: 0,
+                    free: 0,
+                    cost_bytes: 0,
+                    measured: false,
+                });
+                HandlerGauges {
+                    runtime_handler: h.clone(),
+                    vms_template: f.vms_template,
+                    vms_cold: f.vms_cold,
+                    rss_bytes: f.memory.rss,
+                    pss_bytes: f.memory.pss,
+                    private_bytes: f.memory.private,
+                    slots_total: slots.total,
+                    slots_free: slots.free,
+                }
+            })
+            .collect();
+        st.figures = figures;
+        drop(st);
+        self.metrics.set_handler_gauges(&gauges);
+    }
+}
+
+fn quantile(values: &[f64], q: f64) -> Option<f64> {
+    // Boot seconds → microseconds keeps the shared integer percentile honest to a µs.
+    let micros: Vec<u64> = values.iter().map(|s| (s * 1e6).round() as u64).collect();
+    percentile(&micros, q).map(|us| us as f64 / 1e6)
+}

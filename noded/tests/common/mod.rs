@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests. Each concern adds its own submodule file.
 #![allow(dead_code)]
 
+pub mod containerd;
+pub mod vm;
+
 use std::path::PathBuf;
 
 /// Finds a real component on PATH (or at an absolute path). Missing: under `CI=true` the test fails

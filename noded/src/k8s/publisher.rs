@@ -1,0 +1,794 @@
+//! The publisher: one task that turns runtime health, capacity and notices into node state.
+//!
+//! It is level-triggered: every sync reads the node and writes only what differs from the desired
+//! state, so a lost write, a kubelet reset or an API outage heals on the next sync. Inputs arrive on
+//! channels (typed, so the task is testable without containerd or VMs): runtime health and capacity
+//! are `watch` channels (only the latest value matters; a slow API server coalesces them), notices
+//! are an `mpsc` queue (each one becomes an Event, none may be coalesced away).
+//!
+//! Readiness rules:
+//! - The startup taint is removed only after EVERY configured handler's latest probe succeeded.
+//! - A handler failing `failure_threshold` probes in a row puts the taint back (condition False).
+//! - Before the first sync with a probe result, the taint is not touched at all: on a fresh node it is
+//!   there from birth and stays; when noded restarts on a proven node it is absent and stays absent
+//!   (re-adding it would be the restart gap kata-deploy has).
+//! - Shutdown does nothing to the node: running pods keep their runtime, the taint is not re-added (a
+//!   DaemonSet rollout must not make the node unschedulable), containerd's config is never touched here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::events::{self, EventType, NodeEvent};
+use super::node::{
+    self, DesiredCondition, JSON_PATCH, MERGE_PATCH, NodeApi, STRATEGIC_MERGE_PATCH,
+};
+use super::retry::{Backoff, ErrorClass, classify};
+use super::signals::{
+    DEFAULT_OVERHEAD_MIB, LabelDecision, LabelGovernor, SchedulerLabels, overhead_mib,
+    overhead_moved,
+};
+use super::{K8sError, LABEL_KATA_READY, runtimeclass};
+use crate::config::NodedConfig;
+
+/// Latest probe result of one handler, plus how many failed in a row (counted by the sender so that
+/// coalescing in the watch channel cannot lose failures).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandlerHealth {
+    /// Probes recorded so far; the publisher uses it to notice new results.
+    pub probes: u64,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub consecutive_failures: u32,
+}
+
+/// Health of every probed runtime handler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeHealth {
+    pub handlers: BTreeMap<String, HandlerHealth>,
+}
+
+impl RuntimeHealth {
+    /// Records one probe outcome; call through `watch::Sender::send_modify`.
+    pub fn record(&mut self, handler: &str, ok: bool, error: Option<String>) {
+        let h = self.handlers.entry(handler.to_string()).or_default();
+        h.probes += 1;
+        h.ok = ok;
+        h.consecutive_failures = if ok {
+            0
+        } else {
+            h.consecutive_failures.saturating_add(1)
+        };
+        h.error = if ok { None } else { error };
+    }
+}
+
+/// What the node can take, as measured by the observers and the template pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// VMs the node can hold in total: the `noded.io/vm-slots` extended resource.
+    pub slots_total: u32,
+    pub slots_free: u32,
+    /// Median sandbox boot; `None` until a VM booted on this node.
+    pub boot_p50_ms: Option<u32>,
+    pub warm_templates: u32,
+    /// Measured host memory of one VM (private bytes of qemu + shim + virtiofsd); `None` until a VM ran.
+    pub vm_cost_bytes: Option<u64>,
+}
+
+/// Things that happened on the node that an operator wants to see as Events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    ConfigApplied { detail: String },
+    ContainerdRestarted { detail: String },
+    TemplateRebuilt { template: String, detail: String },
+}
+
+/// Receiving ends, owned by the publisher task.
+pub struct PublisherInputs {
+    pub health: watch::Receiver<RuntimeHealth>,
+    pub capacity: watch::Receiver<Option<Capacity>>,
+    pub notices: mpsc::Receiver<Notice>,
+}
+
+/// Sending ends, for the rest of noded. Use `notices.try_send` from code that must not wait on the
+/// API server (a full queue drops the event, not the work).
+#[derive(Clone)]
+pub struct PublisherHandles {
+    pub health: watch::Sender<RuntimeHealth>,
+    pub capacity: watch::Sender<Option<Capacity>>,
+    pub notices: mpsc::Sender<Notice>,
+}
+
+pub fn channels() -> (PublisherHandles, PublisherInputs) {
+    let (health_tx, health) = watch::channel(RuntimeHealth::default());
+    let (capacity_tx, capacity) = watch::channel(None);
+    let (notices_tx, notices) = mpsc::channel(64);
+    (
+        PublisherHandles {
+            health: health_tx,
+            capacity: capacity_tx,
+            notices: notices_tx,
+        },
+        PublisherInputs {
+            health,
+            capacity,
+            notices,
+        },
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    pub node_name: String,
+    /// Key of the startup taint (effect `NoSchedule`).
+    pub startup_taint: String,
+    /// Handlers that must all pass their probe before the taint goes.
+    pub handlers: Vec<String>,
+    pub failure_threshold: u32,
+    /// RuntimeClasses to own (handler = name).
+    pub runtime_classes: Vec<String>,
+    /// Minimum time between label rewrites.
+    pub label_interval: Duration,
+    /// Full re-read of the node (re-asserts the extended resource after a kubelet reset).
+    pub resync: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+impl PublisherSettings {
+    pub fn from_config(cfg: &NodedConfig) -> Result<Self, K8sError> {
+        let node_name = if cfg.kubernetes.node_name.is_empty() {
+            std::env::var("NODE_NAME").unwrap_or_default()
+        } else {
+            cfg.kubernetes.node_name.clone()
+        };
+        if node_name.is_empty() {
+            return Err(K8sError::NoNodeName);
+        }
+        let handlers = cfg.probe_handlers();
+        if handlers.is_empty() {
+            return Err(K8sError::NoHandlers);
+        }
+        Ok(Self {
+            node_name,
+            startup_taint: cfg.kubernetes.startup_taint.clone(),
+            handlers,
+            failure_threshold: cfg.probe.failure_threshold.max(1),
+            runtime_classes: runtimeclass::class_names(&cfg.containerd.runtimes),
+            label_interval: Duration::from_secs(cfg.kubernetes.label_interval_seconds),
+            resync: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(500),
+            backoff_cap: Duration::from_secs(30),
+        })
+    }
+}
+
+/// Readiness as the publisher last decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// No probe result yet: the node is left as it is.
+    #[default]
+    Unknown,
+    /// Every handler passed its latest probe.
+    Ready,
+    /// A probe failed; `taint` when a handler failed `failure_threshold` times in a row.
+    NotReady { taint: bool, message: String },
+}
+
+/// What the publisher has achieved, for health endpoints, tests and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublisherStatus {
+    pub readiness: Readiness,
+    /// The last sync reached the API server and wrote everything it wanted.
+    pub synced: bool,
+    pub last_error: Option<String>,
+}
+
+/// Spawns the publisher as its own task, so an unreachable API server never blocks metrics or health.
+/// Connects with `kube::Client::try_default` (in-cluster service account, else kubeconfig), retrying
+/// with backoff. The task ends when `shutdown` resolves.
+pub fn spawn(
+    settings: PublisherSettings,
+    inputs: PublisherInputs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<PublisherStatus>,
+) {
+    let (status_tx, status_rx) = watch::channel(PublisherStatus::default());
+    let span = info_span!("k8s_publisher", node = %settings.node_name);
+    let task = tokio::spawn(
+        async move {
+            tokio::pin!(shutdown);
+            let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_cap);
+            let client = loop {
+                match Client::try_default().await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        let e = K8sError::ClientConfig(e);
+                        warn!(error = %e, "cannot build a Kubernetes client; node stays tainted");
+                        status_tx.send_modify(|s| s.last_error = Some(e.to_string()));
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
+                            () = &mut shutdown => return,
+                        }
+                    }
+                }
+            };
+            run_with_client(client, settings, inputs, status_tx, shutdown).await;
+        }
+        .instrument(span),
+    );
+    (task, status_rx)
+}
+
+/// The publisher loop on a given client (tests pass a client whose service is a fake API server).
+pub async fn run_with_client(
+    client: Client,
+    settings: PublisherSettings,
+    mut inputs: PublisherInputs,
+    status: watch::Sender<PublisherStatus>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut p = Publisher::new(client, settings);
+    let mut backoff = Backoff::new(p.settings.backoff_base, p.settings.backoff_cap);
+    let (mut health_open, mut capacity_open, mut notices_open) = (true, true, true);
+    let mut next_sync = Instant::now();
+    let mut in_backoff = false;
+    loop {
+        let wake = p.label_hold.map_or(next_sync, |h| h.min(next_sync));
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            r = inputs.health.changed(), if health_open => health_open = r.is_ok(),
+            r = inputs.capacity.changed(), if capacity_open => capacity_open = r.is_ok(),
+            n = inputs.notices.recv(), if notices_open => match n {
+                Some(n) => p.on_notice(n),
+                None => notices_open = false,
+            },
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        // Always take the latest of every input, in a fixed order (health, capacity, notices), so that
+        // whatever woke us, a notice sent after a capacity change is handled after it.
+        let health = inputs.health.borrow_and_update().clone();
+        p.on_health(&health);
+        let capacity = *inputs.capacity.borrow_and_update();
+        p.on_capacity(capacity, Instant::now());
+        while let Ok(n) = inputs.notices.try_recv() {
+            p.on_notice(n);
+        }
+        let now = Instant::now();
+        let sync_now = now >= next_sync || (p.dirty && !in_backoff);
+        if !sync_now {
+            continue;
+        }
+        let result = tokio::select! {
+            r = p.sync() => r,
+            () = &mut shutdown => break,
+        };
+        match result {
+            Ok(()) => {
+                backoff.reset();
+                in_backoff = false;
+                next_sync = Instant::now() + p.settings.resync;
+                status.send_modify(|s| {
+                    s.readiness = p.readiness.clone();
+                    s.synced = true;
+                    s.last_error = None;
+                });
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                in_backoff = true;
+                next_sync = Instant::now() + delay;
+                if e.class() == ErrorClass::Permanent {
+                    error!(error = %e, retry_in_ms = delay.as_millis() as u64, "Kubernetes sync failed");
+                } else {
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Kubernetes sync failed");
+                }
+                status.send_modify(|s| {
+                    s.synced = false;
+                    s.last_error = Some(e.to_string());
+                });
+            }
+        }
+    }
+    info!("publisher stopped; node left as it is (no taint re-added, runtime untouched)");
+}
+
+struct Publisher {
+    client: Client,
+    node: NodeApi,
+    settings: PublisherSettings,
+    readiness: Readiness,
+    /// Probe counter per handler already turned into events.
+    seen_probes: BTreeMap<String, u64>,
+    capacity: Option<Capacity>,
+    governor: LabelGovernor,
+    label_hold: Option<Instant>,
+    overhead_wanted: u64,
+    overhead_applied: Option<u64>,
+    node_uid: Option<String>,
+    events: VecDeque<(NodeEvent, u32)>,
+    /// Something changed that the node does not show yet.
+    dirty: bool,
+}
+
+const MAX_QUEUED_EVENTS: usize = 100;
+const EVENT_ATTEMPTS: u32 = 3;
+const CONFLICT_ATTEMPTS: u32 = 5;
+
+impl Publisher {
+    fn new(client: Client, settings: PublisherSettings) -> Self {
+        Self {
+            node: NodeApi::new(client.clone(), settings.node_name.clone()),
+            client,
+            governor: LabelGovernor::new(settings.label_interval),
+            settings,
+            readiness: Readiness::Unknown,
+            seen_probes: BTreeMap::new(),
+            capacity: None,
+            label_hold: None,
+            overhead_wanted: DEFAULT_OVERHEAD_MIB,
+            overhead_applied: None,
+            node_uid: None,
+            events: VecDeque::new(),
+            dirty: true,
+        }
+    }
+
+    fn queue_event(&mut self, ev: NodeEvent) {
+        if self.events.len() >= MAX_QUEUED_EVENTS {
+            warn!(
+                reason = ev.reason,
+                "event queue full; dropping the oldest event"
+            );
+            self.events.pop_front();
+        }
+        self.events.push_back((ev, 0));
+        self.dirty = true;
+    }
+
+    fn on_notice(&mut self, n: Notice) {
+        let ev = match n {
+            Notice::ConfigApplied { detail } => NodeEvent {
+                type_: EventType::Normal,
+                reason: "ContainerdConfigApplied",
+                action: "Apply",
+                note: detail,
+            },
+            Notice::ContainerdRestarted { detail } => NodeEvent {
+                type_: EventType::Normal,
+                reason: "ContainerdRestarted",
+                action: "Restart",
+                note: detail,
+            },
+            Notice::TemplateRebuilt { template, detail } => NodeEvent {
+                type_: EventType::Normal,
+                reason: "TemplateRebuilt",
+                action: "Rebuild",
+                note: format!("template {template}: {detail}"),
+            },
+        };
+        self.queue_event(ev);
+    }
+
+    fn on_health(&mut self, health: &RuntimeHealth) {
+        let threshold = self.settings.failure_threshold;
+        let mut failures = Vec::new();
+        for handler in &self.settings.handlers {
+            let Some(h) = health.handlers.get(handler) else {
+                continue;
+            };
+            let seen = self.seen_probes.entry(handler.clone()).or_insert(0);
+            if h.probes <= *seen {
+                continue;
+            }
+            *seen = h.probes;
+            // One event when a streak starts and one when it reaches the threshold, not one per probe.
+            if !h.ok && (h.consecutive_failures == 1 || h.consecutive_failures == threshold) {
+                failures.push(NodeEvent {
+                    type_: EventType::Warning,
+                    reason: "ProbeFailed",
+                    action: "Probe",
+                    note: format!(
+                        "runtime handler {handler}: probe failed ({} in a row): {}",
+                        h.consecutive_failures,
+                        h.error.as_deref().unwrap_or("no error message")
+                    ),
+                });
+            }
+        }
+        for ev in failures {
+            self.queue_event(ev);
+        }
+        let Some(next) = evaluate(health, &self.settings.handlers, threshold, &self.readiness)
+        else {
+            return;
+        };
+        if next == self.readiness {
+            return;
+        }
+        match &next {
+            Readiness::Ready => {
+                info!("every runtime handler passed its probe: lifting the startup taint");
+                self.queue_event(NodeEvent {
+                    type_: EventType::Normal,
+                    reason: "KataRuntimeReady",
+                    action: "Probe",
+                    note: format!(
+                        "runtime handlers proven: {}",
+                        self.settings.handlers.join(", ")
+                    ),
+                });
+            }
+            Readiness::NotReady {
+                taint: true,
+                message,
+            } => {
+                warn!(%message, "runtime not ready: tainting the node");
+                self.queue_event(NodeEvent {
+                    type_: EventType::Warning,
+                    reason: "KataRuntimeNotReady",
+                    action: "Taint",
+                    note: message.clone(),
+                });
+            }
+            Readiness::NotReady { .. } | Readiness::Unknown => {}
+        }
+        self.readiness = next;
+        self.dirty = true;
+    }
+
+    fn on_capacity(&mut self, capacity: Option<Capacity>, now: Instant) {
+        let changed = capacity != self.capacity;
+        if changed {
+            if capacity.map(|c| c.slots_total) != self.capacity.map(|c| c.slots_total) {
+                self.dirty = true;
+            }
+            if let Some(bytes) = capacity.and_then(|c| c.vm_cost_bytes) {
+                let mib = overhead_mib(Some(bytes));
+                if overhead_moved(self.overhead_wanted, mib) {
+                    info!(
+                        from_mib = self.overhead_wanted,
+                        to_mib = mib,
+                        "RuntimeClass overhead moved"
+                    );
+                    self.overhead_wanted = mib;
+                    self.dirty = true;
+                }
+            }
+            self.capacity = capacity;
+        }
+        let hold_expired = self.label_hold.is_some_and(|h| now >= h);
+        let Some(c) = capacity else { return };
+        if !changed && !hold_expired {
+            return;
+        }
+        let measured = SchedulerLabels {
+            vm_slots_free: c.slots_free,
+            boot_p50_ms: c.boot_p50_ms,
+            warm_templates: c.warm_templates,
+        };
+        match self.governor.offer(now.into_std(), measured) {
+            LabelDecision::Publish(_) => {
+                self.label_hold = None;
+                self.dirty = true;
+            }
+            LabelDecision::Unchanged => self.label_hold = None,
+            LabelDecision::HoldUntil(t) => self.label_hold = Some(Instant::from_std(t)),
+        }
+    }
+
+    fn desired_taint(&self) -> Option<bool> {
+        match self.readiness {
+            Readiness::Ready => Some(false),
+            Readiness::NotReady { taint: true, .. } => Some(true),
+            _ => None,
+        }
+    }
+
+    async fn sync(&mut self) -> Result<(), K8sError> {
+        if self.overhead_applied != Some(self.overhead_wanted) {
+            for name in self.settings.runtime_classes.clone() {
+                runtimeclass::apply(&self.client, &name, self.overhead_wanted)
+                    .await
+                    .map_err(|source| K8sError::Api {
+                        verb: "apply",
+                        what: format!("runtimeclass {name}"),
+                        source,
+                    })?;
+            }
+            self.overhead_applied = Some(self.overhead_wanted);
+        }
+
+        let mut n = self.get_node().await?;
+        let taint = self.desired_taint();
+        // Tainting is urgent and goes first; untainting goes last, once slots, labels and condition
+        // are in place for the pods that will arrive.
+        if taint == Some(true) {
+            n = self.patch_taint(n, true).await?;
+        }
+        if let Some(c) = self.capacity
+            && let Some(p) = node::slots_patch(&n, c.slots_total)
+        {
+            n = self.patch(true, JSON_PATCH, &p, "status vm-slots").await?;
+        }
+        let mut labels: Vec<(&str, String)> = Vec::new();
+        match self.readiness {
+            Readiness::Ready => labels.push((LABEL_KATA_READY, "true".into())),
+            Readiness::NotReady { .. } => labels.push((LABEL_KATA_READY, "false".into())),
+            Readiness::Unknown => {}
+        }
+        if let Some(l) = self.governor.published() {
+            labels.extend(l.to_pairs());
+        }
+        if let Some(p) = node::labels_patch(&n, &labels) {
+            n = self.patch(false, MERGE_PATCH, &p, "labels").await?;
+        }
+        if let Some(cond) = self.desired_condition()
+            && let Some(p) = node::condition_patch(&n, &cond, &now_rfc3339())
+        {
+            n = self
+                .patch(true, STRATEGIC_MERGE_PATCH, &p, "status condition")
+                .await?;
+        }
+        if taint == Some(false) {
+            self.patch_taint(n, false).await?;
+        }
+        self.flush_events().await;
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn desired_condition(&self) -> Option<DesiredCondition> {
+        match &self.readiness {
+            Readiness::Unknown => None,
+            Readiness::Ready => Some(DesiredCondition {
+                ready: true,
+                reason: "RuntimeProven".into(),
+                message: format!(
+                    "runtime handlers passed their probe: {}",
+                    self.settings.handlers.join(", ")
+                ),
+            }),
+            Readiness::NotReady { message, .. } => Some(DesiredCondition {
+                ready: false,
+                reason: "ProbeFailed".into(),
+                message: message.clone(),
+            }),
+        }
+    }
+
+    async fn get_node(&mut self) -> Result<Node, K8sError> {
+        let n = self.node.get().await.map_err(|source| K8sError::Api {
+            verb: "get",
+            what: format!("node {}", self.node.name()),
+            source,
+        })?;
+        self.node_uid.clone_from(&n.metadata.uid);
+        Ok(n)
+    }
+
+    async fn patch(
+        &self,
+        status: bool,
+        content_type: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> Result<Node, K8sError> {
+        debug!(what, %body, "patching node");
+        self.node
+            .patch(status, content_type, body)
+            .await
+            .map_err(|source| K8sError::Api {
+                verb: "patch",
+                what: format!("node {} {what}", self.node.name()),
+                source,
+            })
+    }
+
+    /// Adds or removes the startup taint; on a conflict (409, or 422 from the `test` guard) re-reads the
+    /// node and computes the patch again.
+    async fn patch_taint(&mut self, mut n: Node, present: bool) -> Result<Node, K8sError> {
+        let mut pause = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            let Some(p) = node::taint_patch(&n, &self.settings.startup_taint, present) else {
+                return Ok(n);
+            };
+            match self.node.patch(false, JSON_PATCH, &p).await {
+                Ok(updated) => {
+                    info!(taint = %self.settings.startup_taint, present, "startup taint updated");
+                    return Ok(updated);
+                }
+                Err(e) if classify(&e) == ErrorClass::Conflict => {
+                    debug!(attempt, error = %e, "taint patch conflicted; re-reading the node");
+                    tokio::time::sleep(pause.next_delay()).await;
+                    n = self.get_node().await?;
+                }
+                Err(source) => {
+                    return Err(K8sError::Api {
+                        verb: "patch",
+                        what: format!("node {} taints", self.node.name()),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(K8sError::Conflict {
+            node: self.node.name().to_string(),
+            attempts: CONFLICT_ATTEMPTS,
+        })
+    }
+
+    async fn flush_events(&mut self) {
+        while let Some((ev, attempts)) = self.events.pop_front() {
+            let obj = events::build(
+                self.node.name(),
+                self.node_uid.as_deref(),
+                &ev,
+                std::time::SystemTime::now(),
+            );
+            match events::post(&self.client, &obj).await {
+                Ok(_) => {}
+                Err(e) => {
+                    if classify(&e) == ErrorClass::Transient && attempts + 1 < EVENT_ATTEMPTS {
+                        self.events.push_front((ev, attempts + 1));
+                    } else {
+                        warn!(reason = ev.reason, error = %e, "dropping event");
+                    }
+                    // The API server is unhappy: try the rest on the next sync.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The readiness the health implies, or `None` to keep the current one (no result yet, or a failure
+/// streak on a proven node that has not reached the threshold).
+fn evaluate(
+    health: &RuntimeHealth,
+    handlers: &[String],
+    threshold: u32,
+    current: &Readiness,
+) -> Option<Readiness> {
+    let results: Vec<(&String, Option<&HandlerHealth>)> = handlers
+        .iter()
+        .map(|h| (h, health.handlers.get(h).filter(|x| x.probes > 0)))
+        .collect();
+    if !results.is_empty() && results.iter().all(|(_, h)| h.is_some_and(|h| h.ok)) {
+        return Some(Readiness::Ready);
+    }
+    let failing: Vec<(&String, &HandlerHealth)> = results
+        .iter()
+        .filter_map(|(name, h)| h.filter(|h| !h.ok).map(|h| (*name, h)))
+        .collect();
+    if failing.is_empty() {
+        return None;
+    }
+    let message = failing
+        .iter()
+        .map(|(name, h)| {
+            format!(
+                "runtime handler {name}: probe failed {} time(s) in a row: {}",
+                h.consecutive_failures,
+                h.error.as_deref().unwrap_or("no error message")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let broken = failing
+        .iter()
+        .any(|(_, h)| h.consecutive_failures >= threshold);
+    match current {
+        Readiness::Ready if !broken => None,
+        Readiness::NotReady { taint: true, .. } => Some(Readiness::NotReady {
+            taint: true,
+            message,
+        }),
+        _ => Some(Readiness::NotReady {
+            taint: broken,
+            message,
+        }),
+    }
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    k8s_openapi::jiff::Timestamp::from_second(i64::try_from(secs).unwrap_or(0))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs(entries: &[(&str, bool, u32)]) -> RuntimeHealth {
+        let mut h = RuntimeHealth::default();
+        for (name, ok, n) in entries {
+            for _ in 0..*n {
+                h.record(name, *ok, (!ok).then(|| "boom".to_string()));
+            }
+        }
+        h
+    }
+
+    fn handlers() -> Vec<String> {
+        vec!["a".into(), "b".into()]
+    }
+
+    #[test]
+    fn ready_needs_every_handler() {
+        assert_eq!(
+            evaluate(&hs(&[("a", true, 1)]), &handlers(), 3, &Readiness::Unknown),
+            None
+        );
+        assert_eq!(
+            evaluate(
+                &hs(&[("a", true, 1), ("b", true, 1)]),
+                &handlers(),
+                3,
+                &Readiness::Unknown
+            ),
+            Some(Readiness::Ready)
+        );
+        assert_eq!(
+            evaluate(&RuntimeHealth::default(), &[], 3, &Readiness::Unknown),
+            None
+        );
+    }
+
+    #[test]
+    fn first_failure_on_fresh_node_is_not_ready_without_taint_change() {
+        let r = evaluate(&hs(&[("a", false, 1)]), &handlers(), 3, &Readiness::Unknown);
+        assert!(
+            matches!(r, Some(Readiness::NotReady { taint: false, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn proven_node_keeps_ready_until_threshold() {
+        assert_eq!(
+            evaluate(
+                &hs(&[("a", true, 1), ("b", false, 2)]),
+                &handlers(),
+                3,
+                &Readiness::Ready
+            ),
+            None
+        );
+        let r = evaluate(
+            &hs(&[("a", true, 1), ("b", false, 3)]),
+            &handlers(),
+            3,
+            &Readiness::Ready,
+        );
+        assert!(
+            matches!(r, Some(Readiness::NotReady { taint: true, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn record_counts_streaks() {
+        let mut h = hs(&[("a", false, 2)]);
+        assert_eq!(h.handlers["a"].consecutive_failures, 2);
+        h.record("a", true, None);
+        assert_eq!(h.handlers["a"].consecutive_failures, 0);
+        assert_eq!(h.handlers["a"].probes, 3);
+    }
+}

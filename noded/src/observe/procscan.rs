@@ -1,0 +1,653 @@
+//! Finds the processes that make up VMs on the host (hypervisors, Kata shims, virtiofsd), groups them
+//! per sandbox, reads their memory and tells template clones from cold boots by the command line.
+//!
+//! Processes come and go while a scan runs (a pod is deleted, a pool clone is handed out and
+//! released): a process that vanished between listing `/proc` and reading one of its files is
+//! skipped and counted, never an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use procfs::ProcError;
+use procfs::process::Process;
+
+use super::memory::{MemoryUsage, read_rollup};
+
+/// Where Kata's VM factory keeps its template (`kata-runtime factory init`).
+pub const KATA_FACTORY_TEMPLATE_DIR: &str = "/run/vc/vm/template";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot list processes under {root}: {source} (is procfs mounted there?)")]
+    List { root: PathBuf, source: ProcError },
+}
+
+/// What a VM-related process is, from its executable name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessKind {
+    Qemu,
+    CloudHypervisor,
+    Firecracker,
+    KataShim,
+    Virtiofsd,
+}
+
+impl ProcessKind {
+    /// Classifies by argv[0]'s file name; `None` for every unrelated process.
+    pub fn of_argv0(argv0: &str) -> Option<ProcessKind> {
+        let name = argv0.rsplit('/').next().unwrap_or(argv0);
+        if name.starts_with("qemu-system-") || name == "qemu-kvm" {
+            Some(ProcessKind::Qemu)
+        } else if name == "cloud-hypervisor" {
+            Some(ProcessKind::CloudHypervisor)
+        } else if name == "firecracker" || name == "jailer" {
+            Some(ProcessKind::Firecracker)
+        } else if name.starts_with("containerd-shim-kata") && name.ends_with("-v2") {
+            Some(ProcessKind::KataShim)
+        } else if name == "virtiofsd" {
+            Some(ProcessKind::Virtiofsd)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_hypervisor(self) -> bool {
+        matches!(
+            self,
+            ProcessKind::Qemu | ProcessKind::CloudHypervisor | ProcessKind::Firecracker
+        )
+    }
+}
+
+/// How a VM came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmRole {
+    /// Restored from a template: `-incoming`, or the template's memory file mapped private.
+    Clone,
+    /// Booted its kernel from scratch.
+    Cold,
+    /// The template VM itself (memory file mapped shared, being saved); not a workload VM.
+    TemplateSource,
+}
+
+/// The `boot` label of boot and VM-count metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootKind {
+    Template,
+    Cold,
+}
+
+impl BootKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootKind::Template => "template",
+            BootKind::Cold => "cold",
+        }
+    }
+}
+
+impl VmRole {
+    /// `None` for a template source: it is infrastructure, not a VM that was booted for work.
+    pub fn boot(self) -> Option<BootKind> {
+        match self {
+            VmRole::Clone => Some(BootKind::Template),
+            VmRole::Cold => Some(BootKind::Cold),
+            VmRole::TemplateSource => None,
+        }
+    }
+}
+
+/// Who started the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "engine")]
+pub enum Origin {
+    /// Kata (shim and hypervisor named after the sandbox id).
+    Kata,
+    /// noded's own engine: QEMU named `noded-<template>-<id>`.
+    Noded { template: String },
+}
+
+/// One VM-related process as read in one scan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmProcess {
+    pub pid: i32,
+    pub kind: ProcessKind,
+    /// `None` when `smaps_rollup` could not be read (permission), so the sum is a lower bound.
+    pub memory: Option<MemoryUsage>,
+}
+
+/// The hypervisor of a sandbox and what its command line says.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Hypervisor {
+    pub pid: i32,
+    pub kind: ProcessKind,
+    pub role: VmRole,
+    /// The file-backed guest memory, when there is one.
+    pub mem_path: Option<PathBuf>,
+}
+
+/// All processes of one sandbox (one VM) and their summed memory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub origin: Origin,
+    /// Missing while a shim is starting or stopping its VM.
+    pub hypervisor: Option<Hypervisor>,
+    /// Runtime handler named by the shim binary (`containerd-shim-kata-qemu-v2` → `kata-qemu`);
+    /// `containerd-shim-kata-v2` names none.
+    pub handler_hint: Option<String>,
+    pub processes: Vec<VmProcess>,
+    pub memory: MemoryUsage,
+}
+
+impl Sandbox {
+    /// `None` for template sources and for sandboxes without a hypervisor (yet).
+    pub fn boot(&self) -> Option<BootKind> {
+        self.hypervisor.as_ref().and_then(|h| h.role.boot())
+    }
+}
+
+/// What one scan found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ScanReport {
+    /// Sorted by id.
+    pub sandboxes: Vec<Sandbox>,
+    /// VM-related processes no sandbox could be found for (kept so their memory is not hidden).
+    pub unattributed: Vec<VmProcess>,
+    /// Processes that exited between listing and reading them.
+    pub vanished: u32,
+    /// Processes whose files could not be read for another reason (permission).
+    pub unreadable: u32,
+    #[serde(skip)]
+    pub duration: Duration,
+}
+
+/// Scans one procfs tree.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    root: PathBuf,
+    template_dirs: Vec<PathBuf>,
+    /// Known template names, longest first, to split `noded-<template>-<id>` when both contain `-`.
+    templates: Vec<String>,
+}
+
+impl Scanner {
+    /// `root` is normally `/proc`; tests point it at a synthetic tree. `template_dirs` are directories
+    /// holding template memory files (noded's, Kata's factory's).
+    pub fn new(
+        root: impl Into<PathBuf>,
+        template_dirs: Vec<PathBuf>,
+        templates: Vec<String>,
+    ) -> Self {
+        let mut templates = templates;
+        templates.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        Scanner {
+            root: root.into(),
+            template_dirs,
+            templates,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn scan(&self) -> Result<ScanReport, ScanError> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("procscan", root = %self.root.display());
+        let _guard = span.enter();
+        let list = procfs::process::all_processes_with_root(&self.root).map_err(|source| {
+            ScanError::List {
+                root: self.root.clone(),
+                source,
+            }
+        })?;
+        let mut report = ScanReport::default();
+        let mut found: Vec<Found> = Vec::new();
+        for entry in list {
+            let process = match entry {
+                Ok(p) => p,
+                Err(e) => {
+                    report.count(&e);
+                    continue;
+                }
+            };
+            match self.inspect(&process) {
+                Ok(Some(f)) => found.push(f),
+                Ok(None) => {}
+                Err(e) => report.count(&e),
+            }
+        }
+        self.group(found, &mut report);
+        report.duration = started.elapsed();
+        tracing::debug!(
+            sandboxes = report.sandboxes.len(),
+            vanished = report.vanished,
+            elapsed_ms = report.duration.as_secs_f64() * 1e3,
+            "scan done"
+        );
+        Ok(report)
+    }
+
+    /// Reads one process; `Ok(None)` when it is not VM-related.
+    fn inspect(&self, process: &Process) -> procfs::ProcResult<Option<Found>> {
+        let argv = process.cmdline()?;
+        let Some(kind) = argv.first().and_then(|a| ProcessKind::of_argv0(a)) else {
+            return Ok(None);
+        };
+        let memory = match read_rollup(process) {
+            Ok(m) => Some(m),
+            Err(ProcError::PermissionDenied(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let cmd = CommandLine::parse(kind, &argv, &self.templates);
+        // The parent only matters for helpers whose command line names no sandbox.
+        let ppid = if cmd.sandbox.is_none() {
+            process.stat().ok().map(|s| s.ppid)
+        } else {
+            None
+        };
+        Ok(Some(Found {
+            process: VmProcess {
+                pid: process.pid(),
+                kind,
+                memory,
+            },
+            cmd,
+            ppid,
+        }))
+    }
+
+    fn group(&self, found: Vec<Found>, report: &mut ScanReport) {
+        // Memory files mapped privately by some VM: a shared mapping of the same file is its template.
+        let privately_mapped: std::collections::HashSet<PathBuf> = found
+            .iter()
+            .filter_map(|f| f.cmd.memory.as_ref())
+            .filter(|m| !m.shared)
+            .map(|m| m.path.clone())
+            .collect();
+        let by_pid: HashMap<i32, Option<SandboxKey>> = found
+            .iter()
+            .map(|f| (f.process.pid, f.cmd.sandbox.clone()))
+            .collect();
+
+        let mut sandboxes: BTreeMap<String, Sandbox> = BTreeMap::new();
+        for f in found {
+            let key = f
+                .cmd
+                .sandbox
+                .clone()
+                .or_else(|| f.ppid.and_then(|pp| by_pid.get(&pp).cloned().flatten()));
+            let Some(key) = key else {
+                report.unattributed.push(f.process);
+                continue;
+            };
+            let sb = sandboxes.entry(key.id.clone()).or_insert_with(|| Sandbox {
+                id: key.id.clone(),
+                origin: key.origin.clone(),
+                hypervisor: None,
+                handler_hint: None,
+                processes: Vec::new(),
+                memory: MemoryUsage::default(),
+            });
+            if let Origin::Noded { .. } = key.origin {
+                sb.origin = key.origin.clone();
+            }
+            if f.process.kind == ProcessKind::KataShim {
+                sb.handler_hint = f.cmd.handler_hint.clone();
+            }
+            if f.process.kind.is_hypervisor() && sb.hypervisor.is_none() {
+                sb.hypervisor = Some(Hypervisor {
+                    pid: f.process.pid,
+                    kind: f.process.kind,
+                    role: self.role(&f.cmd, &privately_mapped),
+                    mem_path: f.cmd.memory.as_ref().map(|m| m.path.clone()),
+                });
+            }
+            sb.memory += f.process.memory.unwrap_or_default();
+            sb.processes.push(f.process);
+        }
+        report.sandboxes = sandboxes.into_values().collect();
+    }
+
+    fn role(
+        &self,
+        cmd: &CommandLine,
+        privately_mapped: &std::collections::HashSet<PathBuf>,
+    ) -> VmRole {
+        if cmd.incoming {
+            return VmRole::Clone;
+        }
+        let Some(mem) = &cmd.memory else {
+            return VmRole::Cold;
+        };
+        let in_template_dir = self.template_dirs.iter().any(|d| mem.path.starts_with(d));
+        match (
+            mem.shared,
+            in_template_dir || privately_mapped.contains(&mem.path),
+        ) {
+            (false, true) => VmRole::Clone,
+            (true, true) => VmRole::TemplateSource,
+            // share=on on a plain directory (/dev/shm for virtio-fs) is how Kata cold-boots.
+            _ => VmRole::Cold,
+        }
+    }
+}
+
+impl ScanReport {
+    fn count(&mut self, e: &ProcError) {
+        match e {
+            ProcError::NotFound(_) => self.vanished += 1,
+            ProcError::Io(io, _) if io.raw_os_error() == Some(libc::ESRCH) => self.vanished += 1,
+            // A zombie's or exiting process's files can read short.
+            ProcError::Incomplete(_) => self.vanished += 1,
+            other => {
+                tracing::debug!(error = %other, "unreadable process");
+                self.unreadable += 1;
+            }
+        }
+    }
+}
+
+struct Found {
+    process: VmProcess,
+    cmd: CommandLine,
+    ppid: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SandboxKey {
+    id: String,
+    origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MemoryFile {
+    path: PathBuf,
+    shared: bool,
+}
+
+/// What the classification needs from a command line.
+#[derive(Debug, Default)]
+struct CommandLine {
+    sandbox: Option<SandboxKey>,
+    handler_hint: Option<String>,
+    incoming: bool,
+    memory: Option<MemoryFile>,
+}
+
+impl CommandLine {
+    fn parse(kind: ProcessKind, argv: &[String], templates: &[String]) -> CommandLine {
+        let mut cmd = CommandLine::default();
+        if kind == ProcessKind::KataShim {
+            cmd.handler_hint = shim_handler(&argv[0]);
+        }
+        let mut i = 1;
+        while i < argv.len() {
+            let arg = argv[i].as_str();
+            let value = argv.get(i + 1).map(String::as_str);
+            // QEMU accepts both `-opt` and `--opt`.
+            let opt = arg
+                .strip_prefix('-')
+                .map(|a| a.strip_prefix('-').unwrap_or(a));
+            match (kind, opt, value) {
+                (ProcessKind::KataShim, Some("id"), Some(v)) => {
+                    cmd.sandbox = Some(SandboxKey {
+                        id: v.to_string(),
+                        origin: Origin::Kata,
+                    });
+                }
+                (ProcessKind::Firecracker, Some("id"), Some(v)) => {
+                    cmd.sandbox.get_or_insert(SandboxKey {
+                        id: v.to_string(),
+                        origin: Origin::Kata,
+                    });
+                }
+                (ProcessKind::Qemu, Some("name"), Some(v)) => {
+                    if let Some(key) = qemu_name(v, templates) {
+                        cmd.sandbox = Some(key);
+                    }
+                }
+                (ProcessKind::Qemu, Some("incoming"), _) => cmd.incoming = true,
+                (ProcessKind::Qemu, Some("object"), Some(v)) => {
+                    if let Some(m) = memory_backend_file(v) {
+                        // The guest RAM backend wins over e.g. an nvdimm rootfs image: prefer one in a
+                        // template position (first shared/private file that is not read-only).
+                        cmd.memory.get_or_insert(m);
+                    }
+                }
+                _ => {}
+            }
+            if cmd.sandbox.is_none()
+                && let Some(id) = kata_path_sandbox(arg)
+            {
+                cmd.sandbox = Some(SandboxKey {
+                    id,
+                    origin: Origin::Kata,
+                });
+            }
+            i += 1;
+        }
+        cmd
+    }
+}
+
+/// `containerd-shim-kata-qemu-v2` → `kata-qemu` (kata-deploy's per-handler shim links).
+fn shim_handler(argv0: &str) -> Option<String> {
+    let name = argv0.rsplit('/').next().unwrap_or(argv0);
+    let handler = name.strip_prefix("containerd-shim-")?.strip_suffix("-v2")?;
+    (handler != "kata").then(|| handler.to_string())
+}
+
+/// `-name sandbox-<id>` (Kata), `-name noded-<template>-<id>` (noded), also as `guest=<name>,...`.
+fn qemu_name(value: &str, templates: &[String]) -> Option<SandboxKey> {
+    let name = value.split(',').next().unwrap_or(value);
+    let name = name.strip_prefix("guest=").unwrap_or(name);
+    if let Some(id) = name.strip_prefix("sandbox-") {
+        return (!id.is_empty()).then(|| SandboxKey {
+            id: id.to_string(),
+            origin: Origin::Kata,
+        });
+    }
+    let rest = name.strip_prefix("noded-")?;
+    let template = templates
+        .iter()
+        .find(|t| {
+            rest.len() > t.len() + 1
+                && rest.starts_with(t.as_str())
+                && rest.as_bytes()[t.len()] == b'-'
+        })
+        .cloned()
+        .or_else(|| rest.rsplit_once('-').map(|(t, _)| t.to_string()))?;
+    if template.is_empty() {
+        return None;
+    }
+    Some(SandboxKey {
+        id: name.to_string(),
+        origin: Origin::Noded { template },
+    })
+}
+
+/// `memory-backend-file,id=..,mem-path=P,share=on|off,...` → the file and whether it is shared.
+/// Read-only backends (Kata's nvdimm rootfs image) are not guest RAM.
+fn memory_backend_file(value: &str) -> Option<MemoryFile> {
+    let mut parts = value.split(',');
+    if parts.next()? != "memory-backend-file" {
+        return None;
+    }
+    let mut path = None;
+    let mut shared = false;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mem-path", v)) => path = Some(PathBuf::from(v)),
+            Some(("share", v)) => shared = matches!(v, "on" | "yes" | "true"),
+            Some(("readonly", "on" | "yes" | "true")) => return None,
+            _ => {}
+        }
+    }
+    Some(MemoryFile {
+        path: path?,
+        shared,
+    })
+}
+
+/// Kata puts every per-sandbox socket and directory under a path naming the sandbox.
+fn kata_path_sandbox(arg: &str) -> Option<String> {
+    const MARKERS: [&str; 4] = [
+        "/vc/vm/",
+        "/vc/firecracker/",
+        "/vc/sbs/",
+        "/shared/sandboxes/",
+    ];
+    for marker in MARKERS {
+        if let Some(pos) = arg.find(marker) {
+            let rest = &arg[pos + marker.len()..];
+            let id = rest.split(['/', ',']).next().unwrap_or("");
+            if !id.is_empty() && id != "template" {
+                return Some(id.to_string());
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn kinds_from_argv0() {
+        assert_eq!(
+            ProcessKind::of_argv0("/usr/bin/qemu-system-x86_64"),
+            Some(ProcessKind::Qemu)
+        );
+        assert_eq!(
+            ProcessKind::of_argv0("/opt/kata/bin/containerd-shim-kata-v2"),
+            Some(ProcessKind::KataShim)
+        );
+        assert_eq!(ProcessKind::of_argv0("containerd-shim-runc-v2"), None);
+        assert_eq!(
+            ProcessKind::of_argv0("/opt/kata/libexec/virtiofsd"),
+            Some(ProcessKind::Virtiofsd)
+        );
+        assert_eq!(ProcessKind::of_argv0("bash"), None);
+    }
+
+    #[test]
+    fn kata_qemu_cold_with_virtiofs_shm_is_cold() {
+        let c = CommandLine::parse(
+            ProcessKind::Qemu,
+            &argv(
+                "qemu-system-x86_64 -name sandbox-abc123,debug-threads=on -object memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on -object memory-backend-file,id=mem0,mem-path=/opt/kata/kata.img,size=1G,readonly=on",
+            ),
+            &[],
+        );
+        assert_eq!(c.sandbox.as_ref().map(|k| k.id.as_str()), Some("abc123"));
+        let s = Scanner::new(
+            "/proc",
+            vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
+            vec![],
+        );
+        assert_eq!(s.role(&c, &Default::default()), VmRole::Cold);
+    }
+
+    #[test]
+    fn kata_factory_clone_and_template() {
+        let s = Scanner::new(
+            "/proc",
+            vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
+            vec![],
+        );
+        let clone = CommandLine::parse(
+            ProcessKind::Qemu,
+            &argv(
+                "qemu -name sandbox-x -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory -incoming defer",
+            ),
+            &[],
+        );
+        assert_eq!(s.role(&clone, &Default::default()), VmRole::Clone);
+        let tpl = CommandLine::parse(
+            ProcessKind::Qemu,
+            &argv(
+                "qemu -name sandbox-t -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory,share=on",
+            ),
+            &[],
+        );
+        assert_eq!(s.role(&tpl, &Default::default()), VmRole::TemplateSource);
+    }
+
+    #[test]
+    fn private_mapping_of_a_file_another_vm_shares_is_a_clone_even_outside_known_dirs() {
+        let s = Scanner::new("/proc", vec![], vec![]);
+        let c = CommandLine::parse(
+            ProcessKind::Qemu,
+            &argv("qemu -object memory-backend-file,id=m,size=1G,mem-path=/tmp/t/memory,share=off"),
+            &[],
+        );
+        let set = [PathBuf::from("/tmp/t/memory")].into_iter().collect();
+        assert_eq!(s.role(&c, &set), VmRole::Clone);
+        assert_eq!(s.role(&c, &Default::default()), VmRole::Cold);
+    }
+
+    #[test]
+    fn noded_names_split_on_known_templates() {
+        let t = vec!["my-tpl".to_string(), "my".to_string()];
+        let k = qemu_name("noded-my-tpl-7", &t).expect("noded name");
+        assert_eq!(
+            k.origin,
+            Origin::Noded {
+                template: "my-tpl".into()
+            }
+        );
+        assert_eq!(k.id, "noded-my-tpl-7");
+        let k = qemu_name("guest=noded-default-vm3,debug-threads=on", &[]).expect("noded name");
+        assert_eq!(
+            k.origin,
+            Origin::Noded {
+                template: "default".into()
+            }
+        );
+        assert!(qemu_name("noded-", &[]).is_none());
+        assert!(qemu_name("myvm", &[]).is_none());
+    }
+
+    #[test]
+    fn shim_id_and_handler_hint() {
+        let c = CommandLine::parse(
+            ProcessKind::KataShim,
+            &argv(
+                "/opt/kata/bin/containerd-shim-kata-qemu-v2 -namespace k8s.io -address /run/containerd/containerd.sock -publish-binary /usr/bin/containerd -id 0123abcd",
+            ),
+            &[],
+        );
+        assert_eq!(c.sandbox.map(|k| k.id), Some("0123abcd".into()));
+        assert_eq!(c.handler_hint.as_deref(), Some("kata-qemu"));
+        assert_eq!(shim_handler("containerd-shim-kata-v2"), None);
+    }
+
+    #[test]
+    fn virtiofsd_and_clh_from_kata_paths() {
+        let c = CommandLine::parse(
+            ProcessKind::Virtiofsd,
+            &argv(
+                "/opt/kata/libexec/virtiofsd --syslog --socket-path=/run/vc/vm/sb1/vhost-fs.sock --shared-dir=/run/kata-containers/shared/sandboxes/sb1/shared",
+            ),
+            &[],
+        );
+        assert_eq!(c.sandbox.map(|k| k.id), Some("sb1".into()));
+        let c = CommandLine::parse(
+            ProcessKind::CloudHypervisor,
+            &argv("/opt/kata/bin/cloud-hypervisor --api-socket /run/vc/vm/sb2/clh-api.sock"),
+            &[],
+        );
+        assert_eq!(c.sandbox.map(|k| k.id), Some("sb2".into()));
+    }
+}

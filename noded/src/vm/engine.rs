@@ -1,0 +1,313 @@
+//! The VM engine: reaps what a previous run left, resolves each configured template's inputs (guest
+//! assets, QEMU version, accelerator), and runs one [`Pool`] per template. This is what `noded run`,
+//! the gRPC API, `noded template ...`, the tests and the benchmark use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::assets::{self, AssetsError, GuestAssets, sha256_file};
+use super::clone::After;
+use super::pool::{AcquiredVm, Pool, PoolConfig, PoolError, PoolObserver, TemplateSnapshot};
+use super::qemu::{self, Accel, GUEST_APPEND, MachineSpec, QemuError};
+use super::reap::{self, Reaped};
+use super::template::{Fingerprint, Layout, TemplateSpec};
+use crate::config::{NodedConfig, TemplateSection};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("run dir {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("guest assets: {0}")]
+    Assets(#[from] AssetsError),
+    #[error("{0}")]
+    Qemu(#[from] QemuError),
+    #[error("template {name}: {path}: {source}")]
+    Input {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no template named `{0}` is configured")]
+    UnknownTemplate(String),
+    #[error("no templates are configured (add a [[templates]] section)")]
+    NoTemplates,
+    #[error("no VM `{0}` is in use (already released, or never acquired here)")]
+    UnknownVm(String),
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("NODED_ACCEL=`{0}` is neither kvm, tcg nor auto")]
+    BadAccel(String),
+}
+
+impl crate::exit::ExitStatus for EngineError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::UnknownTemplate(_) | Self::NoTemplates | Self::BadAccel(_) => {
+                crate::exit::BAD_INPUT
+            }
+            _ => crate::exit::RUNTIME_FAILURE,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EngineOptions {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub templates: Vec<TemplateSection>,
+    pub mode: After,
+    pub health_interval: Duration,
+    /// `None`: detect (KVM only if it really runs a guest). Env `NODED_ACCEL` overrides.
+    pub accel: Option<Accel>,
+    pub observer: Option<Arc<dyn PoolObserver>>,
+}
+
+impl EngineOptions {
+    pub fn from_config(cfg: &NodedConfig) -> Self {
+        Self {
+            data_dir: cfg.daemon.data_dir.clone(),
+            run_dir: cfg.daemon.run_dir.clone(),
+            templates: cfg.templates.clone(),
+            mode: After::Paused,
+            health_interval: Duration::from_secs(300),
+            accel: None,
+            observer: None,
+        }
+    }
+}
+
+type Task = tokio::task::JoinHandle<()>;
+
+pub struct Engine {
+    layout: Layout,
+    pools: BTreeMap<String, Pool>,
+    tasks: Mutex<BTreeMap<String, Task>>,
+    default: Option<String>,
+    pub accel: Accel,
+    pub reaped: Reaped,
+    pub qemu_version: String,
+}
+
+/// Resolved inputs of one template.
+pub struct ResolvedTemplate {
+    pub spec: TemplateSpec,
+    pub assets: GuestAssets,
+}
+
+fn env_accel() -> Result<Option<Accel>, EngineError> {
+    match std::env::var("NODED_ACCEL").ok().as_deref() {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("kvm") => Ok(Some(Accel::Kvm)),
+        Some("tcg") => Ok(Some(Accel::Tcg)),
+        Some(other) => Err(EngineError::BadAccel(other.into())),
+    }
+}
+
+/// KVM probe, cached per host boot and kernel (the probe costs seconds where KVM does not work).
+async fn detect_accel(assets: &GuestAssets, data_dir: &Path, scratch: &Path) -> Accel {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = data_dir.join("guest").join(format!(
+        "accel-{}-{}",
+        boot_id.trim(),
+        &assets.kernel_sha256[..assets.kernel_sha256.len().min(16)]
+    ));
+    match std::fs::read_to_string(&cache).as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    let spec = MachineSpec {
+        accel: Accel::Kvm,
+        memory_mib: 128,
+        vcpus: 1,
+        kernel: assets.kernel.clone(),
+        initrd: assets.initrd.clone(),
+        append: GUEST_APPEND.into(),
+    };
+    let accel = if qemu::probe_kvm(&spec, scratch, Duration::from_secs(5)).await {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let _ = std::fs::write(&cache, accel.as_str());
+    accel
+}
+
+/// Resolves a template's spec: guest assets (built if needed), QEMU version, accelerator.
+pub async fn resolve(
+    opts: &EngineOptions,
+    section: &TemplateSection,
+    layout: &Layout,
+) -> Result<(ResolvedTemplate, Accel, String), EngineError> {
+    let data_dir = opts.data_dir.clone();
+    let mut assets = tokio::task::spawn_blocking(move || assets::ensure(&data_dir))
+        .await
+        .map_err(|e| AssetsError::Command {
+            command: "guest asset build".into(),
+            detail: e.to_string(),
+        })??;
+    let hash = |p: &Path| {
+        sha256_file(p).map_err(|source| EngineError::Input {
+            name: section.name.clone(),
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    if let Some(k) = &section.kernel {
+        assets.kernel_sha256 = hash(k)?;
+        assets.kernel = k.clone();
+    }
+    if let Some(i) = &section.initrd {
+        assets.initrd_sha256 = hash(i)?;
+        assets.initrd = i.clone();
+    }
+    let accel = match opts.accel.or(env_accel()?) {
+        Some(a) => a,
+        None => detect_accel(&assets, &opts.data_dir, &layout.vms_dir()).await,
+    };
+    let qemu_version = qemu::qemu_version().await?;
+    let machine = MachineSpec {
+        accel,
+        memory_mib: section.memory_mib,
+        vcpus: section.vcpus,
+        kernel: assets.kernel.clone(),
+        initrd: assets.initrd.clone(),
+        append: GUEST_APPEND.into(),
+    };
+    let fingerprint = Fingerprint::new(
+        qemu_version.clone(),
+        &machine,
+        assets.kernel_sha256.clone(),
+        assets.initrd_sha256.clone(),
+    );
+    let spec = TemplateSpec {
+        name: section.name.clone(),
+        machine,
+        fingerprint,
+        tsc_khz: qemu::host_tsc_khz(),
+    };
+    Ok((ResolvedTemplate { spec, assets }, accel, qemu_version))
+}
+
+impl Engine {
+    /// Reaps orphans of a previous run, resolves every template and starts its pool. Templates are
+    /// built in the background; use [`Engine::wait_ready`] to wait for them.
+    pub async fn start(opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+        let layout = Layout::new(&opts.run_dir).map_err(|source| EngineError::RunDir {
+            path: opts.run_dir.clone(),
+            source,
+        })?;
+        let keep: Vec<PathBuf> = opts
+            .templates
+            .iter()
+            .map(|t| layout.template_dir(&t.name))
+            .collect();
+        let keep_refs: Vec<&Path> = keep.iter().map(PathBuf::as_path).collect();
+        let reaped = reap::reap(&layout, &keep_refs).await;
+        if !reaped.processes.is_empty() || !reaped.mounts.is_empty() {
+            tracing::warn!(
+                processes = reaped.processes.len(),
+                mounts = reaped.mounts.len(),
+                "reaped leftovers of a previous run"
+            );
+        }
+        let mut pools = BTreeMap::new();
+        let mut tasks = BTreeMap::new();
+        let mut accel = Accel::Tcg;
+        let mut qemu_version = String::new();
+        for section in &opts.templates {
+            let (resolved, a, v) = resolve(&opts, section, &layout).await?;
+            accel = a;
+            qemu_version = v;
+            let cfg = PoolConfig {
+                name: section.name.clone(),
+                runtime_handler: section.runtime_handler.clone(),
+                target: section.pool_target,
+                budget_bytes: section.pool_memory_budget_mib << 20,
+                mode: opts.mode,
+                health_interval: opts.health_interval,
+            };
+            let (pool, task) =
+                Pool::start(cfg, layout.clone(), resolved.spec, opts.observer.clone());
+            pools.insert(section.name.clone(), pool);
+            tasks.insert(section.name.clone(), task);
+        }
+        tracing::info!(
+            accel = accel.as_str(),
+            templates = pools.len(),
+            "VM engine started"
+        );
+        Ok(Arc::new(Engine {
+            layout,
+            default: opts.templates.first().map(|t| t.name.clone()),
+            pools,
+            tasks: Mutex::new(tasks),
+            accel,
+            reaped,
+            qemu_version,
+        }))
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn pool(&self, template: &str) -> Result<&Pool, EngineError> {
+        let name = if template.is_empty() {
+            self.default.as_deref().ok_or(EngineError::NoTemplates)?
+        } else {
+            template
+        };
+        self.pools
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownTemplate(name.into()))
+    }
+
+    /// A VM of `template` (empty: the first configured template).
+    pub async fn acquire(&self, template: &str) -> Result<AcquiredVm, EngineError> {
+        Ok(self.pool(template)?.acquire().await?)
+    }
+
+    pub async fn release(&self, vm_id: &str) -> Result<(), EngineError> {
+        for pool in self.pools.values() {
+            if pool.owns(vm_id) && pool.release(vm_id).await {
+                return Ok(());
+            }
+        }
+        Err(EngineError::UnknownVm(vm_id.into()))
+    }
+
+    pub fn snapshot(&self) -> Vec<TemplateSnapshot> {
+        self.pools.values().map(Pool::snapshot).collect()
+    }
+
+    /// Waits until every pool has its template and is full.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for pool in self.pools.values() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !pool.wait_full(left).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Kills every VM, removes templates and sockets. Safe to call more than once.
+    pub async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut tasks = tasks;
+        for (name, pool) in &self.pools {
+            let task = tasks.remove(name).unwrap_or_else(|| tokio::spawn(async {}));
+            pool.shutdown(task).await;
+        }
+        // Anything else carrying our marker (a clone mid-restore when the task was stopped).
+        let _ = reap::reap(&self.layout, &[]).await;
+        tracing::info!("VM engine stopped");
+    }
+}

@@ -1,0 +1,152 @@
+//! Request/response channel to noded's guest `/init` over the serial console (a unix socket chardev).
+//!
+//! Readiness is a request answered, not a heartbeat: a heartbeat's period would dominate the figure.
+//! Answers are `<kind> <nonce> <counter> [payload]`; the counter lives in guest RAM and increases with
+//! every request, so a clone's first answer must continue its template's count.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("console socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("guest did not answer `{request}` within {timeout:?}")]
+    Timeout { request: String, timeout: Duration },
+    #[error("console closed (QEMU exited?)")]
+    Closed,
+    #[error("guest answer `{0}` is malformed")]
+    Malformed(String),
+}
+
+/// One answer from the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub counter: u64,
+    pub payload: String,
+}
+
+pub struct GuestConsole {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    next_nonce: u64,
+}
+
+impl GuestConsole {
+    pub async fn connect(path: &Path) -> Result<Self, GuestError> {
+        let (r, w) = UnixStream::connect(path).await?.into_split();
+        Ok(Self {
+            reader: BufReader::new(r),
+            writer: w,
+            // Distinct per connection so answers to a previous owner's requests are never mistaken.
+            next_nonce: u64::from(rand::random::<u32>()) << 16,
+        })
+    }
+
+    async fn send(&mut self, kind: &str) -> Result<u64, GuestError> {
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        self.writer
+            .write_all(format!("{kind} {nonce}\n").as_bytes())
+            .await?;
+        Ok(nonce)
+    }
+
+    /// Reads until an answer of `kind` to one of `nonces` (kernel and firmware output is skipped).
+    async fn read_answer(
+        &mut self,
+        kind: &str,
+        nonces: &[u64],
+    ) -> Result<(u64, Answer), GuestError> {
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if self.reader.read_until(b'\n', &mut line).await? == 0 {
+                return Err(GuestError::Closed);
+            }
+            let text = String::from_utf8_lossy(&line);
+            for &nonce in nonces.iter().rev() {
+                let tag = format!("{kind} {nonce} ");
+                // Firmware output without a trailing newline may precede the answer on the same line.
+                let Some(pos) = text.find(&tag) else { continue };
+                let rest = text[pos + tag.len()..].trim_end();
+                let (counter, payload) = rest.split_once(' ').unwrap_or((rest, ""));
+                let counter = counter
+                    .parse()
+                    .map_err(|_| GuestError::Malformed(text.trim_end().to_string()))?;
+                return Ok((
+                    nonce,
+                    Answer {
+                        counter,
+                        payload: payload.to_string(),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// One request, one answer, within `timeout`.
+    pub async fn request(&mut self, kind: &str, timeout: Duration) -> Result<Answer, GuestError> {
+        let fut = async {
+            let nonce = self.send(kind).await?;
+            self.read_answer(answer_kind(kind), &[nonce])
+                .await
+                .map(|(_, a)| a)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| GuestError::Timeout {
+                request: kind.into(),
+                timeout,
+            })?
+    }
+
+    pub async fn ping(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+        self.request("ping", timeout).await
+    }
+
+    /// Waits for a booting guest: pings every 20 ms until one is answered, then pings once more and
+    /// waits for exactly that answer, so no request sent while booting is still queued afterwards.
+    /// Returns the last answer (its counter is the guest's count so far).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+        let fut = async {
+            let mut sent = Vec::new();
+            loop {
+                sent.push(self.send("ping").await?);
+                let wait = tokio::time::timeout(
+                    Duration::from_millis(20),
+                    self.read_answer("pong", &sent),
+                )
+                .await;
+                match wait {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => continue,
+                }
+            }
+            Ok::<(), GuestError>(())
+        };
+        let start = tokio::time::Instant::now();
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| GuestError::Timeout {
+                request: "ping (boot)".into(),
+                timeout,
+            })??;
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(5));
+        self.ping(left).await
+    }
+}
+
+fn answer_kind(kind: &str) -> &str {
+    match kind {
+        "ping" => "pong",
+        other => other,
+    }
+}

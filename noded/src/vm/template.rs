@@ -1,0 +1,515 @@
+//! VM templates, built exactly like Kata's factory: guest RAM in a file on a private tmpfs mapped
+//! shared, boot, wait until the guest answers, pause, save device state with `x-ignore-shared` (RAM is
+//! not copied — it already is the file), stop. A manifest records what the template was built from and
+//! the size and sha256 of both files so damage is detected before a clone is handed out.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::assets::sha256_file;
+use super::qemu::{MachineSpec, Mapping, QemuError, VmLaunch, VmProcess};
+use super::qmp::{Capability, MigrationStatus};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const MEMORY: &str = "memory";
+pub const STATE: &str = "state";
+/// tmpfs headroom above guest RAM for the state file and manifest (what Kata's factory uses).
+pub const TMPFS_HEADROOM_MIB: u64 = 8;
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template {name}: {path}: {source}")]
+    Io {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "template {name}: needs {needed_mib} MiB of tmpfs but only {available_mib} MiB of memory is available"
+    )]
+    NoSpace {
+        name: String,
+        needed_mib: u64,
+        available_mib: u64,
+    },
+    #[error("template {name}: cannot mount tmpfs at {path}: {source}")]
+    Mount {
+        name: String,
+        path: PathBuf,
+        source: nix::Error,
+    },
+    #[error("template {name}: {source}")]
+    Qemu { name: String, source: QemuError },
+    #[error("template {name}: saving device state ended as {status:?}: {detail}")]
+    Migration {
+        name: String,
+        status: Option<MigrationStatus>,
+        detail: String,
+    },
+    #[error("template {name}: {damage}")]
+    Damaged { name: String, damage: Damage },
+}
+
+/// Why a template must not be used. Every variant leads to a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Damage {
+    #[error("no template (tmpfs empty: first start or after a reboot)")]
+    Missing,
+    #[error("manifest unreadable: {0}")]
+    Manifest(String),
+    #[error("built from other inputs (fingerprint {found}, expected {expected})")]
+    Fingerprint { expected: String, found: String },
+    #[error("{file} is {actual} bytes, manifest says {expected} (truncated or replaced)")]
+    Size {
+        file: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{file} content changed (sha256 {actual}, manifest says {expected})")]
+    Hash {
+        file: &'static str,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl Damage {
+    /// Short label for counters and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Manifest(_) => "manifest",
+            Self::Fingerprint { .. } => "fingerprint",
+            Self::Size { .. } => "size",
+            Self::Hash { .. } => "hash",
+        }
+    }
+}
+
+/// What a template is built from; any change means the template is stale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub qemu_version: String,
+    /// Machine arguments (no per-VM paths, no host TSC hint).
+    pub machine_args: Vec<String>,
+    pub kernel_sha256: String,
+    pub initrd_sha256: String,
+    pub memory_mib: u64,
+}
+
+impl Fingerprint {
+    pub fn new(
+        qemu_version: String,
+        spec: &MachineSpec,
+        kernel_sha256: String,
+        initrd_sha256: String,
+    ) -> Self {
+        Self {
+            qemu_version,
+            machine_args: spec.machine_args(None),
+            kernel_sha256,
+            initrd_sha256,
+            memory_mib: spec.memory_mib,
+        }
+    }
+
+    /// Stable short hash, shown in status and compared on validation.
+    pub fn id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(self).unwrap_or_default());
+        hex::encode(h.finalize())[..16].to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            size: std::fs::metadata(path)?.len(),
+            sha256: sha256_file(path)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    pub fingerprint_id: String,
+    /// The exact machine arguments the template booted with; clones reuse them verbatim.
+    pub machine_args: Vec<String>,
+    pub memory_mib: u64,
+    /// Guest request counter at save time: a clone's first answer must be `guest_counter + 1`.
+    pub guest_counter: u64,
+    pub state: FileDigest,
+    pub memory: FileDigest,
+    pub built_unix: u64,
+    pub boot_ms: u64,
+    pub save_ms: u64,
+    /// Distinguishes rebuilds of the same template.
+    pub generation: String,
+}
+
+/// A built template on its tmpfs.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Template {
+    pub fn memory_file(&self) -> PathBuf {
+        self.dir.join(MEMORY)
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+}
+
+/// Everything needed to build one template.
+#[derive(Debug, Clone)]
+pub struct TemplateSpec {
+    pub name: String,
+    pub machine: MachineSpec,
+    pub fingerprint: Fingerprint,
+    pub tsc_khz: Option<u64>,
+}
+
+/// Where templates and VM sockets live, and the instance marker of this noded.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub run_dir: PathBuf,
+    /// `noded-<hash of run_dir>-`: VMs of this noded (and only this one) carry it in `-name`.
+    pub marker: String,
+}
+
+impl Layout {
+    pub fn new(run_dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(run_dir)?;
+        let run_dir = std::fs::canonicalize(run_dir)?;
+        let mut h = Sha256::new();
+        h.update(run_dir.as_os_str().as_encoded_bytes());
+        let marker = format!(
+            "{}{}-",
+            super::qemu::NAME_PREFIX,
+            &hex::encode(h.finalize())[..8]
+        );
+        Ok(Self { run_dir, marker })
+    }
+    pub fn templates_dir(&self) -> PathBuf {
+        self.run_dir.join("templates")
+    }
+    pub fn template_dir(&self, name: &str) -> PathBuf {
+        self.templates_dir().join(name)
+    }
+    pub fn vms_dir(&self) -> PathBuf {
+        self.run_dir.join("vms")
+    }
+    pub fn vm_name(&self, template: &str, id: &str) -> String {
+        format!("{}{template}-{id}", self.marker)
+    }
+}
+
+/// A fresh short VM id (sockets live under `run_dir/vms/<id>/`, and unix socket paths are short).
+pub fn new_vm_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// Quotes a path for QEMU's `exec:` migration URI (run by `/bin/sh -c`).
+pub fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+fn mem_available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
+}
+
+/// Mount points (from /proc/self/mountinfo) at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    // Deepest first, so nested mounts go before their parents.
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+fn unescape_mount_path(s: &str) -> PathBuf {
+    PathBuf::from(
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\"),
+    )
+}
+
+/// Lazily unmounts everything at or below `dir` and removes it.
+pub fn destroy_dir(dir: &Path) {
+    for m in mounts_under(dir) {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %m.display(), error = %e, "cannot unmount");
+        }
+    }
+    if dir.exists() {
+        let _ = make_writable(dir);
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove");
+        }
+    }
+}
+
+fn make_writable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+/// Reads and checks a template. `deep` also hashes the memory file (hundreds of MiB: done at build,
+/// at start and by the health watch, not before every clone). The small state file is always hashed.
+pub fn validate(dir: &Path, expected: &Fingerprint, deep: bool) -> Result<Template, Damage> {
+    let manifest_path = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&manifest_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Damage::Missing),
+        Err(e) => return Err(Damage::Manifest(e.to_string())),
+    };
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| Damage::Manifest(e.to_string()))?;
+    let expected_id = expected.id();
+    if manifest.fingerprint != *expected || manifest.fingerprint_id != expected_id {
+        return Err(Damage::Fingerprint {
+            expected: expected_id,
+            found: manifest.fingerprint_id,
+        });
+    }
+    let t = Template {
+        dir: dir.to_path_buf(),
+        manifest,
+    };
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    for (file, path, digest) in [
+        ("state", t.state_file(), &t.manifest.state),
+        ("memory", t.memory_file(), &t.manifest.memory),
+    ] {
+        let actual = size(&path);
+        if actual != digest.size {
+            return Err(Damage::Size {
+                file,
+                expected: digest.size,
+                actual,
+            });
+        }
+        if file == "state" || deep {
+            let sha = sha256_file(&path).unwrap_or_default();
+            if sha != digest.sha256 {
+                return Err(Damage::Hash {
+                    file,
+                    expected: digest.sha256.clone(),
+                    actual: sha,
+                });
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Builds the template `spec.name` under `layout`, replacing whatever is there.
+#[tracing::instrument(name = "template_build", skip_all, fields(template = %spec.name))]
+pub async fn build(layout: &Layout, spec: &TemplateSpec) -> Result<Template, TemplateError> {
+    let name = spec.name.clone();
+    let dir = layout.template_dir(&name);
+    let io = |path: &Path| {
+        let name = name.clone();
+        let path = path.to_path_buf();
+        move |source| TemplateError::Io { name, path, source }
+    };
+    destroy_dir(&dir);
+    let needed_mib = spec.machine.memory_mib + TMPFS_HEADROOM_MIB;
+    if let Some(available_mib) = mem_available_mib()
+        && available_mib < needed_mib
+    {
+        return Err(TemplateError::NoSpace {
+            name,
+            needed_mib,
+            available_mib,
+        });
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some(format!("size={needed_mib}m,mode=0700").as_str()),
+    )
+    .map_err(|source| TemplateError::Mount {
+        name: name.clone(),
+        path: dir.clone(),
+        source,
+    })?;
+    let result = build_on_tmpfs(layout, spec, &dir).await;
+    if result.is_err() {
+        destroy_dir(&dir);
+    }
+    result
+}
+
+async fn build_on_tmpfs(
+    layout: &Layout,
+    spec: &TemplateSpec,
+    dir: &Path,
+) -> Result<Template, TemplateError> {
+    let name = spec.name.clone();
+    let qemu = |source| TemplateError::Qemu {
+        name: name.clone(),
+        source,
+    };
+    let machine_args = spec.machine.machine_args(spec.tsc_khz);
+    let launch = VmLaunch {
+        name: layout.vm_name(&name, "template"),
+        dir: layout.vms_dir().join(format!("tpl-{name}")),
+        memory_file: dir.join(MEMORY),
+        mapping: Mapping::Shared,
+        incoming: false,
+        // Clones replace it with their own; the device must be present in both (DESIGN §6).
+        vmgenid: uuid::Uuid::new_v4(),
+    };
+    let t0 = Instant::now();
+    let mut vm = VmProcess::spawn(launch, &machine_args, spec.machine.memory_mib, QMP_TIMEOUT)
+        .await
+        .map_err(qemu)?;
+    let outcome = async {
+        let ready = vm.console()?.wait_ready(Duration::from_secs(120)).await;
+        let ready = match ready {
+            Ok(a) => a,
+            Err(source) => {
+                return Err(QemuError::Guest {
+                    name: vm.name.clone(),
+                    source,
+                });
+            }
+        };
+        let boot_ms = t0.elapsed().as_millis() as u64;
+        let t1 = Instant::now();
+        let q = vm.qmp()?;
+        let r: Result<_, super::qmp::QmpError> = async {
+            q.stop(QMP_TIMEOUT).await?;
+            q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
+                .await?;
+            q.migrate(
+                &format!("exec:cat > {}", shell_quote(&dir.join(STATE))),
+                QMP_TIMEOUT,
+            )
+            .await?;
+            q.wait_migration(Duration::from_secs(60), QMP_TIMEOUT).await
+        }
+        .await;
+        let info = match r {
+            Ok(i) => i,
+            Err(e) => return Err(vm.qmp_error(e)),
+        };
+        Ok((
+            ready.counter,
+            boot_ms,
+            t1.elapsed().as_millis() as u64,
+            info,
+        ))
+    }
+    .await;
+    let (guest_counter, boot_ms, save_ms, info) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            vm.kill().await;
+            return Err(qemu(e));
+        }
+    };
+    vm.quit(Duration::from_secs(5)).await;
+    if info.status != Some(MigrationStatus::Completed) {
+        return Err(TemplateError::Migration {
+            name,
+            status: info.status,
+            detail: info.error_desc.unwrap_or_default(),
+        });
+    }
+    let state = dir.join(STATE);
+    let memory = dir.join(MEMORY);
+    let digest = |p: &Path| {
+        let name = name.clone();
+        let path = p.to_path_buf();
+        FileDigest::of(p).map_err(move |source| TemplateError::Io { name, path, source })
+    };
+    let manifest = Manifest {
+        name: name.clone(),
+        fingerprint_id: spec.fingerprint.id(),
+        fingerprint: spec.fingerprint.clone(),
+        machine_args,
+        memory_mib: spec.machine.memory_mib,
+        guest_counter,
+        state: digest(&state)?,
+        memory: digest(&memory)?,
+        built_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        boot_ms,
+        save_ms,
+        generation: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+    };
+    let manifest_path = dir.join(MANIFEST);
+    let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    std::fs::write(&manifest_path, json).map_err(|source| TemplateError::Io {
+        name: name.clone(),
+        path: manifest_path.clone(),
+        source,
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for p in [&state, &memory, &manifest_path] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).map_err(
+                |source| TemplateError::Io {
+                    name: name.clone(),
+                    path: p.clone(),
+                    source,
+                },
+            )?;
+        }
+    }
+    tracing::info!(
+        boot_ms,
+        save_ms,
+        state_bytes = manifest.state.size,
+        fingerprint = %manifest.fingerprint_id,
+        "template built"
+    );
+    Ok(Template {
+        dir: dir.to_path_buf(),
+        manifest,
+    })
+}

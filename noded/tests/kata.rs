@@ -1,0 +1,252 @@
+//! Kata adapter against a fake Kata root whose binaries are shell scripts recording their calls.
+
+mod common;
+#[path = "common/fake_kata.rs"]
+mod fake_kata;
+
+use std::sync::atomic::Ordering;
+
+use fake_kata::FakeKata;
+use noded::kata::{
+    EnsureAction, KataError, KataFactory, KataLayout, TemplateState, WarmOptions, WarmSharedFs,
+    warm,
+};
+
+fn fake(version: &str) -> (tempfile::TempDir, FakeKata) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("opt/kata");
+    let kata = FakeKata::write(&root, &root, version);
+    (dir, kata)
+}
+
+fn warm_opts(dir: &tempfile::TempDir) -> WarmOptions {
+    WarmOptions {
+        template_path: dir.path().join("run/vc/vm/template"),
+        ..WarmOptions::default()
+    }
+}
+
+#[test]
+fn inspect_reports_layout_version_and_usable_hypervisors() {
+    let (_dir, kata) = fake("3.27.0");
+    let install = KataLayout::new(&kata.root).inspect().expect("inspect");
+    assert_eq!(install.version.as_deref(), Some("3.27.0"));
+    assert_eq!(install.shim, kata.root.join("bin/containerd-shim-kata-v2"));
+    let names: Vec<_> = install
+        .hypervisors
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, ["clh", "qemu"]);
+    let usable: Vec<_> = install
+        .usable_hypervisors()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(usable, ["qemu"], "clh's binary is not installed");
+    assert_eq!(
+        install.initrds,
+        [kata
+            .root
+            .join("share/kata-containers/kata-ubuntu-noble.initrd")]
+    );
+    assert_eq!(install.kernels.len(), 2, "{:?}", install.kernels);
+    assert_eq!(
+        install.factory_tool,
+        Some(kata.root.join("bin/kata-runtime"))
+    );
+}
+
+#[test]
+fn inspect_rejects_a_root_without_the_shim() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = KataLayout::new(dir.path())
+        .inspect()
+        .expect_err("empty root");
+    assert!(matches!(err, KataError::NotInstalled { .. }), "{err}");
+    assert!(err.to_string().contains("containerd-shim-kata-v2"), "{err}");
+}
+
+#[test]
+fn warm_config_enables_templating_and_keeps_everything_else() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let opts = warm_opts(&dir);
+    let out = warm::derive(&layout, &opts).expect("derive");
+    assert!(out.changed);
+    assert_eq!(out.path, layout.warm_config());
+    let text = std::fs::read_to_string(&out.path).expect("read");
+    let doc: toml_edit::DocumentMut = text.parse().expect("valid TOML");
+
+    let qemu = &doc["hypervisor"]["qemu"];
+    assert!(
+        qemu.get("image").is_none(),
+        "image must be removed:\n{text}"
+    );
+    assert_eq!(
+        qemu["initrd"].as_str(),
+        Some(
+            kata.root
+                .join("share/kata-containers/kata-ubuntu-noble.initrd")
+                .to_str()
+                .expect("utf8")
+        )
+    );
+    assert_eq!(qemu["shared_fs"].as_str(), Some("virtio-9p"));
+    assert_eq!(doc["factory"]["enable_template"].as_bool(), Some(true));
+    assert_eq!(
+        doc["factory"]["template_path"].as_str(),
+        opts.template_path.to_str()
+    );
+    assert_eq!(doc["factory"]["vm_cache_number"].as_integer(), Some(0));
+
+    // Kata's comments, including inline ones on edited keys, survive; untouched lines are verbatim.
+    assert!(
+        text.contains("shared_fs = \"virtio-9p\" # keep this comment"),
+        "{text}"
+    );
+    assert!(text.contains("default_memory = 2048 # guest RAM"), "{text}");
+    let source = std::fs::read_to_string(layout.config("qemu")).expect("read source");
+    for line in source.lines().filter(|l| {
+        !l.starts_with("image") && !l.starts_with("shared_fs") && !l.starts_with("vm_cache")
+    }) {
+        assert!(text.contains(line), "line lost: {line:?}\n{text}");
+    }
+
+    // Idempotent: same bytes, no write.
+    let mtime = std::fs::metadata(&out.path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    let again = warm::derive(&layout, &opts).expect("derive again");
+    assert!(!again.changed);
+    assert_eq!(std::fs::read_to_string(&out.path).expect("read"), text);
+    assert_eq!(
+        std::fs::metadata(&out.path)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+        mtime
+    );
+
+    // The warm config is not reported as a hypervisor Kata shipped.
+    let install = layout.inspect().expect("inspect");
+    assert!(install.hypervisors.iter().all(|h| h.name != "qemu-warm"));
+}
+
+#[test]
+fn warm_config_shared_fs_none_and_missing_initrd() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let opts = WarmOptions {
+        shared_fs: WarmSharedFs::None,
+        ..warm_opts(&dir)
+    };
+    let out = warm::derive(&layout, &opts).expect("derive");
+    let text = std::fs::read_to_string(&out.path).expect("read");
+    assert!(text.contains("shared_fs = \"none\""), "{text}");
+
+    std::fs::remove_file(
+        kata.root
+            .join("share/kata-containers/kata-ubuntu-noble.initrd"),
+    )
+    .expect("rm initrd");
+    std::fs::remove_file(&out.path).expect("rm warm");
+    let err = warm::derive(&layout, &opts).expect_err("no initrd anywhere");
+    assert!(err.to_string().contains("initrd"), "{err}");
+    assert!(!out.path.exists(), "nothing written on error");
+}
+
+#[test]
+fn factory_builds_after_boot_keeps_when_current_rebuilds_after_upgrade() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let opts = warm_opts(&dir);
+    let warm = warm::derive(&layout, &opts).expect("derive");
+    let data = dir.path().join("var/lib/noded");
+    let factory = KataFactory::new(layout.clone(), warm.path.clone(), &data).expect("factory");
+    assert_eq!(factory.template_path(), opts.template_path);
+
+    // Fresh boot: tmpfs empty.
+    let fp = factory.fingerprint().expect("fingerprint");
+    assert_eq!(factory.state(&fp), TemplateState::Missing);
+    let out = factory.ensure().expect("ensure");
+    assert_eq!(out.action, EnsureAction::BuiltMissing);
+    assert_eq!(out.fingerprint.kata_version, "3.27.0");
+    assert!(opts.template_path.join("memory").is_file());
+    assert!(opts.template_path.join("state").is_file());
+    assert_eq!(kata.factory_calls(), ["init"]);
+    let init = kata
+        .calls()
+        .into_iter()
+        .find(|c| c.ends_with("factory init"))
+        .expect("init");
+    assert!(
+        init.contains(&format!("--config {}", warm.path.display())),
+        "factory must use the warm config: {init}"
+    );
+
+    // Current: nothing runs.
+    let out = factory.ensure().expect("ensure");
+    assert_eq!(out.action, EnsureAction::Kept);
+    assert_eq!(kata.factory_calls(), ["init"]);
+
+    // Reboot: the tmpfs is empty again, the record on disk survives.
+    std::fs::remove_dir_all(&opts.template_path).expect("simulate reboot");
+    let out = factory.ensure().expect("ensure");
+    assert_eq!(out.action, EnsureAction::BuiltMissing);
+    assert_eq!(kata.factory_calls(), ["init", "init"]);
+
+    // Upgrade: new version and initrd; the old template must be destroyed and rebuilt.
+    kata.upgrade("3.28.0");
+    let fp = factory.fingerprint().expect("fingerprint");
+    match factory.state(&fp) {
+        TemplateState::Stale(why) => {
+            assert!(why.contains("3.27.0 -> 3.28.0"), "{why}");
+            assert!(why.contains("initrd changed"), "{why}");
+        }
+        other => panic!("expected stale, got {other:?}"),
+    }
+    let out = factory.ensure().expect("ensure");
+    assert_eq!(out.action, EnsureAction::RebuiltStale);
+    assert_eq!(kata.factory_calls(), ["init", "init", "destroy", "init"]);
+    assert_eq!(factory.counters.built_missing.load(Ordering::Relaxed), 2);
+    assert_eq!(factory.counters.rebuilt_stale.load(Ordering::Relaxed), 1);
+
+    // A config change (e.g. a new warm config after editing Kata's) is stale too.
+    let mut text = std::fs::read_to_string(&warm.path).expect("read");
+    text.push_str("\n# operator edit\n");
+    std::fs::write(&warm.path, text).expect("write");
+    assert!(
+        matches!(factory.state(&factory.fingerprint().expect("fp")), TemplateState::Stale(w) if w.contains("config changed"))
+    );
+}
+
+#[test]
+fn factory_failure_is_an_error_and_counted_never_silent() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let warm = warm::derive(&layout, &warm_opts(&dir)).expect("derive");
+    let factory = KataFactory::new(layout, warm.path, &dir.path().join("data")).expect("factory");
+    std::fs::write(kata.root.join("fail-init"), b"").expect("arm failure");
+    let err = factory.ensure().expect_err("init fails");
+    let msg = err.to_string();
+    assert!(msg.contains("factory init"), "{msg}");
+    assert!(msg.contains("failed to boot template VM"), "{msg}");
+    assert_eq!(factory.counters.failed.load(Ordering::Relaxed), 1);
+
+    // A template directory without a record (built by someone else) is not trusted.
+    std::fs::remove_file(kata.root.join("fail-init")).expect("disarm");
+    let tp = factory.template_path().to_path_buf();
+    std::fs::create_dir_all(&tp).expect("mkdir");
+    std::fs::write(tp.join("memory"), b"x").expect("w");
+    std::fs::write(tp.join("state"), b"x").expect("w");
+    let out = factory.ensure().expect("ensure");
+    assert_eq!(out.action, EnsureAction::RebuiltStale);
+}
+
+#[test]
+fn factory_requires_the_warm_config() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let err = KataFactory::new(layout.clone(), layout.config("qemu"), dir.path())
+        .expect_err("plain qemu config has no template enabled");
+    assert!(err.to_string().contains("enable_template"), "{err}");
+}
