@@ -62,7 +62,8 @@ kernel = "@ROOT@/share/kata-containers/vmlinux.container"
 /// Kata's template factory leaves in template_path (read from the config, like Kata does).
 const KATA_RUNTIME: &str = r#"#!/bin/sh
 here=$(cd "$(dirname "$0")/.." && pwd)
-echo "kata-runtime $*" >> "$here/calls.log"
+# --version is a read-only query (version detection); only state-changing calls are recorded.
+[ "$1" = "--version" ] || echo "kata-runtime $*" >> "$here/calls.log"
 if [ "$1" = "--version" ]; then
   echo "kata-runtime  : $(cat "$here/fake-version")"
   echo "   commit   : 0000000"

@@ -1,0 +1,386 @@
+//! `installer bake`: puts a verified Kata release, noded, its units and config into an image.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use noded::kata::{KataLayout, WarmOptions, warm};
+use serde::Serialize;
+
+use crate::assets::{self, Mode};
+use crate::host;
+use crate::manifest::{Entry, KataRecord, Kind, Ledger, ManifestError, Phase};
+use crate::root::{IoError, Root, sha256_file};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BakeError {
+    #[error("--sha256 must be 64 hexadecimal digits, got `{0}`")]
+    BadDigest(String),
+    #[error("{path}: cannot read the Kata tarball: {source}")]
+    Tarball {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: sha256 mismatch: expected {expected}, file has {actual}; nothing was installed"
+    )]
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "{path}: not a complete tar archive (truncated or damaged?): {message}; nothing was installed"
+    )]
+    Extract { path: PathBuf, message: String },
+    #[error("{path}: not a Kata static release: {message}; nothing was installed")]
+    NotKata { path: PathBuf, message: String },
+    #[error("{path}: cannot read the noded binary: {source}")]
+    NodedBinary {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Kata(#[from] noded::kata::KataError),
+}
+
+impl noded::exit::ExitStatus for BakeError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::BadDigest(_)
+            | Self::Tarball { .. }
+            | Self::HashMismatch { .. }
+            | Self::Extract { .. }
+            | Self::NotKata { .. }
+            | Self::NodedBinary { .. }
+            | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
+            _ => noded::exit::RUNTIME_FAILURE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Nodeadm {
+    /// Write the NodeConfig drop-in when `/usr/bin/nodeadm` exists under the root (EKS AL2023).
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BakeOptions {
+    /// Kata static release (`kata-static-<version>-amd64.tar.xz`, or .tar/.tar.gz/.tar.zst).
+    #[arg(long)]
+    pub kata_tarball: PathBuf,
+    /// Expected sha256 of the tarball; checked before anything is extracted.
+    #[arg(long)]
+    pub sha256: String,
+    /// The noded binary to install as /usr/local/bin/noded.
+    #[arg(long)]
+    pub noded_binary: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Mode::Kubernetes)]
+    pub mode: Mode,
+    #[arg(long, value_enum, default_value_t = Nodeadm::Auto)]
+    pub nodeadm: Nodeadm,
+    /// containerd config version the nodeadm drop-in targets (2 = containerd 1.x, 3 = 2.x);
+    /// default: from the installed containerd's version.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
+    pub containerd_config_version: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BakeReport {
+    pub kata_version: Option<String>,
+    pub kata_changed: bool,
+    pub written: Vec<PathBuf>,
+    pub unchanged: Vec<PathBuf>,
+}
+
+pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
+    let digest = o.sha256.trim().to_ascii_lowercase();
+    if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(BakeError::BadDigest(o.sha256.clone()));
+    }
+    let noded_bytes = o
+        .noded_binary
+        .as_ref()
+        .map(|p| {
+            std::fs::read(p).map_err(|source| BakeError::NodedBinary {
+                path: p.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    let mut ledger = Ledger::open(root)?;
+    // Everything fallible about the inputs is checked before the first write.
+    let kata_current = ledger
+        .manifest
+        .kata
+        .as_ref()
+        .is_some_and(|k| k.tarball_sha256 == digest)
+        && root.path(assets::KATA_ROOT).is_dir();
+    if !kata_current {
+        verify_tarball(&o.kata_tarball, &digest)?;
+        if root.path(assets::KATA_ROOT).exists()
+            && ledger.entry(Path::new(assets::KATA_ROOT)).is_none()
+        {
+            return Err(ManifestError::Foreign {
+                path: root.path(assets::KATA_ROOT),
+            }
+            .into());
+        }
+    }
+    match bake_steps(
+        &mut ledger,
+        o,
+        &digest,
+        kata_current,
+        noded_bytes.as_deref(),
+    ) {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            for p in ledger.rollback_run() {
+                tracing::warn!(problem = %p, "rollback after failed bake");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn bake_steps(
+    ledger: &mut Ledger,
+    o: &BakeOptions,
+    digest: &str,
+    kata_current: bool,
+    noded_bytes: Option<&[u8]>,
+) -> Result<BakeReport, BakeError> {
+    let root = ledger.root.clone();
+    let mut report = BakeReport {
+        kata_version: None,
+        kata_changed: !kata_current,
+        written: Vec::new(),
+        unchanged: Vec::new(),
+    };
+    if !kata_current {
+        install_kata(ledger, &o.kata_tarball, digest)?;
+    }
+    let layout = KataLayout::new(root.path(assets::KATA_ROOT));
+    report.kata_version = layout.version();
+    // Our derived config lives inside the release tree, so uninstall removes it with the tree.
+    warm::derive(
+        &layout,
+        &WarmOptions {
+            template_path: root.path(assets::KATA_TEMPLATE_DIR),
+            ..WarmOptions::default()
+        },
+    )?;
+
+    let mut files: Vec<(&str, Vec<u8>, u32)> = Vec::new();
+    if let Some(bytes) = noded_bytes {
+        files.push((assets::NODED_BIN, bytes.to_vec(), 0o755));
+    }
+    // noded-boot.service runs `installer boot`: the image needs this very binary.
+    let me = std::env::current_exe().map_err(IoError::at(Path::new("/proc/self/exe")))?;
+    if me != root.path(assets::INSTALLER_BIN) {
+        let bytes = std::fs::read(&me).map_err(IoError::at(&me))?;
+        files.push((assets::INSTALLER_BIN, bytes, 0o755));
+    }
+    files.push((assets::BOOT_UNIT, assets::boot_unit().into_bytes(), 0o644));
+    files.push((assets::NODED_UNIT, assets::noded_unit().into_bytes(), 0o644));
+    files.push((
+        assets::MODULES_CONF,
+        assets::modules_conf().into_bytes(),
+        0o644,
+    ));
+    let toml = assets::noded_toml(o.mode);
+    // The file must load in noded itself; a template bug would otherwise surface on a booted node.
+    noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml)
+        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
+    files.push((assets::NODED_TOML, toml.into_bytes(), 0o644));
+    let nodeadm = match o.nodeadm {
+        Nodeadm::Always => true,
+        Nodeadm::Never => false,
+        Nodeadm::Auto => root.path("/usr/bin/nodeadm").exists(),
+    };
+    if nodeadm {
+        let version = o
+            .containerd_config_version
+            .unwrap_or_else(|| containerd_config_version(&root));
+        files.push((
+            assets::NODEADM_DROPIN,
+            assets::nodeadm_dropin(version).into_bytes(),
+            0o644,
+        ));
+    }
+    for (path, bytes, mode) in files {
+        let p = Path::new(path);
+        if ledger.write_file(p, &bytes, mode, Phase::Bake)? {
+            report.written.push(p.to_path_buf());
+        } else {
+            report.unchanged.push(p.to_path_buf());
+        }
+    }
+
+    // `systemctl enable` is these symlinks; writing them works in a chroot/--root without systemd.
+    let mut links = vec![
+        ("multi-user.target.wants", assets::BOOT_UNIT),
+        ("containerd.service.wants", assets::BOOT_UNIT),
+    ];
+    if o.mode == Mode::Standalone {
+        links.push(("multi-user.target.wants", assets::NODED_UNIT));
+    }
+    for (wants, unit) in links {
+        let unit = Path::new(unit);
+        let name = unit.file_name().unwrap_or_default();
+        let link = Path::new("/etc/systemd/system").join(wants).join(name);
+        if ledger.symlink(&link, unit, Phase::Bake)? {
+            report.written.push(link);
+        } else {
+            report.unchanged.push(link);
+        }
+    }
+    Ok(report)
+}
+
+fn verify_tarball(path: &Path, digest: &str) -> Result<(), BakeError> {
+    let actual = sha256_file(path).map_err(|e| BakeError::Tarball {
+        path: path.to_path_buf(),
+        source: e.source,
+    })?;
+    if actual != digest {
+        return Err(BakeError::HashMismatch {
+            path: path.to_path_buf(),
+            expected: digest.to_owned(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Extracts into a staging directory beside the destination, validates the layout there, and only
+/// then renames it into place (an exchange when upgrading), so `/opt/kata` is never half-written.
+fn install_kata(ledger: &mut Ledger, tarball: &Path, digest: &str) -> Result<(), BakeError> {
+    let root = ledger.root.clone();
+    let dest = root.path(assets::KATA_ROOT);
+    let parent_node = Path::new(assets::KATA_ROOT)
+        .parent()
+        .unwrap_or(Path::new("/"));
+    ledger.ensure_dir(parent_node)?;
+    let parent = root.path(parent_node);
+    let staging = tempfile::Builder::new()
+        .prefix(".kata-staging-")
+        .tempdir_in(&parent)
+        .map_err(IoError::at(&parent))?;
+    // GNU tar detects gzip/xz/zstd itself and exits non-zero on a truncated archive.
+    let out = Command::new("tar")
+        .arg("-xf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(staging.path())
+        .arg("--no-same-owner")
+        .output()
+        .map_err(IoError::at(Path::new("tar")))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let message = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(BakeError::Extract {
+            path: tarball.to_path_buf(),
+            message,
+        });
+    }
+    let staged = [
+        staging.path().join("opt/kata"),
+        staging.path().to_path_buf(),
+    ]
+    .into_iter()
+    .find(|p| p.join(noded::kata::layout::SHIM).exists())
+    .unwrap_or_else(|| staging.path().join("opt/kata"));
+    let install = KataLayout::new(&staged)
+        .inspect()
+        .map_err(|e| BakeError::NotKata {
+            path: tarball.to_path_buf(),
+            message: e
+                .to_string()
+                .replace(&staging.path().display().to_string(), "<tarball>"),
+        })?;
+    // Configs name their VMM at its final path (/opt/kata/bin/...): look for it inside the staging copy.
+    let staged_vmm = |b: &Path| {
+        [Path::new(assets::KATA_ROOT), dest.as_path()]
+            .iter()
+            .find_map(|prefix| b.strip_prefix(prefix).ok())
+            .is_some_and(|rest| {
+                std::fs::metadata(staged.join(rest)).is_ok_and(|m| {
+                    m.is_file()
+                        && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+                })
+            })
+    };
+    if !install
+        .hypervisors
+        .iter()
+        .any(|h| h.binary_present || h.binary.as_deref().is_some_and(staged_vmm))
+    {
+        return Err(BakeError::NotKata {
+            path: tarball.to_path_buf(),
+            message: "no hypervisor binary named by any configuration-*.toml is in the tarball"
+                .into(),
+        });
+    }
+    if dest.exists() {
+        // Upgrade: swap atomically so a running node never sees no /opt/kata.
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &staged,
+            nix::fcntl::AT_FDCWD,
+            &dest,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| IoError::at(&dest)(std::io::Error::from(e)))?;
+        // `staged` now holds the previous release; the TempDir drop removes it.
+    } else {
+        std::fs::rename(&staged, &dest).map_err(IoError::at(&dest))?;
+    }
+    drop(staging);
+    ledger.record(Entry {
+        path: PathBuf::from(assets::KATA_ROOT),
+        kind: Kind::Tree,
+        phase: Phase::Bake,
+        sha256: Some(digest.to_owned()),
+        backup: None,
+    });
+    ledger.manifest.kata = Some(KataRecord {
+        tarball_sha256: digest.to_owned(),
+        version: install.version,
+        root: PathBuf::from(assets::KATA_ROOT),
+    });
+    ledger.save()?;
+    Ok(())
+}
+
+/// 3 for containerd 2.x, 2 otherwise (also when no containerd is found: the AL2023 images for
+/// Kubernetes < 1.33 ship containerd 1.7).
+pub fn containerd_config_version(root: &Root) -> u32 {
+    let major = host::containerd_binary(root).and_then(|b| {
+        let out = Command::new(b).arg("--version").output().ok()?;
+        parse_containerd_major(&String::from_utf8_lossy(&out.stdout))
+    });
+    if major.is_some_and(|m| m >= 2) { 3 } else { 2 }
+}
+
+pub fn parse_containerd_major(text: &str) -> Option<u32> {
+    text.split_whitespace().find_map(|w| {
+        let w = w.strip_prefix('v').unwrap_or(w);
+        let (major, rest) = w.split_once('.')?;
+        rest.starts_with(|c: char| c.is_ascii_digit())
+            .then(|| major.parse().ok())
+            .flatten()
+    })
+}
