@@ -158,10 +158,10 @@ pub async fn run(
     scans.abort();
     // Local mode owns its containerd: stop it (and every container it runs). A host containerd is
     // never touched on shutdown.
-    if let Some(mut c) = private_containerd {
-        if let Err(e) = c.stop().await {
-            tracing::warn!("stopping the private containerd: {e}");
-        }
+    if let Some(mut c) = private_containerd
+        && let Err(e) = c.stop().await
+    {
+        tracing::warn!("stopping the private containerd: {e}");
     }
     info!("noded stopped");
     Ok(())
