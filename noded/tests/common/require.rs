@@ -1,4 +1,5 @@
-//! Finding the real components a test needs (skip locally, fail under CI=true).
+//! `require` / `require_root`: the only helpers other crates' tests include (by path), so this file
+//! must not depend on noded or on dev-dependencies other crates lack.
 
 use std::path::PathBuf;
 
