@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Each concern adds its own submodule file.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod vm;
 
 use std::path::PathBuf;
