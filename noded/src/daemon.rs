@@ -15,9 +15,6 @@ use crate::exit::{self, ExitStatus};
 use crate::metrics::Metrics;
 use crate::observe::{Observer, ObserverConfig};
 
-/// How often /proc is scanned for VMs (memory, counts, slots); boot samples trigger an early scan.
-const OBSERVE_INTERVAL: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot start the async runtime: {0}")]
@@ -120,7 +117,9 @@ pub async fn run(
         Arc::clone(&observer),
         std::future::pending(),
     ));
-    let scans = tokio::spawn(Arc::clone(&observer).run(OBSERVE_INTERVAL));
+    // Boot samples trigger an extra scan between the periodic ones.
+    let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
+    let scans = tokio::spawn(Arc::clone(&observer).run(interval));
     // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
     // outcomes into `publisher.handles.health`.
     let publisher = if config.kubernetes.enabled {
