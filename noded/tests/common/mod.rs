@@ -30,6 +30,8 @@ pub fn require(binary: &str) -> Option<PathBuf> {
 }
 
 /// Root is needed for mounts, namespaces and containerd. Under CI=true its absence fails the test.
+pub mod config_shapes;
+
 pub fn require_root() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
