@@ -1,6 +1,5 @@
 //! Kubernetes publisher against a request-level fake API server that asserts the exact requests.
 
-mod common;
 #[path = "common/k8s.rs"]
 mod k8s;
 
