@@ -106,6 +106,10 @@ pub async fn run(
     // 3. runtime probes                           (containerd::probe)
     // 4. template pool + gRPC API                 (vm, api)
     // 5. Kubernetes publisher                     (k8s)
+    let mut config = config;
+    if let Ok(cwd) = std::env::current_dir() {
+        config.resolve_relative(&cwd);
+    }
     let observe_config = ObserverConfig::from_config(&config);
     let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
     let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
@@ -117,6 +121,20 @@ pub async fn run(
         Arc::clone(&observer),
         std::future::pending(),
     ));
+    // Before anything probes the runtime: the handlers must be in containerd's config (restarting
+    // containerd only if the effective config changed), or in local mode a private containerd started.
+    let private_containerd = if config.containerd.private {
+        Some(
+            crate::containerd::manage::start_private(&config, &metrics)
+                .await
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    } else {
+        crate::containerd::manage::apply_on_start(&config, &metrics)
+            .await
+            .map_err(|e| DaemonError::Component(e.to_string()))?;
+        None
+    };
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
     let scans = tokio::spawn(Arc::clone(&observer).run(interval));
@@ -130,12 +148,115 @@ pub async fn run(
     } else {
         None
     };
+    let vm = start_vm_engine(&config, &metrics).await?;
     shutdown.await;
+    vm.stop().await;
     if let Some(p) = publisher {
         p.stop().await;
     }
     http.abort();
     scans.abort();
+    // Local mode owns its containerd: stop it (and every container it runs). A host containerd is
+    // never touched on shutdown.
+    if let Some(mut c) = private_containerd
+        && let Err(e) = c.stop().await
+    {
+        tracing::warn!("stopping the private containerd: {e}");
+    }
     info!("noded stopped");
     Ok(())
+}
+
+/// Forwards the VM engine's per-event figures (histogram samples, build outcomes) to the metrics.
+struct PoolMetrics(Arc<Metrics>);
+
+impl crate::vm::pool::PoolObserver for PoolMetrics {
+    fn acquired(&self, _template: &str, duration: Duration, _from_pool: bool, cold: bool) {
+        self.0.observe_template_acquire(duration.as_secs_f64());
+        if cold {
+            self.0.record_template_miss();
+        } else {
+            self.0.record_template_hit();
+        }
+    }
+    fn built(&self, _template: &str, outcome: crate::vm::pool::BuildOutcome, _duration: Duration) {
+        self.0.record_template_build(match outcome {
+            crate::vm::pool::BuildOutcome::Success => crate::metrics::BuildOutcome::Ok,
+            crate::vm::pool::BuildOutcome::Failure => crate::metrics::BuildOutcome::Failed,
+        });
+    }
+}
+
+/// The template engine (when `[[templates]]` are configured) and the gRPC API socket.
+struct VmPart {
+    engine: Option<Arc<crate::vm::engine::Engine>>,
+    api: tokio::task::JoinHandle<()>,
+    api_stop: tokio::sync::oneshot::Sender<()>,
+    gauges: tokio::task::JoinHandle<()>,
+}
+
+impl VmPart {
+    async fn stop(self) {
+        let _ = self.api_stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.api).await;
+        self.gauges.abort();
+        if let Some(e) = self.engine {
+            e.shutdown().await;
+        }
+    }
+}
+
+async fn start_vm_engine(
+    config: &NodedConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<VmPart, DaemonError> {
+    let engine = if config.templates.is_empty() {
+        None
+    } else {
+        let mut opts = crate::vm::engine::EngineOptions::from_config(config);
+        opts.observer = Some(Arc::new(PoolMetrics(Arc::clone(metrics))));
+        Some(
+            crate::vm::engine::Engine::start(opts)
+                .await
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    };
+    let gauges = {
+        let engine = engine.clone();
+        let metrics = Arc::clone(metrics);
+        tokio::spawn(async move {
+            let Some(engine) = engine else { return };
+            loop {
+                for t in engine.snapshot() {
+                    metrics.set_template_ready(&t.name, t.ready);
+                    metrics.set_template_pool(
+                        &t.name,
+                        u64::from(t.pool_ready),
+                        u64::from(t.pool_target),
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let listener = crate::api::bind(&config.daemon.api_socket)
+        .map_err(|e| DaemonError::Component(e.to_string()))?;
+    let service = crate::api::NodeService::new(engine.clone());
+    let (api_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(async move {
+        if let Err(e) = crate::api::serve(listener, service, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        {
+            error!("{e}");
+        }
+    });
+    info!(socket = %config.daemon.api_socket.display(), "node API listening");
+    Ok(VmPart {
+        engine,
+        api,
+        api_stop,
+        gauges,
+    })
 }
