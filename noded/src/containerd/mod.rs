@@ -8,6 +8,7 @@ pub mod document;
 pub mod handler;
 pub mod image;
 pub mod private;
+pub mod probe;
 pub mod restart;
 pub mod state;
 pub mod version;
