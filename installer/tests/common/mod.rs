@@ -9,7 +9,7 @@ use std::process::Command;
 
 #[path = "../../../noded/tests/common/fake_kata.rs"]
 pub mod fake_kata;
-#[path = "../../../noded/tests/common/mod.rs"]
+#[path = "../../../noded/tests/common/require.rs"]
 mod noded_common;
 pub use noded_common::require;
 
