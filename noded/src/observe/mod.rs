@@ -176,6 +176,17 @@ impl HandlerSnapshot {
     }
 }
 
+/// The handler part of the Status RPC (`noded status`).
+impl crate::api::StatusProvider for Observer {
+    fn fill(&self, status: &mut crate::api::pb::StatusResponse) {
+        status.handlers = self
+            .handler_snapshots()
+            .iter()
+            .map(HandlerSnapshot::to_proto)
+            .collect();
+    }
+}
+
 /// The handler table of `noded status` (from the Status RPC's handlers).
 pub fn render_handler_table(handlers: &[crate::api::pb::HandlerStatus]) -> String {
     fn mib(b: u64) -> String {
