@@ -1,13 +1,342 @@
-//! gRPC node API on a unix socket (proto/noded.proto).
+//! gRPC node API on a unix socket (proto/noded.proto): AcquireVm / ReleaseVm from the VM engine, and
+//! Status assembled from every component that registers a [`StatusProvider`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
 
 use crate::containerd::cli::OutputFormat;
+use crate::vm::engine::{Engine, EngineError};
 
 pub mod pb {
     tonic::include_proto!("noded.v1");
 }
 
-pub fn status_cli(_socket: &Path, _output: OutputFormat) -> u8 {
-    crate::exit::RUNTIME_FAILURE
+use pb::node_client::NodeClient;
+use pb::node_server::{Node, NodeServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("API server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot reach noded at {path}: {detail} (is `noded run` running?)")]
+    Connect { path: PathBuf, detail: String },
+    #[error("noded answered: {0}")]
+    Call(#[from] Status),
+}
+
+/// A component that contributes to `Status` (the VM engine fills `templates`; the runtime manager and
+/// observer fill `handlers` and the containerd fields).
+pub trait StatusProvider: Send + Sync {
+    fn fill(&self, status: &mut pb::StatusResponse);
+}
+
+impl StatusProvider for Engine {
+    fn fill(&self, status: &mut pb::StatusResponse) {
+        for s in self.snapshot() {
+            status.templates.push(pb::TemplateStatus {
+                name: s.name,
+                ready: s.ready,
+                fingerprint: s.fingerprint,
+                pool_ready: s.pool_ready,
+                pool_target: s.pool_target,
+                builds: s.builds_ok + s.builds_failed,
+                hits: s.hits,
+                misses: s.misses,
+                memory_bytes: s.memory_bytes,
+            });
+        }
+    }
+}
+
+/// The service behind the socket.
+#[derive(Clone, Default)]
+pub struct NodeService {
+    engine: Option<Arc<Engine>>,
+    providers: Vec<Arc<dyn StatusProvider>>,
+}
+
+impl NodeService {
+    /// `engine` serves AcquireVm/ReleaseVm and fills template status.
+    pub fn new(engine: Option<Arc<Engine>>) -> Self {
+        let mut providers: Vec<Arc<dyn StatusProvider>> = Vec::new();
+        if let Some(e) = &engine {
+            providers.push(e.clone());
+        }
+        Self { engine, providers }
+    }
+
+    /// Adds another contributor to `Status` (handler figures, containerd state, ...).
+    pub fn with_provider(mut self, provider: Arc<dyn StatusProvider>) -> Self {
+        self.providers.push(provider);
+        self
+    }
+
+    fn engine(&self) -> Result<&Arc<Engine>, Status> {
+        self.engine.as_ref().ok_or_else(|| {
+            Status::failed_precondition("no VM templates are configured on this node")
+        })
+    }
+}
+
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::UnknownTemplate(_) | EngineError::NoTemplates => {
+            Status::not_found(e.to_string())
+        }
+        EngineError::UnknownVm(_) => Status::not_found(e.to_string()),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn acquire_vm(
+        &self,
+        request: Request<pb::AcquireVmRequest>,
+    ) -> Result<Response<pb::AcquireVmResponse>, Status> {
+        let template = request.into_inner().template;
+        let vm = self
+            .engine()?
+            .acquire(&template)
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb::AcquireVmResponse {
+            vm_id: vm.vm_id,
+            template: vm.template,
+            qmp_socket: vm.qmp_socket.display().to_string(),
+            console: vm.console.display().to_string(),
+            pid: vm.pid,
+            from_pool: vm.from_pool,
+            acquire_micros: u64::try_from(vm.acquire.as_micros()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn release_vm(
+        &self,
+        request: Request<pb::ReleaseVmRequest>,
+    ) -> Result<Response<pb::ReleaseVmResponse>, Status> {
+        let id = request.into_inner().vm_id;
+        self.engine()?.release(&id).await.map_err(engine_status)?;
+        Ok(Response::new(pb::ReleaseVmResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let mut status = pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        };
+        for p in &self.providers {
+            p.fill(&mut status);
+        }
+        Ok(Response::new(status))
+    }
+}
+
+/// Binds the API socket (mode 0600; a stale socket of a previous run is replaced).
+pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
+    let err = |source| ApiError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(socket).map_err(err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// Serves until `shutdown` resolves, then removes the socket.
+pub async fn serve(
+    listener: UnixListener,
+    service: NodeService,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ApiError> {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let result = tonic::transport::Server::builder()
+        .add_service(NodeServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(result?)
+}
+
+/// A client on the unix socket.
+pub async fn connect(socket: &Path) -> Result<NodeClient<tonic::transport::Channel>, ApiError> {
+    let path = socket.to_path_buf();
+    let cerr = |detail: String| ApiError::Connect {
+        path: socket.to_path_buf(),
+        detail,
+    };
+    // The URI is required by tonic but unused: the connector dials the unix socket.
+    let endpoint = tonic::transport::Endpoint::try_from("http://noded.sock")
+        .map_err(|e| cerr(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| {
+            cerr(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
+    Ok(NodeClient::new(channel))
+}
+
+/// Renders a status as the `noded status` table.
+pub fn status_table(s: &pb::StatusResponse) -> String {
+    let mut out = format!("noded {}\n", s.version);
+    if !s.containerd_version.is_empty() {
+        out.push_str(&format!(
+            "containerd {} (config changed: {}, restarts: {})\n",
+            s.containerd_version, s.containerd_config_changed, s.containerd_restarts
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<16} {:<6} {:<17} {:>10} {:>7} {:>6} {:>7} {:>10}\n",
+        "TEMPLATE", "READY", "FINGERPRINT", "POOL", "BUILDS", "HITS", "MISSES", "MEMORY"
+    ));
+    for t in &s.templates {
+        out.push_str(&format!(
+            "{:<16} {:<6} {:<17} {:>10} {:>7} {:>6} {:>7} {:>9}M\n",
+            t.name,
+            if t.ready { "yes" } else { "no" },
+            t.fingerprint,
+            format!("{}/{}", t.pool_ready, t.pool_target),
+            t.builds,
+            t.hits,
+            t.misses,
+            t.memory_bytes >> 20
+        ));
+    }
+    if !s.handlers.is_empty() {
+        out.push_str(&format!(
+            "\n{:<16} {:<6} {:>5} {:>9} {:>6} {:>10} {:>10} {:>10}\n",
+            "HANDLER", "READY", "VMS", "TEMPLATE", "COLD", "PSS", "SLOTS", "BOOT_P50"
+        ));
+        for h in &s.handlers {
+            out.push_str(&format!(
+                "{:<16} {:<6} {:>5} {:>9} {:>6} {:>9}M {:>10} {:>9.0}ms\n",
+                h.runtime_handler,
+                if h.ready { "yes" } else { "no" },
+                h.vms,
+                h.vms_template,
+                h.vms_cold,
+                h.pss_bytes >> 20,
+                format!("{}/{}", h.slots_free, h.slots_total),
+                h.boot_p50_seconds * 1e3
+            ));
+            if !h.last_probe_error.is_empty() {
+                out.push_str(&format!("  last probe error: {}\n", h.last_probe_error));
+            }
+        }
+    }
+    out
+}
+
+/// Status as one JSON object (field names as in the proto).
+pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    let templates: Vec<serde_json::Value> = s
+        .templates
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name, "ready": t.ready, "fingerprint": t.fingerprint,
+                "pool_ready": t.pool_ready, "pool_target": t.pool_target, "builds": t.builds,
+                "hits": t.hits, "misses": t.misses, "memory_bytes": t.memory_bytes,
+            })
+        })
+        .collect();
+    let handlers: Vec<serde_json::Value> = s
+        .handlers
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "runtime_handler": h.runtime_handler, "ready": h.ready,
+                "last_probe_error": h.last_probe_error, "last_probe_seconds": h.last_probe_seconds,
+                "slots_total": h.slots_total, "slots_free": h.slots_free, "vms": h.vms,
+                "vms_template": h.vms_template, "vms_cold": h.vms_cold, "pss_bytes": h.pss_bytes,
+                "rss_bytes": h.rss_bytes, "private_bytes": h.private_bytes,
+                "boot_p50_seconds": h.boot_p50_seconds, "boot_p90_seconds": h.boot_p90_seconds,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": s.version,
+        "templates": templates,
+        "handlers": handlers,
+        "containerd_config_changed": s.containerd_config_changed,
+        "containerd_version": s.containerd_version,
+        "containerd_restarts": s.containerd_restarts,
+    })
+}
+
+/// `noded status`.
+pub fn status_cli(socket: &Path, output: OutputFormat) -> u8 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return crate::exit::RUNTIME_FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let mut client = connect(socket).await?;
+        let s = tokio::time::timeout(Duration::from_secs(10), client.status(pb::StatusRequest {}))
+            .await
+            .map_err(|_| Status::deadline_exceeded("Status took longer than 10 s"))??;
+        Ok::<_, ApiError>(s.into_inner())
+    });
+    match result {
+        Ok(s) => {
+            match output {
+                OutputFormat::Json => println!("{}", status_json(&s)),
+                OutputFormat::Text => print!("{}", status_table(&s)),
+            }
+            crate::exit::OK
+        }
+        Err(e) => {
+            eprintln!("noded status: {e}");
+            crate::exit::RUNTIME_FAILURE
+        }
+    }
 }

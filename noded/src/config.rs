@@ -39,6 +39,40 @@ pub struct NodedConfig {
     pub templates: Vec<TemplateSection>,
     #[serde(default)]
     pub kubernetes: KubernetesSection,
+    #[serde(default)]
+    pub observe: ObserveSection,
+}
+
+/// VM observation (`/proc` scan) and the VM-slot capacity model (docs/capacity.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObserveSection {
+    /// The host's procfs: `/proc` with `hostPID: true`, or where the DaemonSet mounts it.
+    pub proc_root: PathBuf,
+    pub interval_seconds: u64,
+    /// Memory kept away from VMs (kubelet system/kube reserved + eviction threshold), MiB.
+    pub reserved_memory_mib: u64,
+    pub reserved_cpu_millis: u64,
+    /// CPU charged per VM for the slot count; 0 = CPU is not a bound.
+    pub cpu_millis_per_vm: u64,
+    /// Per-VM host memory assumed for a handler before any of its VMs ran (RuntimeClass overhead), MiB.
+    pub prior_memory_mib: u64,
+    /// Per-handler overrides of `prior_memory_mib`.
+    pub handler_prior_memory_mib: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for ObserveSection {
+    fn default() -> Self {
+        Self {
+            proc_root: PathBuf::from("/proc"),
+            interval_seconds: 5,
+            reserved_memory_mib: 1024,
+            reserved_cpu_millis: 0,
+            cpu_millis_per_vm: 250,
+            prior_memory_mib: 160,
+            handler_prior_memory_mib: std::collections::BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

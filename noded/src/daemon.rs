@@ -15,9 +15,6 @@ use crate::exit::{self, ExitStatus};
 use crate::metrics::Metrics;
 use crate::observe::{Observer, ObserverConfig};
 
-/// How often /proc is scanned for VMs (memory, counts, slots); boot samples trigger an early scan.
-const OBSERVE_INTERVAL: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot start the async runtime: {0}")]
@@ -120,7 +117,9 @@ pub async fn run(
         Arc::clone(&observer),
         std::future::pending(),
     ));
-    let scans = tokio::spawn(Arc::clone(&observer).run(OBSERVE_INTERVAL));
+    // Boot samples trigger an extra scan between the periodic ones.
+    let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
+    let scans = tokio::spawn(Arc::clone(&observer).run(interval));
     // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
     // outcomes into `publisher.handles.health`.
     let publisher = if config.kubernetes.enabled {
@@ -131,7 +130,9 @@ pub async fn run(
     } else {
         None
     };
+    let vm = start_vm_engine(&config, &metrics).await?;
     shutdown.await;
+    vm.stop().await;
     if let Some(p) = publisher {
         p.stop().await;
     }
@@ -139,4 +140,98 @@ pub async fn run(
     scans.abort();
     info!("noded stopped");
     Ok(())
+}
+
+/// Forwards the VM engine's per-event figures (histogram samples, build outcomes) to the metrics.
+struct PoolMetrics(Arc<Metrics>);
+
+impl crate::vm::pool::PoolObserver for PoolMetrics {
+    fn acquired(&self, _template: &str, duration: Duration, _from_pool: bool, cold: bool) {
+        self.0.observe_template_acquire(duration.as_secs_f64());
+        if cold {
+            self.0.record_template_miss();
+        } else {
+            self.0.record_template_hit();
+        }
+    }
+    fn built(&self, _template: &str, outcome: crate::vm::pool::BuildOutcome, _duration: Duration) {
+        self.0.record_template_build(match outcome {
+            crate::vm::pool::BuildOutcome::Success => crate::metrics::BuildOutcome::Ok,
+            crate::vm::pool::BuildOutcome::Failure => crate::metrics::BuildOutcome::Failed,
+        });
+    }
+}
+
+/// The template engine (when `[[templates]]` are configured) and the gRPC API socket.
+struct VmPart {
+    engine: Option<Arc<crate::vm::engine::Engine>>,
+    api: tokio::task::JoinHandle<()>,
+    api_stop: tokio::sync::oneshot::Sender<()>,
+    gauges: tokio::task::JoinHandle<()>,
+}
+
+impl VmPart {
+    async fn stop(self) {
+        let _ = self.api_stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.api).await;
+        self.gauges.abort();
+        if let Some(e) = self.engine {
+            e.shutdown().await;
+        }
+    }
+}
+
+async fn start_vm_engine(
+    config: &NodedConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<VmPart, DaemonError> {
+    let engine = if config.templates.is_empty() {
+        None
+    } else {
+        let mut opts = crate::vm::engine::EngineOptions::from_config(config);
+        opts.observer = Some(Arc::new(PoolMetrics(Arc::clone(metrics))));
+        Some(
+            crate::vm::engine::Engine::start(opts)
+                .await
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    };
+    let gauges = {
+        let engine = engine.clone();
+        let metrics = Arc::clone(metrics);
+        tokio::spawn(async move {
+            let Some(engine) = engine else { return };
+            loop {
+                for t in engine.snapshot() {
+                    metrics.set_template_ready(&t.name, t.ready);
+                    metrics.set_template_pool(
+                        &t.name,
+                        u64::from(t.pool_ready),
+                        u64::from(t.pool_target),
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let listener = crate::api::bind(&config.daemon.api_socket)
+        .map_err(|e| DaemonError::Component(e.to_string()))?;
+    let service = crate::api::NodeService::new(engine.clone());
+    let (api_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(async move {
+        if let Err(e) = crate::api::serve(listener, service, async {
+            let _ = stop_rx.await;
+        })
+        .await
+        {
+            error!("{e}");
+        }
+    });
+    info!(socket = %config.daemon.api_socket.display(), "node API listening");
+    Ok(VmPart {
+        engine,
+        api,
+        api_stop,
+        gauges,
+    })
 }

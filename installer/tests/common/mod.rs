@@ -9,24 +9,9 @@ use std::process::Command;
 
 #[path = "../../../noded/tests/common/fake_kata.rs"]
 pub mod fake_kata;
-
-/// Same contract as noded's tests/common::require (that module pulls in tokio-based helpers the
-/// installer tests do not need): skip locally when missing, fail under CI=true.
-pub fn require(binary: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(binary))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "required component `{binary}` is missing (CI=true: failing instead of skipping)"
-        );
-        eprintln!("SKIP: `{binary}` not installed");
-    }
-    found
-}
+#[path = "../../../noded/tests/common/require.rs"]
+mod noded_common;
+pub use noded_common::require;
 
 pub const ORIGINAL_CONTAINERD: &str = "# containerd config shipped by the image\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
 

@@ -1,3 +1,13 @@
 //! containerd: config model and edit, restart, verification, and a private containerd for local mode.
 
+pub mod apply;
+pub mod atomic;
 pub mod cli;
+pub mod cri;
+pub mod document;
+pub mod handler;
+pub mod image;
+pub mod private;
+pub mod restart;
+pub mod state;
+pub mod version;

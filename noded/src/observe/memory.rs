@@ -8,7 +8,6 @@
 use std::ops::{Add, AddAssign};
 use std::path::Path;
 
-use procfs::FromRead;
 use procfs::process::Process;
 
 /// Memory of one process or a sum of processes, in bytes.
@@ -72,8 +71,10 @@ pub enum HostReadError {
     #[error("cannot read host memory from {path}: {source}")]
     Meminfo {
         path: String,
-        source: procfs::ProcError,
+        source: std::io::Error,
     },
+    #[error("{path} has no MemTotal line")]
+    NoTotal { path: String },
 }
 
 impl HostResources {
@@ -81,10 +82,24 @@ impl HostResources {
     /// `available_parallelism`, which is the DaemonSet pod's cgroup quota).
     pub fn read(proc_root: &Path) -> Result<HostResources, HostReadError> {
         let path = proc_root.join("meminfo");
-        let info = procfs::Meminfo::from_file(&path).map_err(|source| HostReadError::Meminfo {
+        // Parsed by hand: procfs' Meminfo insists on every field of the running kernel's version.
+        let text = std::fs::read_to_string(&path).map_err(|source| HostReadError::Meminfo {
             path: path.display().to_string(),
             source,
         })?;
+        let field = |name: &str| {
+            text.lines().find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+                let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
+                Some(kib.saturating_mul(1024))
+            })
+        };
+        let total = field("MemTotal").ok_or_else(|| HostReadError::NoTotal {
+            path: path.display().to_string(),
+        })?;
+        let available = field("MemAvailable")
+            .or_else(|| field("MemFree"))
+            .unwrap_or(0);
         let cpus = std::fs::read_to_string(proc_root.join("stat"))
             .map(|s| {
                 s.lines()
@@ -100,8 +115,8 @@ impl HostResources {
             cpus
         };
         Ok(HostResources {
-            memory_total_bytes: info.mem_total,
-            memory_available_bytes: info.mem_available.unwrap_or(info.mem_free),
+            memory_total_bytes: total,
+            memory_available_bytes: available,
             cpus: u32::try_from(cpus).unwrap_or(u32::MAX),
         })
     }

@@ -8,6 +8,7 @@
 pub mod capacity;
 pub mod memory;
 pub mod procscan;
+pub mod synthetic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -79,8 +80,10 @@ impl ObserverConfig {
                 handlers.push(h.clone());
             }
         }
+        const MIB: u64 = 1024 * 1024;
+        let o = &cfg.observe;
         ObserverConfig {
-            proc_root: PathBuf::from("/proc"),
+            proc_root: o.proc_root.clone(),
             handlers,
             probe_handlers,
             templates,
@@ -89,7 +92,17 @@ impl ObserverConfig {
                 cfg.daemon.run_dir.join("templates"),
                 cfg.daemon.data_dir.join("templates"),
             ],
-            capacity: CapacityPolicy::default(),
+            capacity: CapacityPolicy {
+                reserved_memory_bytes: o.reserved_memory_mib.saturating_mul(MIB),
+                reserved_cpu_millis: o.reserved_cpu_millis,
+                cpu_millis_per_vm: o.cpu_millis_per_vm,
+                prior_memory_bytes: o
+                    .handler_prior_memory_mib
+                    .iter()
+                    .map(|(h, mib)| (h.clone(), mib.saturating_mul(MIB)))
+                    .collect(),
+                default_prior_memory_bytes: o.prior_memory_mib.saturating_mul(MIB),
+            },
         }
     }
 

@@ -87,7 +87,7 @@ pub struct GuestAssets {
 }
 
 /// A Debian package as apt's metadata describes it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct AptPackage {
     name: String,
     version: String,
@@ -161,6 +161,52 @@ fn resolve(package: &str) -> Result<AptPackage, AssetsError> {
             .ok_or_else(|| meta("no SHA256 field"))?
             .into(),
     })
+}
+
+/// What apt resolved, remembered until apt's package lists change (`apt-cache` takes seconds).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Resolved {
+    lists_stamp: String,
+    kernel: AptPackage,
+    busybox: AptPackage,
+}
+
+fn lists_stamp() -> String {
+    ["/var/lib/apt/lists", "/var/cache/apt/pkgcache.bin"]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_string())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn resolve_all(cache: &Path) -> Result<Resolved, AssetsError> {
+    let path = cache.join("resolved.json");
+    let stamp = format!(
+        "{}|{}",
+        lists_stamp(),
+        std::env::var("NODED_GUEST_KERNEL_PACKAGE").unwrap_or_default()
+    );
+    if let Ok(r) = std::fs::read(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice::<Resolved>(&b).map_err(|e| e.to_string()))
+        && r.lists_stamp == stamp
+    {
+        return Ok(r);
+    }
+    let r = Resolved {
+        lists_stamp: stamp,
+        kernel: resolve_kernel()?,
+        busybox: resolve(BUSYBOX_PACKAGE)?,
+    };
+    let _ = std::fs::write(&path, serde_json::to_vec(&r).unwrap_or_default());
+    Ok(r)
 }
 
 /// The concrete kernel package the meta package currently points to.
@@ -307,16 +353,19 @@ fn cached_fallback(dir: &Path, prefix: &str) -> Option<PathBuf> {
 }
 
 /// Kernel: `<cache>/kernel-<deb sha256>/vmlinux`.
-fn ensure_kernel(cache: &Path) -> Result<(PathBuf, String), AssetsError> {
-    let pkg = match resolve_kernel() {
-        Ok(p) => p,
+fn ensure_kernel(
+    cache: &Path,
+    resolved: &Result<Resolved, AssetsError>,
+) -> Result<(PathBuf, String), AssetsError> {
+    let pkg = match resolved {
+        Ok(r) => r.kernel.clone(),
         Err(e) => {
             if let Some(dir) = cached_fallback(cache, "kernel-") {
                 tracing::warn!(error = %e, cached = %dir.display(), "apt metadata unavailable; using cached guest kernel");
                 let name = std::fs::read_to_string(dir.join("package")).unwrap_or_default();
                 return Ok((dir.join("vmlinux"), name.trim().to_string()));
             }
-            return Err(e);
+            return Err(clone_err(e));
         }
     };
     let dir = cache.join(format!("kernel-{}", short(&pkg.sha256)));
@@ -358,21 +407,34 @@ fn ensure_kernel(cache: &Path) -> Result<(PathBuf, String), AssetsError> {
         std::fs::copy(&config, out.join("config")).map_err(io_err(&config))?;
     }
     std::fs::write(out.join("package"), &label).map_err(io_err(&out))?;
+    let vmlinux = out.join("vmlinux");
+    let sha = sha256_file(&vmlinux).map_err(io_err(&vmlinux))?;
+    std::fs::write(out.join("vmlinux.sha256"), sha).map_err(io_err(&out))?;
     std::fs::write(out.join(".complete"), "").map_err(io_err(&out))?;
     std::fs::rename(&out, &dir).map_err(io_err(&dir))?;
     Ok((dir.join("vmlinux"), label))
 }
 
+fn clone_err(e: &AssetsError) -> AssetsError {
+    AssetsError::Metadata {
+        package: KERNEL_META_PACKAGE.into(),
+        detail: e.to_string(),
+    }
+}
+
 /// Busybox: `<cache>/busybox-<deb sha256>/busybox`.
-fn ensure_busybox(cache: &Path) -> Result<PathBuf, AssetsError> {
-    let pkg = match resolve(BUSYBOX_PACKAGE) {
-        Ok(p) => p,
+fn ensure_busybox(
+    cache: &Path,
+    resolved: &Result<Resolved, AssetsError>,
+) -> Result<PathBuf, AssetsError> {
+    let pkg = match resolved {
+        Ok(r) => r.busybox.clone(),
         Err(e) => {
             if let Some(dir) = cached_fallback(cache, "busybox-") {
                 tracing::warn!(error = %e, "apt metadata unavailable; using cached busybox");
                 return Ok(dir.join("busybox"));
             }
-            return Err(e);
+            return Err(clone_err(e));
         }
     };
     let dir = cache.join(format!("busybox-{}", short(&pkg.sha256)));
@@ -460,8 +522,9 @@ pub fn ensure(data_dir: &Path) -> Result<GuestAssets, AssetsError> {
     let cache = data_dir.join("guest");
     std::fs::create_dir_all(&cache).map_err(io_err(&cache))?;
     let _lock = lock(&cache)?;
-    let (kernel, kernel_package) = ensure_kernel(&cache)?;
-    let busybox_path = ensure_busybox(&cache)?;
+    let resolved = resolve_all(&cache);
+    let (kernel, kernel_package) = ensure_kernel(&cache, &resolved)?;
+    let busybox_path = ensure_busybox(&cache, &resolved)?;
     let busybox = std::fs::read(&busybox_path).map_err(io_err(&busybox_path))?;
     let mut key = Sha256::new();
     key.update(b"noded-initrd-v1\0");
@@ -476,8 +539,17 @@ pub fn ensure(data_dir: &Path) -> Result<GuestAssets, AssetsError> {
         f.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &initrd).map_err(io_err(&initrd))?;
     }
+    // Hashed once when the kernel was extracted; the file is noded's own cache.
+    let kernel_sha256 = match std::fs::read_to_string(kernel.with_extension("sha256")) {
+        Ok(s) if s.trim().len() == 64 => s.trim().to_string(),
+        _ => {
+            let sha = sha256_file(&kernel).map_err(io_err(&kernel))?;
+            let _ = std::fs::write(kernel.with_extension("sha256"), &sha);
+            sha
+        }
+    };
     Ok(GuestAssets {
-        kernel_sha256: sha256_file(&kernel).map_err(io_err(&kernel))?,
+        kernel_sha256,
         kernel,
         kernel_package,
         initrd_sha256: sha256_file(&initrd).map_err(io_err(&initrd))?,

@@ -112,6 +112,8 @@ struct State {
     in_use: HashMap<String, StartedVm>,
     clone_cost: u64,
     consecutive_failures: u32,
+    /// The on-disk template was already counted as damaged; don't count it again when rebuilding.
+    damage_counted: bool,
     stats: TemplateSnapshot,
 }
 
@@ -416,6 +418,7 @@ fn mark_damaged(st: &mut State, d: &Damage) {
     tracing::error!(template = %st.stats.name, damage = %d, "template damaged; dropping it and its idle clones, rebuilding");
     st.template = None;
     st.stats.damaged += 1;
+    st.damage_counted = true;
     st.stats.last_damage = d.to_string();
     // Idle clones map the damaged file; they are killed by the background task.
 }
@@ -484,10 +487,12 @@ async fn ensure_template(inner: &Arc<Inner>) -> bool {
             inner.bump();
             return true;
         }
-        Err(Damage::Missing) => {}
+        Err(Damage::Missing) => inner.lock().damage_counted = false,
         Err(d) => {
             let mut st = inner.lock();
-            st.stats.damaged += 1;
+            if !std::mem::take(&mut st.damage_counted) {
+                st.stats.damaged += 1;
+            }
             st.stats.last_damage = d.to_string();
             tracing::warn!(template = %inner.cfg.name, damage = %d, "existing template unusable; rebuilding");
         }

@@ -17,8 +17,10 @@ pub struct Reaped {
     pub vm_dirs: usize,
 }
 
-/// QEMU processes whose `-name` starts with `marker` (`noded-<instance>-`).
-pub fn find_vms(marker: &str) -> Vec<(u32, String)> {
+/// QEMU processes named `noded-...` whose sockets live under `run_dir` (started by the noded that
+/// owns `run_dir`).
+pub fn find_vms(run_dir: &Path) -> Vec<(u32, String)> {
+    let needle = format!("{}/", run_dir.display());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -37,11 +39,15 @@ pub fn find_vms(marker: &str) -> Vec<(u32, String)> {
         if !is_qemu {
             continue;
         }
+        let ours = args
+            .iter()
+            .any(|a| String::from_utf8_lossy(a).contains(needle.as_str()));
         if let Some(name) = args
             .windows(2)
             .find(|w| w[0] == b"-name")
             .map(|w| String::from_utf8_lossy(w[1]).into_owned())
-            && name.starts_with(marker)
+            && name.starts_with(super::qemu::NAME_PREFIX)
+            && ours
         {
             found.push((pid, name));
         }
@@ -60,17 +66,17 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|zombie| !zombie)
 }
 
-/// SIGKILLs every QEMU carrying `marker` and waits (bounded) until they are gone.
-pub async fn kill_vms(marker: &str) -> Vec<u32> {
-    let marker = marker.to_string();
-    tokio::task::spawn_blocking(move || kill_vms_blocking(&marker))
+/// SIGKILLs every QEMU of `run_dir` and waits (bounded) until they are gone.
+pub async fn kill_vms(run_dir: &Path) -> Vec<u32> {
+    let run_dir = run_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || kill_vms_blocking(&run_dir))
         .await
         .unwrap_or_default()
 }
 
 /// [`kill_vms`] for callers outside an async runtime (Drop guards).
-pub fn kill_vms_blocking(marker: &str) -> Vec<u32> {
-    let vms = find_vms(marker);
+pub fn kill_vms_blocking(run_dir: &Path) -> Vec<u32> {
+    let vms = find_vms(run_dir);
     for (pid, name) in &vms {
         tracing::warn!(pid, vm = %name, "reaping orphaned QEMU");
         if let Ok(p) = i32::try_from(*pid) {
@@ -87,7 +93,7 @@ pub fn kill_vms_blocking(marker: &str) -> Vec<u32> {
 /// Kills orphaned VMs, then removes VM socket dirs and every template mount except those in `keep`
 /// (templates that are about to be validated and possibly reused).
 pub async fn reap(layout: &Layout, keep: &[&Path]) -> Reaped {
-    let processes = kill_vms(&layout.marker).await;
+    let processes = kill_vms(&layout.run_dir).await;
     let mut vm_dirs = 0;
     if let Ok(entries) = std::fs::read_dir(layout.vms_dir()) {
         for e in entries.filter_map(Result::ok) {

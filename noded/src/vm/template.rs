@@ -185,26 +185,19 @@ pub struct TemplateSpec {
     pub tsc_khz: Option<u64>,
 }
 
-/// Where templates and VM sockets live, and the instance marker of this noded.
+/// Where templates and VM sockets live. VMs are named `noded-<template>-<id>` (what the observer and
+/// operators see); a VM belongs to this noded when its QMP socket lies under `run_dir`, which is how
+/// the reaper tells our orphans from another noded's (or a parallel test's) VMs.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub run_dir: PathBuf,
-    /// `noded-<hash of run_dir>-`: VMs of this noded (and only this one) carry it in `-name`.
-    pub marker: String,
 }
 
 impl Layout {
     pub fn new(run_dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         let run_dir = std::fs::canonicalize(run_dir)?;
-        let mut h = Sha256::new();
-        h.update(run_dir.as_os_str().as_encoded_bytes());
-        let marker = format!(
-            "{}{}-",
-            super::qemu::NAME_PREFIX,
-            &hex::encode(h.finalize())[..8]
-        );
-        Ok(Self { run_dir, marker })
+        Ok(Self { run_dir })
     }
     pub fn templates_dir(&self) -> PathBuf {
         self.run_dir.join("templates")
@@ -216,7 +209,7 @@ impl Layout {
         self.run_dir.join("vms")
     }
     pub fn vm_name(&self, template: &str, id: &str) -> String {
-        format!("{}{template}-{id}", self.marker)
+        format!("{}{template}-{id}", super::qemu::NAME_PREFIX)
     }
 }
 

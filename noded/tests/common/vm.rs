@@ -89,11 +89,11 @@ impl VmHarness {
 
     /// QEMU processes of this harness that are still alive.
     pub fn live_vms(&self) -> Vec<(u32, String)> {
-        reap::find_vms(&self.layout.marker)
+        reap::find_vms(&self.layout.run_dir)
     }
 
     fn cleanup(&mut self) {
-        reap::kill_vms_blocking(&self.layout.marker);
+        reap::kill_vms_blocking(&self.layout.run_dir);
         if let Some(tmp) = &self.tmp {
             noded::vm::template::destroy_dir(&tmp.path().join("run"));
         }

@@ -1,0 +1,158 @@
+//! The Kata runtime handlers noded registers and the exact containerd keys each one gets.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A Kata runtime handler noded knows how to register. Names match kata-deploy's, so existing
+/// RuntimeClasses and pod specs keep working after a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(into = "String")]
+pub enum KataHandler {
+    Qemu,
+    QemuWarm,
+    Clh,
+    Fc,
+}
+
+impl KataHandler {
+    pub const ALL: [KataHandler; 4] = [Self::Qemu, Self::QemuWarm, Self::Clh, Self::Fc];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qemu => "kata-qemu",
+            Self::QemuWarm => "kata-qemu-warm",
+            Self::Clh => "kata-clh",
+            Self::Fc => "kata-fc",
+        }
+    }
+
+    /// Suffix of Kata's `configuration-<x>.toml`; `qemu-warm` is the file noded derives itself.
+    pub fn config_flavour(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::QemuWarm => "qemu-warm",
+            Self::Clh => "clh",
+            Self::Fc => "fc",
+        }
+    }
+
+    /// What this handler's containerd runtime table must contain.
+    pub fn spec(self, kata_root: &Path) -> HandlerSpec {
+        HandlerSpec {
+            name: self.name().to_owned(),
+            runtime_type: format!("io.containerd.{}.v2", self.name()),
+            runtime_path: kata_root.join("bin/containerd-shim-kata-v2"),
+            config_path: kata_root.join(format!(
+                "share/defaults/kata-containers/configuration-{}.toml",
+                self.config_flavour()
+            )),
+            // Firecracker has no shared filesystem: Kata needs a block-device snapshotter for it.
+            snapshotter: (self == Self::Fc).then(|| "devmapper".to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for KataHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl From<KataHandler> for String {
+    fn from(h: KataHandler) -> String {
+        h.name().to_owned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown runtime handler `{0}`: expected one of kata-qemu, kata-qemu-warm, kata-clh, kata-fc"
+)]
+pub struct UnknownHandler(pub String);
+
+impl FromStr for KataHandler {
+    type Err = UnknownHandler;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|h| h.name() == s)
+            .ok_or_else(|| UnknownHandler(s.to_owned()))
+    }
+}
+
+/// The keys of one handler's runtime table (DESIGN section 5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerSpec {
+    pub name: String,
+    pub runtime_type: String,
+    pub runtime_path: PathBuf,
+    pub config_path: PathBuf,
+    pub snapshotter: Option<String>,
+}
+
+impl HandlerSpec {
+    /// The handler as a TOML table body, in the order an operator reads it.
+    pub fn to_table(&self) -> toml_edit::Table {
+        let mut t = toml_edit::Table::new();
+        t.insert("runtime_type", toml_edit::value(self.runtime_type.as_str()));
+        t.insert(
+            "runtime_path",
+            toml_edit::value(self.runtime_path.to_string_lossy().as_ref()),
+        );
+        t.insert("privileged_without_host_devices", toml_edit::value(true));
+        let mut annotations = toml_edit::Array::new();
+        annotations.push("io.katacontainers.*");
+        t.insert("pod_annotations", toml_edit::value(annotations));
+        if let Some(s) = &self.snapshotter {
+            t.insert("snapshotter", toml_edit::value(s.as_str()));
+        }
+        let mut options = toml_edit::Table::new();
+        options.insert(
+            "ConfigPath",
+            toml_edit::value(self.config_path.to_string_lossy().as_ref()),
+        );
+        t.insert("options", toml_edit::Item::Table(options));
+        t
+    }
+}
+
+/// Parses `--runtime` values; an empty list means the default pair.
+pub fn parse_handlers(names: &[String]) -> Result<Vec<KataHandler>, UnknownHandler> {
+    let mut out: Vec<KataHandler> = if names.is_empty() {
+        vec![KataHandler::Qemu, KataHandler::QemuWarm]
+    } else {
+        names.iter().map(|n| n.parse()).collect::<Result<_, _>>()?
+    };
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_points_into_kata_root() {
+        let s = KataHandler::QemuWarm.spec(Path::new("/opt/kata"));
+        assert_eq!(s.runtime_type, "io.containerd.kata-qemu-warm.v2");
+        assert_eq!(
+            s.config_path,
+            Path::new("/opt/kata/share/defaults/kata-containers/configuration-qemu-warm.toml")
+        );
+        assert_eq!(s.snapshotter, None);
+        assert_eq!(
+            KataHandler::Fc.spec(Path::new("/k")).snapshotter.as_deref(),
+            Some("devmapper")
+        );
+    }
+
+    #[test]
+    fn parse_rejects_unknown_and_dedups() {
+        assert!(parse_handlers(&["kata-foo".into()]).is_err());
+        let hs = parse_handlers(&["kata-clh".into(), "kata-qemu".into(), "kata-clh".into()])
+            .expect("valid");
+        assert_eq!(hs, vec![KataHandler::Qemu, KataHandler::Clh]);
+    }
+}

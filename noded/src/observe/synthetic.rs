@@ -1,0 +1,190 @@
+//! A synthetic `/proc` tree with many Kata-like VMs, for the scale tests and the scrape benchmark.
+//! It has exactly the files the scanner reads (`<pid>/cmdline`, `<pid>/smaps_rollup`, `<pid>/stat`,
+//! `meminfo`, `stat`), in the kernel's formats.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// What to generate.
+#[derive(Debug, Clone, Copy)]
+pub struct SyntheticNode {
+    pub vms: u32,
+    /// Every `clone_every`-th VM is a template clone, the others cold boots (0 = all cold).
+    pub clone_every: u32,
+    /// Unrelated processes (kubelet, sshd, ...) the scan must skip.
+    pub other_processes: u32,
+    pub memory_total_kib: u64,
+    pub memory_available_kib: u64,
+    pub cpus: u32,
+}
+
+impl Default for SyntheticNode {
+    fn default() -> Self {
+        SyntheticNode {
+            vms: 500,
+            clone_every: 2,
+            other_processes: 300,
+            memory_total_kib: 768 * 1024 * 1024,
+            memory_available_kib: 512 * 1024 * 1024,
+            cpus: 96,
+        }
+    }
+}
+
+/// Per-process memory written into each `smaps_rollup`, in KiB: (rss, pss, private_clean, private_dirty).
+pub const QEMU_COLD_KIB: (u64, u64, u64, u64) = (230_000, 210_000, 1_000, 206_000);
+pub const QEMU_CLONE_KIB: (u64, u64, u64, u64) = (120_000, 45_000, 500, 39_500);
+pub const SHIM_KIB: (u64, u64, u64, u64) = (40_000, 30_000, 200, 28_000);
+pub const VIRTIOFSD_KIB: (u64, u64, u64, u64) = (8_000, 5_000, 100, 4_000);
+
+/// Sandbox id of VM `i`.
+pub fn sandbox_id(i: u32) -> String {
+    format!("{i:08x}c0ffee{i:08x}")
+}
+
+fn write_process(
+    root: &Path,
+    pid: u32,
+    ppid: u32,
+    argv: &[&str],
+    mem: (u64, u64, u64, u64),
+) -> io::Result<()> {
+    let dir = root.join(pid.to_string());
+    fs::create_dir_all(&dir)?;
+    let mut cmdline = argv.join("\0");
+    cmdline.push('\0');
+    fs::write(dir.join("cmdline"), cmdline)?;
+    let comm: String = argv[0]
+        .rsplit('/')
+        .next()
+        .unwrap_or("x")
+        .chars()
+        .take(15)
+        .collect();
+    fs::write(
+        dir.join("stat"),
+        format!(
+            "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        ),
+    )?;
+    let (rss, pss, pc, pd) = mem;
+    fs::write(
+        dir.join("smaps_rollup"),
+        format!(
+            "00400000-7ffc8d1fe000 ---p 00000000 00:00 0                          [rollup]\n\
+             Rss:            {rss:>8} kB\nPss:            {pss:>8} kB\nPss_Anon:       {pd:>8} kB\n\
+             Pss_File:       {pc:>8} kB\nPss_Shmem:             0 kB\nShared_Clean:          0 kB\n\
+             Shared_Dirty:          0 kB\nPrivate_Clean:  {pc:>8} kB\nPrivate_Dirty:  {pd:>8} kB\n\
+             Referenced:     {rss:>8} kB\nAnonymous:      {pd:>8} kB\nLazyFree:              0 kB\n\
+             AnonHugePages:         0 kB\nShmemPmdMapped:        0 kB\nFilePmdMapped:         0 kB\n\
+             Shared_Hugetlb:        0 kB\nPrivate_Hugetlb:       0 kB\nSwap:                  0 kB\n\
+             SwapPss:               0 kB\nLocked:                0 kB\n"
+        ),
+    )
+}
+
+/// Writes the tree under `root` (which must exist and be empty).
+pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
+    fs::write(
+        root.join("meminfo"),
+        format!(
+            "MemTotal:       {} kB\nMemFree:        {} kB\nMemAvailable:   {} kB\nBuffers:               0 kB\nCached:                0 kB\n",
+            node.memory_total_kib, node.memory_available_kib, node.memory_available_kib
+        ),
+    )?;
+    let mut stat = String::from("cpu  1 0 1 1 0 0 0 0 0 0\n");
+    for c in 0..node.cpus {
+        stat.push_str(&format!("cpu{c} 1 0 1 1 0 0 0 0 0 0\n"));
+    }
+    fs::write(root.join("stat"), stat)?;
+    let mut pid = 1000;
+    for i in 0..node.other_processes {
+        write_process(
+            root,
+            pid,
+            1,
+            &["/usr/bin/some-daemon", "--flag", &i.to_string()],
+            (10_000, 9_000, 0, 8_000),
+        )?;
+        pid += 1;
+    }
+    for i in 0..node.vms {
+        let id = sandbox_id(i);
+        let shim = pid;
+        write_process(
+            root,
+            shim,
+            1,
+            &[
+                "/opt/kata/bin/containerd-shim-kata-v2",
+                "-namespace",
+                "k8s.io",
+                "-address",
+                "/run/containerd/containerd.sock",
+                "-publish-binary",
+                "/usr/bin/containerd",
+                "-id",
+                &id,
+            ],
+            SHIM_KIB,
+        )?;
+        let clone = node.clone_every > 0 && i % node.clone_every == 0;
+        let name = format!("sandbox-{id},debug-threads=on");
+        let qmp = format!("unix:/run/vc/vm/{id}/qmp.sock,server=on,wait=off");
+        let mem = if clone {
+            "memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory"
+                .to_string()
+        } else {
+            "memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on".to_string()
+        };
+        let mut argv = vec![
+            "/opt/kata/bin/qemu-system-x86_64",
+            "-name",
+            &name,
+            "-uuid",
+            "b0f3c1a2-0000-4000-8000-000000000000",
+            "-machine",
+            "q35,accel=kvm,nvdimm=on",
+            "-cpu",
+            "host,pmu=off",
+            "-qmp",
+            &qmp,
+            "-m",
+            "2048M,slots=10,maxmem=773410M",
+            "-object",
+            &mem,
+            "-numa",
+            "node,memdev=dimm1",
+            "-kernel",
+            "/opt/kata/share/kata-containers/vmlinux.container",
+            "-daemonize",
+        ];
+        if clone {
+            argv.extend(["-incoming", "defer"]);
+        }
+        write_process(
+            root,
+            shim + 1,
+            1,
+            &argv,
+            if clone { QEMU_CLONE_KIB } else { QEMU_COLD_KIB },
+        )?;
+        let sock = format!("--socket-path=/run/vc/vm/{id}/vhost-fs.sock");
+        let shared = format!("--shared-dir=/run/kata-containers/shared/sandboxes/{id}/shared");
+        write_process(
+            root,
+            shim + 2,
+            shim,
+            &[
+                "/opt/kata/libexec/virtiofsd",
+                &sock,
+                &shared,
+                "--cache=auto",
+            ],
+            VIRTIOFSD_KIB,
+        )?;
+        pid += 3;
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! `require` / `require_root`: the only helpers other crates' tests include (by path), so this file
+//! must not depend on noded or on dev-dependencies other crates lack.
+
+use std::path::PathBuf;
+
+/// Finds a real component on PATH (or at an absolute path). Missing: under `CI=true` the test fails
+/// (a green CI run must mean it ran); elsewhere it is skipped with a message.
+pub fn require(binary: &str) -> Option<PathBuf> {
+    let found = if binary.starts_with('/') {
+        let p = PathBuf::from(binary);
+        p.exists().then_some(p)
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(binary))
+                .find(|p| p.is_file())
+        })
+    };
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "required component `{binary}` is missing (CI=true: failing instead of skipping)"
+        );
+        eprintln!("SKIP: `{binary}` not installed");
+    }
+    found
+}
+
+/// Root is needed for mounts, namespaces and containerd. Under CI=true its absence fails the test.
+pub fn require_root() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "test needs root (CI=true: failing instead of skipping)"
+        );
+        eprintln!("SKIP: not root");
+    }
+    root
+}

@@ -1,0 +1,266 @@
+//! The containerd runtime pieces against a real private containerd 1.6 + runc.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use noded::containerd::cri::{CriClient, loaded_handlers};
+use noded::containerd::image::{self, K8S_NAMESPACE, PAUSE_IMAGE, PROBE_IMAGE};
+use noded::containerd::private::{PrivateContainerd, PrivateLayout, default_config};
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test]
+async fn private_containerd_starts_stops_and_restarts() {
+    if !common::containerd::available() {
+        return;
+    }
+    let mut ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE).await.unwrap();
+    let first = ctrd.containerd_pid().unwrap();
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert_eq!(cri.version().await.unwrap().runtime_name, "containerd");
+
+    ctrd.restart().await.unwrap();
+    let second = ctrd.containerd_pid().unwrap();
+    assert_ne!(first, second);
+    assert!(!pid_alive(first), "old containerd {first} still running");
+    assert!(
+        loaded_handlers(ctrd.socket())
+            .await
+            .unwrap()
+            .contains_key("runc")
+    );
+
+    // The restart command, run the way `--restart command:CMD` runs it.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(ctrd.restart_command())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let third = ctrd.containerd_pid().unwrap();
+    assert_ne!(second, third);
+    assert!(!pid_alive(second));
+    let mut answered = false;
+    for _ in 0..200 {
+        if CriClient::connect(ctrd.socket()).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        answered,
+        "containerd did not answer after the restart command"
+    );
+
+    ctrd.stop().await.unwrap();
+    assert!(!pid_alive(third));
+    assert!(
+        CriClient::connect(ctrd.socket()).await.is_err() || {
+            // A leftover socket file that nobody listens on must not answer calls.
+            let mut c = CriClient::connect(ctrd.socket()).await.unwrap();
+            c.version().await.is_err()
+        }
+    );
+    ctrd.start_again().await.unwrap();
+    assert!(
+        CriClient::connect(ctrd.socket())
+            .await
+            .unwrap()
+            .version()
+            .await
+            .is_ok()
+    );
+    let dir = ctrd.dir().to_path_buf();
+    let last = ctrd.containerd_pid().unwrap();
+    drop(ctrd);
+    assert!(!pid_alive(last), "drop must kill containerd");
+    assert!(!dir.exists(), "temp dir removed on drop");
+}
+
+#[tokio::test]
+async fn starts_from_a_config_file_the_caller_wrote() {
+    if !common::containerd::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let layout = PrivateLayout::new(tmp.path());
+    let cfg = tmp.path().join("my-config.toml");
+    let text = default_config(&layout, PAUSE_IMAGE).replace(
+        "runtime_type = \"io.containerd.runc.v2\"",
+        "runtime_type = \"io.containerd.runc.v2\"\n\n        [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.extra]\n          runtime_type = \"io.containerd.extra.v2\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let ctrd = PrivateContainerd::start(tmp.path(), &cfg).await.unwrap();
+    assert_eq!(ctrd.config_path(), cfg.as_path());
+    let handlers = loaded_handlers(ctrd.socket()).await.unwrap();
+    assert_eq!(handlers["extra"].runtime_type, "io.containerd.extra.v2");
+    assert_eq!(handlers["runc"].runtime_type, "io.containerd.runc.v2");
+}
+
+#[tokio::test]
+async fn a_config_that_containerd_rejects_is_reported_with_its_log() {
+    if !common::containerd::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let layout = PrivateLayout::new(tmp.path());
+    let cfg = tmp.path().join("bad.toml");
+    // Valid TOML, but containerd refuses to start: `required_plugins` names a plugin that does not exist.
+    let text = default_config(&layout, PAUSE_IMAGE).replace(
+        "required_plugins = [\"io.containerd.grpc.v1.cri\"]",
+        "required_plugins = [\"io.containerd.grpc.v1.cri\", \"io.noded.no-such-plugin\"]",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        let r = PrivateContainerd::start(tmp.path(), &cfg).await;
+        r.map(|_| ())
+    })
+    .await
+    .unwrap();
+    let err = started
+        .expect_err("containerd must not come up")
+        .to_string();
+    assert!(err.contains("no-such-plugin"), "{err}");
+}
+
+#[tokio::test]
+async fn image_build_and_import_is_idempotent() {
+    if !common::containerd::available() {
+        return;
+    }
+    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE).await.unwrap();
+    let busybox = Path::new(image::DEFAULT_BUSYBOX);
+    let a = image::build_layout(busybox, &[PROBE_IMAGE, PAUSE_IMAGE]).unwrap();
+    let b = image::build_layout(busybox, &[PROBE_IMAGE, PAUSE_IMAGE]).unwrap();
+    assert_eq!(a.tar, b.tar, "same input, same bytes");
+
+    let first = image::import_layout(ctrd.socket(), K8S_NAMESPACE, &a.tar)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2);
+    assert!(
+        first
+            .iter()
+            .all(|i| i.changed && i.digest == a.manifest_digest)
+    );
+    let second = image::ensure_local_images(ctrd.socket(), busybox)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 2);
+    assert!(
+        second
+            .iter()
+            .all(|i| !i.changed && i.digest == a.manifest_digest),
+        "{second:?}"
+    );
+
+    // The same tar is what `ctr images import` accepts: containerd's own client agrees on the digest.
+    let tar_path = ctrd.dir().join("images.tar");
+    image::write_layout_tar(busybox, &[PROBE_IMAGE, PAUSE_IMAGE], &tar_path).unwrap();
+    let ls = Command::new("ctr")
+        .args(["--address"])
+        .arg(ctrd.socket())
+        .args(["-n", K8S_NAMESPACE, "images", "ls"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    for name in [PROBE_IMAGE, PAUSE_IMAGE] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&a.manifest_digest),
+            "{name} missing in:\n{listing}"
+        );
+    }
+
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    cri.wait_image(PROBE_IMAGE, Duration::from_secs(10))
+        .await
+        .unwrap();
+    cri.wait_image(PAUSE_IMAGE, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        !cri.image_present("noded.local/never-imported:1")
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn cri_status_lists_the_runc_handler() {
+    let Some(ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    let v = cri.version().await.unwrap();
+    assert_eq!(v.runtime_name, "containerd");
+    assert_eq!(v.runtime_api_version, "v1");
+    let status = cri.status_verbose().await.unwrap();
+    assert!(status.runtime_ready(), "{status:?}");
+    assert_eq!(status.default_runtime_name, "runc");
+    assert_eq!(status.sandbox_image, PAUSE_IMAGE);
+    let runc = &status.handlers["runc"];
+    assert_eq!(runc.runtime_type, "io.containerd.runc.v2");
+    assert_eq!(
+        runc.options.as_ref().and_then(|o| o.get("SystemdCgroup")),
+        Some(&serde_json::Value::Bool(false))
+    );
+    assert_eq!(status.handlers.len(), 1, "{:?}", status.handlers.keys());
+}
+
+#[tokio::test]
+async fn a_runc_container_survives_a_containerd_restart() {
+    let Some(mut ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let pod = common::containerd::start_sleeper(ctrd.socket(), "runc").await;
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    let pid = cri
+        .container_info(&pod.container_id)
+        .await
+        .unwrap()
+        .pid
+        .unwrap();
+    let shims = common::containerd::pids_with_cmdline(&pod.sandbox_id);
+    assert!(!shims.is_empty(), "no shim for sandbox {}", pod.sandbox_id);
+    let sleepers: Vec<i32> = shims.into_iter().chain([pid as i32]).collect();
+    ctrd.restart().await.unwrap();
+    common::containerd::assert_running(ctrd.socket(), &pod.container_id).await;
+    assert!(
+        sleepers.iter().all(|p| pid_alive(*p)),
+        "the container process died"
+    );
+    common::containerd::remove(ctrd.socket(), &pod).await;
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert!(cri.all_pods().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn drop_kills_shims_and_containers() {
+    let Some(ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let pod = common::containerd::start_sleeper(ctrd.socket(), "runc").await;
+    let procs = common::containerd::pids_with_cmdline(&pod.sandbox_id);
+    assert!(!procs.is_empty(), "shim for the sandbox not found");
+    let sock = ctrd.socket().display().to_string();
+    let shims = common::containerd::pids_with_cmdline(&sock);
+    drop(ctrd);
+    for p in procs.iter().chain(&shims) {
+        assert!(!pid_alive(*p), "process {p} survived the drop");
+    }
+}

@@ -1,0 +1,271 @@
+//! `/metrics`, `/healthz`, `/readyz` served by `noded run`, checked by promtool and scraped by a real
+//! Prometheus.
+
+mod common;
+#[path = "common/observe.rs"]
+mod observe_util;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use noded::metrics::{ApplyOutcome, BuildOutcome, FAMILIES, Metrics};
+use noded::observe::synthetic::{self, SyntheticNode};
+use noded::observe::{Observer, ObserverConfig};
+use observe_util::{Proc, free_port, http_get};
+
+const OPENMETRICS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `noded run` on a config whose /proc is a synthetic tree, in a thread of this test process, so
+/// the test controls probes and events through the same `Observer` the daemon serves.
+struct Daemon {
+    addr: SocketAddr,
+    observer: Arc<Observer>,
+    _rt: tokio::runtime::Runtime,
+    _tree: tempfile::TempDir,
+}
+
+fn start_daemon(vms: u32) -> Daemon {
+    let tree = tempfile::tempdir().expect("tempdir");
+    let proc_root = tree.path().join("proc");
+    std::fs::create_dir(&proc_root).expect("proc dir");
+    synthetic::generate(
+        &proc_root,
+        &SyntheticNode {
+            vms,
+            other_processes: 10,
+            ..SyntheticNode::default()
+        },
+    )
+    .expect("synthetic proc");
+    let mut config = noded::config::NodedConfig::local_default().expect("default config");
+    config.templates[0].runtime_handler = "kata-qemu-warm".into();
+    config.probe.handlers = vec!["kata-qemu".into(), "kata-qemu-warm".into()];
+    config.observe.proc_root = proc_root;
+    let observe_config = ObserverConfig::from_config(&config);
+    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
+    let observer = Arc::new(Observer::new(observe_config, metrics));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(noded::http::serve(
+        listener,
+        Arc::clone(&observer),
+        std::future::pending(),
+    ));
+    rt.spawn(Arc::clone(&observer).run(Duration::from_millis(500)));
+    Daemon {
+        addr,
+        observer,
+        _rt: rt,
+        _tree: tree,
+    }
+}
+
+/// Drives every code path that feeds a family, as the daemon's components do.
+fn exercise(observer: &Observer) {
+    let m = observer.metrics();
+    m.record_apply(ApplyOutcome::Changed);
+    m.record_apply(ApplyOutcome::Unchanged);
+    m.record_containerd_restart();
+    m.record_template_build(BuildOutcome::Ok);
+    m.set_template_ready("default", true);
+    m.set_template_pool("default", 2, 2);
+    m.observe_template_acquire(0.0012);
+    observer.record_boot("kata-qemu-warm", &synthetic::sandbox_id(0), 0.07);
+    observer.record_probe("kata-qemu", true, Duration::from_millis(900), None);
+    observer.record_probe(
+        "kata-qemu-warm",
+        false,
+        Duration::from_millis(15),
+        Some("no runtime for \"kata-qemu-warm\" is configured".into()),
+    );
+    observer.observe_now().expect("observe");
+}
+
+#[test]
+fn metrics_endpoint_formats_and_promtool_is_clean() {
+    let Some(promtool) = common::require("promtool") else {
+        return;
+    };
+    let d = start_daemon(20);
+    exercise(&d.observer);
+
+    let om = http_get(d.addr, "/metrics", OPENMETRICS_ACCEPT);
+    assert_eq!(om.status, 200);
+    assert_eq!(
+        om.content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    assert!(om.body.contains("# TYPE noded_template_hits counter"));
+
+    let text = http_get(d.addr, "/metrics", "text/plain");
+    assert_eq!(text.status, 200);
+    assert!(text.content_type.starts_with("text/plain; version=0.0.4"));
+    for family in FAMILIES {
+        assert!(
+            text.body
+                .lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(family)),
+            "{family} missing:\n{}",
+            text.body
+        );
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("metrics.txt");
+    std::fs::write(&file, &text.body).expect("write");
+    let out = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).expect("open"))
+        .output()
+        .expect("run promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+}
+
+#[test]
+fn healthz_and_readyz_follow_the_probes() {
+    let d = start_daemon(3);
+    let h = http_get(d.addr, "/healthz", "*/*");
+    assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
+
+    let r = http_get(d.addr, "/readyz", "*/*");
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body.contains("kata-qemu: no probe has run yet"),
+        "{}",
+        r.body
+    );
+
+    d.observer
+        .record_probe("kata-qemu", true, Duration::from_millis(800), None);
+    d.observer.record_probe(
+        "kata-qemu-warm",
+        false,
+        Duration::from_millis(12),
+        Some("failed to start shim: binary not installed".into()),
+    );
+    let r = http_get(d.addr, "/readyz", "*/*");
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body
+            .contains("kata-qemu-warm: failed to start shim: binary not installed"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("kata-qemu:"), "{}", r.body);
+
+    d.observer
+        .record_probe("kata-qemu-warm", true, Duration::from_millis(700), None);
+    let r = http_get(d.addr, "/readyz", "*/*");
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    let m = http_get(d.addr, "/metrics", "text/plain").body;
+    assert!(
+        m.contains("noded_runtime_ready{runtime_handler=\"kata-qemu-warm\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("noded_vm_boot_seconds_count{runtime_handler=\"kata-qemu-warm\",boot=\"template\",outcome=\"failed\"} 1"), "{m}");
+}
+
+struct Prometheus {
+    _proc: Proc,
+    addr: SocketAddr,
+}
+
+fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: noded\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .expect("prometheus config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proc = Proc::spawn(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .current_dir(dir),
+    );
+    Prometheus { _proc: proc, addr }
+}
+
+/// Metric names Prometheus has stored, or None while it is starting.
+fn stored_names(p: &Prometheus) -> Option<Vec<String>> {
+    let r = std::panic::catch_unwind(|| http_get(p.addr, "/api/v1/label/__name__/values", "*/*"))
+        .ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+    Some(
+        v["data"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n.as_str().map(String::from))
+            .collect(),
+    )
+}
+
+#[test]
+fn real_prometheus_scrapes_every_family() {
+    if common::require("prometheus").is_none() {
+        return;
+    }
+    let d = start_daemon(50);
+    exercise(&d.observer);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prom = start_prometheus(dir.path(), d.addr);
+    // Histograms are stored as _bucket/_sum/_count series.
+    let expected: Vec<String> = FAMILIES
+        .iter()
+        .map(|f| {
+            if f.ends_with("_seconds") {
+                format!("{f}_count")
+            } else {
+                f.to_string()
+            }
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut missing = expected.clone();
+    while Instant::now() < deadline {
+        if let Some(names) = stored_names(&prom) {
+            missing = expected
+                .iter()
+                .filter(|e| !names.contains(e))
+                .cloned()
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(missing.is_empty(), "Prometheus never stored {missing:?}");
+    // The values made it too, not only the names.
+    let q = http_get(prom.addr, "/api/v1/query?query=sum(noded_vms)", "*/*");
+    let v: serde_json::Value = serde_json::from_str(&q.body).expect("query json");
+    assert_eq!(v["data"]["result"][0]["value"][1], "50", "{}", q.body);
+}
