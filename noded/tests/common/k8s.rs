@@ -591,6 +591,6 @@ pub fn capacity(total: u32, free: u32) -> noded::k8s::Capacity {
         slots_free: free,
         boot_p50_ms: Some(300),
         warm_templates: 1,
-        vm_cost_bytes: None,
+        vm_cost_bytes: Default::default(),
     }
 }
