@@ -148,7 +148,7 @@ pub async fn run(
     } else {
         None
     };
-    let vm = start_vm_engine(&config, &metrics).await?;
+    let vm = start_vm_engine(&config, &metrics, &observer).await?;
     shutdown.await;
     vm.stop().await;
     if let Some(p) = publisher {
@@ -209,6 +209,7 @@ impl VmPart {
 async fn start_vm_engine(
     config: &NodedConfig,
     metrics: &Arc<Metrics>,
+    observer: &Arc<Observer>,
 ) -> Result<VmPart, DaemonError> {
     let engine = if config.templates.is_empty() {
         None
@@ -241,7 +242,7 @@ async fn start_vm_engine(
     };
     let listener = crate::api::bind(&config.daemon.api_socket)
         .map_err(|e| DaemonError::Component(e.to_string()))?;
-    let service = crate::api::NodeService::new(engine.clone());
+    let service = crate::api::NodeService::new(engine.clone()).with_provider(observer.clone());
     let (api_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(async move {
         if let Err(e) = crate::api::serve(listener, service, async {
