@@ -238,24 +238,30 @@ pub async fn cold_boot(
     .map_err(err)?;
     // QEMU runs the vCPUs from the start: "running" for a cold VM is QMP answering.
     let to_running = t0.elapsed();
-    let answer = match vm.console() {
-        Ok(c) => c
-            .wait_ready(boot_timeout)
-            .await
-            .map_err(|source| QemuError::Guest {
-                name: vm.name.clone(),
-                source,
-            }),
+    let t0 = tokio::time::Instant::from_std(t0);
+    let answered = match vm.console() {
+        Ok(c) => match c.wait_first(boot_timeout).await {
+            // The first answer is readiness; the follow-up ping only drains requests sent while
+            // booting and reads the guest's counter.
+            Ok(first) => c
+                .ping(ANSWER_TIMEOUT)
+                .await
+                .map(|a| (first.duration_since(t0), a)),
+            Err(e) => Err(e),
+        }
+        .map_err(|source| QemuError::Guest {
+            name: vm.name.clone(),
+            source,
+        }),
         Err(e) => Err(e),
     };
-    let answer = match answer {
+    let (to_answer, answer) = match answered {
         Ok(a) => a,
         Err(e) => {
             vm.kill().await;
             return Err(err(e));
         }
     };
-    let to_answer = t0.elapsed();
     Ok(StartedVm {
         id,
         template: template_name.to_string(),

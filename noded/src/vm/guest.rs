@@ -109,10 +109,12 @@ impl GuestConsole {
         self.request("ping", timeout).await
     }
 
-    /// Waits for a booting guest: pings every 20 ms until one is answered, then pings once more and
-    /// waits for exactly that answer, so no request sent while booting is still queued afterwards.
-    /// Returns the last answer (its counter is the guest's count so far).
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+    /// Waits for a booting guest: pings every 20 ms until one is answered. Returns when the first
+    /// answer arrived (the guest's readiness time); requests sent while it booted may still be queued.
+    pub async fn wait_first(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<tokio::time::Instant, GuestError> {
         let fut = async {
             let mut sent = Vec::new();
             loop {
@@ -123,20 +125,25 @@ impl GuestConsole {
                 )
                 .await;
                 match wait {
-                    Ok(Ok(_)) => break,
+                    Ok(Ok(_)) => return Ok(tokio::time::Instant::now()),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => continue,
                 }
             }
-            Ok::<(), GuestError>(())
         };
-        let start = tokio::time::Instant::now();
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| GuestError::Timeout {
                 request: "ping (boot)".into(),
                 timeout,
-            })??;
+            })?
+    }
+
+    /// [`GuestConsole::wait_first`], then one more ping answered exactly, so no request sent while
+    /// booting is still queued afterwards. Returns that answer (its counter is the guest's count).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+        let start = tokio::time::Instant::now();
+        self.wait_first(timeout).await?;
         let left = timeout
             .saturating_sub(start.elapsed())
             .max(Duration::from_secs(5));
