@@ -248,6 +248,23 @@ impl NodedConfig {
         Self::parse(Path::new("<embedded local-default.toml>"), LOCAL_DEFAULT)
     }
 
+    /// Makes relative paths (the local default uses `.noded-data/...`) absolute against `base`, so
+    /// nothing depends on the working directory once the daemon runs.
+    pub fn resolve_relative(&mut self, base: &Path) {
+        for p in [
+            &mut self.daemon.data_dir,
+            &mut self.daemon.run_dir,
+            &mut self.daemon.api_socket,
+            &mut self.containerd.config,
+            &mut self.containerd.kata_root,
+            &mut self.containerd.socket,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
     /// Handlers that must pass a probe before the node is ready.
     pub fn probe_handlers(&self) -> Vec<String> {
         if self.probe.handlers.is_empty() {

@@ -106,6 +106,10 @@ pub async fn run(
     // 3. runtime probes                           (containerd::probe)
     // 4. template pool + gRPC API                 (vm, api)
     // 5. Kubernetes publisher                     (k8s)
+    let mut config = config;
+    if let Ok(cwd) = std::env::current_dir() {
+        config.resolve_relative(&cwd);
+    }
     let observe_config = ObserverConfig::from_config(&config);
     let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
     let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
@@ -117,6 +121,20 @@ pub async fn run(
         Arc::clone(&observer),
         std::future::pending(),
     ));
+    // Before anything probes the runtime: the handlers must be in containerd's config (restarting
+    // containerd only if the effective config changed), or in local mode a private containerd started.
+    let private_containerd = if config.containerd.private {
+        Some(
+            crate::containerd::manage::start_private(&config, &metrics)
+                .await
+                .map_err(|e| DaemonError::Component(e.to_string()))?,
+        )
+    } else {
+        crate::containerd::manage::apply_on_start(&config, &metrics)
+            .await
+            .map_err(|e| DaemonError::Component(e.to_string()))?;
+        None
+    };
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
     let scans = tokio::spawn(Arc::clone(&observer).run(interval));
@@ -130,7 +148,7 @@ pub async fn run(
     } else {
         None
     };
-    let vm = start_vm_engine(&config, &metrics).await?;
+    let vm = start_vm_engine(&config, &metrics, &observer).await?;
     shutdown.await;
     vm.stop().await;
     if let Some(p) = publisher {
@@ -138,6 +156,13 @@ pub async fn run(
     }
     http.abort();
     scans.abort();
+    // Local mode owns its containerd: stop it (and every container it runs). A host containerd is
+    // never touched on shutdown.
+    if let Some(mut c) = private_containerd
+        && let Err(e) = c.stop().await
+    {
+        tracing::warn!("stopping the private containerd: {e}");
+    }
     info!("noded stopped");
     Ok(())
 }
@@ -184,6 +209,7 @@ impl VmPart {
 async fn start_vm_engine(
     config: &NodedConfig,
     metrics: &Arc<Metrics>,
+    observer: &Arc<Observer>,
 ) -> Result<VmPart, DaemonError> {
     let engine = if config.templates.is_empty() {
         None
@@ -220,7 +246,7 @@ async fn start_vm_engine(
     };
     let listener = crate::api::bind(&config.daemon.api_socket)
         .map_err(|e| DaemonError::Component(e.to_string()))?;
-    let service = crate::api::NodeService::new(engine.clone());
+    let service = crate::api::NodeService::new(engine.clone()).with_provider(observer.clone());
     let (api_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(async move {
         if let Err(e) = crate::api::serve(listener, service, async {

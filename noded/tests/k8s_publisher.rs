@@ -1,6 +1,5 @@
 //! Kubernetes publisher against a request-level fake API server that asserts the exact requests.
 
-mod common;
 #[path = "common/k8s.rs"]
 mod k8s;
 
@@ -498,12 +497,23 @@ async fn runtimeclass_overhead_follows_measured_cost_outside_a_10_percent_band()
     fake.wait_for("initial apply", |s| s.runtime_classes.len() == 2)
         .await;
     let mut c = capacity(8, 8);
-    c.vm_cost_bytes = Some(300 * 1024 * 1024 + 5);
-    run.capacity(c);
+    c.vm_cost_bytes
+        .insert("kata-qemu-warm".into(), 100 * 1024 * 1024 + 5);
+    c.vm_cost_bytes
+        .insert("kata-qemu".into(), 150 * 1024 * 1024);
+    run.capacity(c.clone());
     fake.wait_for("overhead updated", |s| {
-        s.runtime_classes["kata-qemu-warm"]["overhead"]["podFixed"]["memory"] == "301Mi"
+        s.runtime_classes["kata-qemu-warm"]["overhead"]["podFixed"]["memory"] == "101Mi"
     })
     .await;
+    {
+        let s = fake.state();
+        // kata-qemu measured 150 MiB against its 160 MiB start: inside the 10% band, not rewritten.
+        assert_eq!(
+            s.runtime_classes["kata-qemu"]["overhead"]["podFixed"]["memory"],
+            "160Mi"
+        );
+    }
     let applies = |f: &FakeApi| {
         f.state()
             .log
@@ -511,13 +521,18 @@ async fn runtimeclass_overhead_follows_measured_cost_outside_a_10_percent_band()
             .filter(|r| r.path.starts_with("/apis/node.k8s.io/"))
             .count()
     };
-    assert_eq!(applies(&fake), 4);
-    c.vm_cost_bytes = Some(320 * 1024 * 1024);
+    assert_eq!(
+        applies(&fake),
+        3,
+        "only the class whose cost moved is re-applied"
+    );
+    c.vm_cost_bytes
+        .insert("kata-qemu-warm".into(), 106 * 1024 * 1024);
     run.capacity(c);
     barrier(&fake, &run, 1).await;
     assert_eq!(
         applies(&fake),
-        4,
-        "a 6% move must not rewrite the RuntimeClasses"
+        3,
+        "a 5% move must not rewrite the RuntimeClasses"
     );
 }

@@ -7,6 +7,7 @@ pub mod cri;
 pub mod document;
 pub mod handler;
 pub mod image;
+pub mod manage;
 pub mod private;
 pub mod restart;
 pub mod state;

@@ -58,7 +58,7 @@ pub struct StateStore {
 impl StateStore {
     pub fn new(state_dir: &Path) -> Self {
         Self {
-            dir: state_dir.join("containerd"),
+            dir: state_dir.join("ownership"),
         }
     }
 

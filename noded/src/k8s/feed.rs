@@ -29,8 +29,8 @@ pub fn capacity_from_snapshots(snaps: &[HandlerSnapshot], warm_templates: u32) -
     let vm_cost_bytes = snaps
         .iter()
         .filter(|s| s.slot_cost_measured)
-        .map(|s| s.slot_cost_bytes)
-        .max();
+        .map(|s| (s.runtime_handler.clone(), s.slot_cost_bytes))
+        .collect();
     Some(Capacity {
         slots_total: clamp(best.slots_total),
         slots_free: clamp(best.slots_free),
@@ -114,7 +114,12 @@ mod tests {
         assert_eq!(c.slots_total, 60);
         assert_eq!(c.slots_free, 50);
         assert_eq!(c.boot_p50_ms, Some(30));
-        assert_eq!(c.vm_cost_bytes, Some(200 << 20));
+        assert_eq!(
+            c.vm_cost_bytes,
+            [("kata-qemu".to_string(), 200u64 << 20)]
+                .into_iter()
+                .collect()
+        );
         assert_eq!(c.warm_templates, 2);
     }
 }

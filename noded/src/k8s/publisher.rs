@@ -31,7 +31,7 @@ use super::node::{
 };
 use super::retry::{Backoff, ErrorClass, classify};
 use super::signals::{
-    DEFAULT_OVERHEAD_MIB, LabelDecision, LabelGovernor, SchedulerLabels, overhead_mib,
+    LabelDecision, LabelGovernor, SchedulerLabels, default_overhead_mib, overhead_mib,
     overhead_moved,
 };
 use super::{K8sError, LABEL_KATA_READY, runtimeclass};
@@ -70,7 +70,7 @@ impl RuntimeHealth {
 }
 
 /// What the node can take, as measured by the observers and the template pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Capacity {
     /// VMs the node can hold in total: the `noded.io/vm-slots` extended resource.
     pub slots_total: u32,
@@ -78,8 +78,9 @@ pub struct Capacity {
     /// Median sandbox boot; `None` until a VM booted on this node.
     pub boot_p50_ms: Option<u32>,
     pub warm_templates: u32,
-    /// Measured host memory of one VM (private bytes of qemu + shim + virtiofsd); `None` until a VM ran.
-    pub vm_cost_bytes: Option<u64>,
+    /// Measured host memory of one VM per runtime handler (private bytes of qemu + shim + virtiofsd);
+    /// a handler is absent until one of its VMs was measured. Drives each RuntimeClass's overhead.
+    pub vm_cost_bytes: BTreeMap<String, u64>,
 }
 
 /// Things that happened on the node that an operator wants to see as Events.
@@ -260,7 +261,7 @@ pub async fn run_with_client(
         // whatever woke us, a notice sent after a capacity change is handled after it.
         let health = inputs.health.borrow_and_update().clone();
         p.on_health(&health);
-        let capacity = *inputs.capacity.borrow_and_update();
+        let capacity = inputs.capacity.borrow_and_update().clone();
         p.on_capacity(capacity, Instant::now());
         while let Ok(n) = inputs.notices.try_recv() {
             p.on_notice(n);
@@ -314,8 +315,9 @@ struct Publisher {
     capacity: Option<Capacity>,
     governor: LabelGovernor,
     label_hold: Option<Instant>,
-    overhead_wanted: u64,
-    overhead_applied: Option<u64>,
+    /// RuntimeClass → memory overhead (MiB) it should carry / last carried.
+    overhead_wanted: BTreeMap<String, u64>,
+    overhead_applied: BTreeMap<String, u64>,
     node_uid: Option<String>,
     events: VecDeque<(NodeEvent, u32)>,
     /// Something changed that the node does not show yet.
@@ -328,6 +330,11 @@ const CONFLICT_ATTEMPTS: u32 = 5;
 
 impl Publisher {
     fn new(client: Client, settings: PublisherSettings) -> Self {
+        let overhead_wanted = settings
+            .runtime_classes
+            .iter()
+            .map(|c| (c.clone(), default_overhead_mib(c)))
+            .collect();
         Self {
             node: NodeApi::new(client.clone(), settings.node_name.clone()),
             client,
@@ -337,8 +344,8 @@ impl Publisher {
             seen_probes: BTreeMap::new(),
             capacity: None,
             label_hold: None,
-            overhead_wanted: DEFAULT_OVERHEAD_MIB,
-            overhead_applied: None,
+            overhead_wanted,
+            overhead_applied: BTreeMap::new(),
             node_uid: None,
             events: VecDeque::new(),
             dirty: true,
@@ -451,22 +458,24 @@ impl Publisher {
     fn on_capacity(&mut self, capacity: Option<Capacity>, now: Instant) {
         let changed = capacity != self.capacity;
         if changed {
-            if capacity.map(|c| c.slots_total) != self.capacity.map(|c| c.slots_total) {
+            if capacity.as_ref().map(|c| c.slots_total)
+                != self.capacity.as_ref().map(|c| c.slots_total)
+            {
                 self.dirty = true;
             }
-            if let Some(bytes) = capacity.and_then(|c| c.vm_cost_bytes) {
+            let costs = capacity.as_ref().map(|c| &c.vm_cost_bytes);
+            for (class, wanted) in &mut self.overhead_wanted {
+                let Some(&bytes) = costs.and_then(|m| m.get(class)) else {
+                    continue;
+                };
                 let mib = overhead_mib(Some(bytes));
-                if overhead_moved(self.overhead_wanted, mib) {
-                    info!(
-                        from_mib = self.overhead_wanted,
-                        to_mib = mib,
-                        "RuntimeClass overhead moved"
-                    );
-                    self.overhead_wanted = mib;
+                if overhead_moved(*wanted, mib) {
+                    info!(runtime_class = %class, from_mib = *wanted, to_mib = mib, "RuntimeClass overhead moved");
+                    *wanted = mib;
                     self.dirty = true;
                 }
             }
-            self.capacity = capacity;
+            self.capacity.clone_from(&capacity);
         }
         let hold_expired = self.label_hold.is_some_and(|h| now >= h);
         let Some(c) = capacity else { return };
@@ -497,17 +506,18 @@ impl Publisher {
     }
 
     async fn sync(&mut self) -> Result<(), K8sError> {
-        if self.overhead_applied != Some(self.overhead_wanted) {
-            for name in self.settings.runtime_classes.clone() {
-                runtimeclass::apply(&self.client, &name, self.overhead_wanted)
-                    .await
-                    .map_err(|source| K8sError::Api {
-                        verb: "apply",
-                        what: format!("runtimeclass {name}"),
-                        source,
-                    })?;
+        for (name, mib) in self.overhead_wanted.clone() {
+            if self.overhead_applied.get(&name) == Some(&mib) {
+                continue;
             }
-            self.overhead_applied = Some(self.overhead_wanted);
+            runtimeclass::apply(&self.client, &name, mib)
+                .await
+                .map_err(|source| K8sError::Api {
+                    verb: "apply",
+                    what: format!("runtimeclass {name}"),
+                    source,
+                })?;
+            self.overhead_applied.insert(name, mib);
         }
 
         let mut n = self.get_node().await?;
@@ -517,7 +527,7 @@ impl Publisher {
         if taint == Some(true) {
             n = self.patch_taint(n, true).await?;
         }
-        if let Some(c) = self.capacity
+        if let Some(c) = &self.capacity
             && let Some(p) = node::slots_patch(&n, c.slots_total)
         {
             n = self.patch(true, JSON_PATCH, &p, "status vm-slots").await?;

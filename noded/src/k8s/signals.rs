@@ -101,6 +101,18 @@ impl LabelGovernor {
 
 /// Kata's own RuntimeClass default (kata-deploy ships `memory: 160Mi`) until a VM was measured.
 pub const DEFAULT_OVERHEAD_MIB: u64 = 160;
+/// Starting point for template-backed classes (`*-warm`): a clone shares the template's guest memory
+/// copy-on-write, so its host cost is far below a cold VM's. Same value as daemonset/runtimeclasses.yaml.
+pub const DEFAULT_WARM_OVERHEAD_MIB: u64 = 64;
+
+/// The overhead a RuntimeClass starts with before one of its VMs was measured.
+pub fn default_overhead_mib(runtime_class: &str) -> u64 {
+    if runtime_class.ends_with("-warm") {
+        DEFAULT_WARM_OVERHEAD_MIB
+    } else {
+        DEFAULT_OVERHEAD_MIB
+    }
+}
 /// Bounds on the published memory overhead: a broken measurement must not make every Kata pod
 /// unschedulable (huge) or overcommit the node (tiny).
 pub const MIN_OVERHEAD_MIB: u64 = 64;

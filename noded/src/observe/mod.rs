@@ -87,11 +87,15 @@ impl ObserverConfig {
             handlers,
             probe_handlers,
             templates,
-            template_dirs: vec![
+            // QEMU is given canonical paths (the engine canonicalizes run_dir), so compare with those.
+            template_dirs: [
                 PathBuf::from(procscan::KATA_FACTORY_TEMPLATE_DIR),
                 cfg.daemon.run_dir.join("templates"),
                 cfg.daemon.data_dir.join("templates"),
-            ],
+            ]
+            .into_iter()
+            .map(|d| absolute(&d))
+            .collect(),
             capacity: CapacityPolicy {
                 reserved_memory_bytes: o.reserved_memory_mib.saturating_mul(MIB),
                 reserved_cpu_millis: o.reserved_cpu_millis,
@@ -169,6 +173,17 @@ impl HandlerSnapshot {
             boot_p50_seconds: self.boot_p50_seconds.unwrap_or(0.0),
             boot_p90_seconds: self.boot_p90_seconds.unwrap_or(0.0),
         }
+    }
+}
+
+/// The handler part of the Status RPC (`noded status`).
+impl crate::api::StatusProvider for Observer {
+    fn fill(&self, status: &mut crate::api::pb::StatusResponse) {
+        status.handlers = self
+            .handler_snapshots()
+            .iter()
+            .map(HandlerSnapshot::to_proto)
+            .collect();
     }
 }
 
@@ -532,7 +547,9 @@ impl Observer {
                 BootKind::Cold => f.vms_cold += 1,
             }
             f.pss_per_vm.push(sb.memory.pss);
-            if !st.counted.contains(&sb.id) {
+            // noded's own engine counts its hits and misses when it hands a VM out (a pre-forked
+            // clone waiting in the pool is not a hit yet); Kata's VMs are only known from /proc.
+            if sb.origin == Origin::Kata && !st.counted.contains(&sb.id) {
                 match kind {
                     BootKind::Template => self.metrics.record_template_hit(),
                     BootKind::Cold if self.config.has_template(&handler) => {
@@ -605,6 +622,13 @@ impl Observer {
         drop(st);
         self.metrics.set_handler_gauges(&gauges);
     }
+}
+
+/// Canonical when it exists, else made absolute against the working directory.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn quantile(values: &[f64], q: f64) -> Option<f64> {
