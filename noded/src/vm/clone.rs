@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::guest::GuestError;
 use super::qemu::{MachineSpec, Mapping, QemuError, VmLaunch, VmProcess};
 use super::qmp::{Capability, MigrationStatus};
 use super::template::{Layout, Template, new_vm_id, shell_quote};
@@ -248,12 +249,16 @@ pub async fn cold_boot(
                 .await
                 .map(|a| (first.duration_since(t0), a)),
             Err(e) => Err(e),
+        },
+        Err(_) => Err(GuestError::Closed),
+    };
+    let answered = match answered {
+        Ok(a) => Ok(a),
+        Err(source) => {
+            // Give a dying QEMU a moment to exit so its log explains the failure.
+            let _ = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await;
+            Err(vm.guest_error(source))
         }
-        .map_err(|source| QemuError::Guest {
-            name: vm.name.clone(),
-            source,
-        }),
-        Err(e) => Err(e),
     };
     let (to_answer, answer) = match answered {
         Ok(a) => a,

@@ -34,6 +34,8 @@ pub struct GuestConsole {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     next_nonce: u64,
+    /// Last lines of other console output (kernel, firmware): what a failure report shows.
+    tail: std::collections::VecDeque<String>,
 }
 
 impl GuestConsole {
@@ -44,6 +46,7 @@ impl GuestConsole {
             writer: w,
             // Distinct per connection so answers to a previous owner's requests are never mistaken.
             next_nonce: u64::from(rand::random::<u32>()) << 16,
+            tail: std::collections::VecDeque::new(),
         })
     }
 
@@ -68,7 +71,7 @@ impl GuestConsole {
             if self.reader.read_until(b'\n', &mut line).await? == 0 {
                 return Err(GuestError::Closed);
             }
-            let text = String::from_utf8_lossy(&line);
+            let text = String::from_utf8_lossy(&line).into_owned();
             for &nonce in nonces.iter().rev() {
                 let tag = format!("{kind} {nonce} ");
                 // Firmware output without a trailing newline may precede the answer on the same line.
@@ -86,7 +89,20 @@ impl GuestConsole {
                     },
                 ));
             }
+            // No answer on this line: keep it for failure reports.
+            let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+            if !clean.trim().is_empty() {
+                if self.tail.len() == 12 {
+                    self.tail.pop_front();
+                }
+                self.tail.push_back(clean.trim().to_string());
+            }
         }
+    }
+
+    /// The last lines the guest printed besides its answers (kernel messages on a panic).
+    pub fn last_output(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join(" | ")
     }
 
     /// One request, one answer, within `timeout`.
