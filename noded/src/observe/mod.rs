@@ -6,6 +6,7 @@
 //! handler, and publishes everything to [`crate::metrics::Metrics`].
 
 pub mod capacity;
+pub mod latency;
 pub mod memory;
 pub mod procscan;
 pub mod synthetic;
@@ -292,7 +293,6 @@ struct State {
     boots: HashMap<String, VecDeque<f64>>,
     probes: BTreeMap<String, ProbeRecord>,
     pending: Vec<PendingBoot>,
-    scanned: bool,
 }
 
 /// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
@@ -596,7 +596,6 @@ impl Observer {
             .collect();
         st.sandbox_handlers.retain(|id, _| keep.contains(id));
         st.live = live;
-        st.scanned = true;
         let gauges: Vec<HandlerGauges> = figures
             .iter()
             .map(|(h, f)| {
