@@ -246,26 +246,8 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         ));
     }
     if !s.handlers.is_empty() {
-        out.push_str(&format!(
-            "\n{:<16} {:<6} {:>5} {:>9} {:>6} {:>10} {:>10} {:>10}\n",
-            "HANDLER", "READY", "VMS", "TEMPLATE", "COLD", "PSS", "SLOTS", "BOOT_P50"
-        ));
-        for h in &s.handlers {
-            out.push_str(&format!(
-                "{:<16} {:<6} {:>5} {:>9} {:>6} {:>9}M {:>10} {:>9.0}ms\n",
-                h.runtime_handler,
-                if h.ready { "yes" } else { "no" },
-                h.vms,
-                h.vms_template,
-                h.vms_cold,
-                h.pss_bytes >> 20,
-                format!("{}/{}", h.slots_free, h.slots_total),
-                h.boot_p50_seconds * 1e3
-            ));
-            if !h.last_probe_error.is_empty() {
-                out.push_str(&format!("  last probe error: {}\n", h.last_probe_error));
-            }
-        }
+        out.push('\n');
+        out.push_str(&crate::observe::render_handler_table(&s.handlers));
     }
     out
 }

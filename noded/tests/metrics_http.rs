@@ -23,7 +23,7 @@ const OPENMETRICS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,app
 struct Daemon {
     addr: SocketAddr,
     observer: Arc<Observer>,
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
     _tree: tempfile::TempDir,
 }
 
@@ -65,7 +65,7 @@ fn start_daemon(vms: u32) -> Daemon {
     Daemon {
         addr,
         observer,
-        _rt: rt,
+        rt,
         _tree: tree,
     }
 }
@@ -268,4 +268,79 @@ fn real_prometheus_scrapes_every_family() {
     let q = http_get(prom.addr, "/api/v1/query?query=sum(noded_vms)", "*/*");
     let v: serde_json::Value = serde_json::from_str(&q.body).expect("query json");
     assert_eq!(v["data"]["result"][0]["value"][1], "50", "{}", q.body);
+}
+
+#[test]
+fn noded_status_shows_handler_figures_as_table_and_json() {
+    let d = start_daemon(4);
+    exercise(&d.observer);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("noded.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let _enter = d.rt.enter();
+        let listener = noded::api::bind(&socket).expect("bind api socket");
+        let service =
+            noded::api::NodeService::new(None).with_provider(Arc::clone(&d.observer) as _);
+        d.rt.spawn(noded::api::serve(listener, service, async {
+            let _ = stopped.await;
+        }))
+    };
+
+    let out = assert_cmd::Command::cargo_bin("noded")
+        .expect("noded binary")
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("noded status");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("HANDLER"))
+        .unwrap_or_else(|| panic!("no handler table:\n{table}"));
+    for col in ["SLOTS", "VMS", "PSS", "BOOT-P50", "BOOT-P90", "PROBE"] {
+        assert!(header.contains(col), "{header}");
+    }
+    let warm = table
+        .lines()
+        .find(|l| l.starts_with("kata-qemu-warm "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(warm.contains("failed: no runtime for"), "{warm}");
+    assert!(
+        warm.contains("70ms"),
+        "boot p50 of the recorded 70 ms boot: {warm}"
+    );
+
+    let out = assert_cmd::Command::cargo_bin("noded")
+        .expect("noded binary")
+        .args(["status", "--output", "json", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("noded status --output json");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let handlers = v["handlers"].as_array().expect("handlers");
+    let warm = handlers
+        .iter()
+        .find(|h| h["runtime_handler"] == "kata-qemu-warm")
+        .expect("warm handler in JSON");
+    assert_eq!(warm["vms_template"], 2, "{warm}");
+    assert_eq!(warm["ready"], false);
+    assert!(warm["slots_total"].as_u64().expect("slots") > 0, "{warm}");
+    assert!(warm["pss_bytes"].as_u64().expect("pss") > 0, "{warm}");
+    let cold = handlers
+        .iter()
+        .find(|h| h["runtime_handler"] == "kata-qemu")
+        .expect("kata-qemu in JSON");
+    assert_eq!(
+        (cold["vms_cold"].as_u64(), cold["ready"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let _ = stop.send(());
+    let _ = d.rt.block_on(server);
 }

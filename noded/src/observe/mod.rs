@@ -6,6 +6,7 @@
 //! handler, and publishes everything to [`crate::metrics::Metrics`].
 
 pub mod capacity;
+pub mod latency;
 pub mod memory;
 pub mod procscan;
 pub mod synthetic;
@@ -87,11 +88,15 @@ impl ObserverConfig {
             handlers,
             probe_handlers,
             templates,
-            template_dirs: vec![
+            // QEMU is given canonical paths (the engine canonicalizes run_dir), so compare with those.
+            template_dirs: [
                 PathBuf::from(procscan::KATA_FACTORY_TEMPLATE_DIR),
                 cfg.daemon.run_dir.join("templates"),
                 cfg.daemon.data_dir.join("templates"),
-            ],
+            ]
+            .into_iter()
+            .map(|d| absolute(&d))
+            .collect(),
             capacity: CapacityPolicy {
                 reserved_memory_bytes: o.reserved_memory_mib.saturating_mul(MIB),
                 reserved_cpu_millis: o.reserved_cpu_millis,
@@ -169,6 +174,17 @@ impl HandlerSnapshot {
             boot_p50_seconds: self.boot_p50_seconds.unwrap_or(0.0),
             boot_p90_seconds: self.boot_p90_seconds.unwrap_or(0.0),
         }
+    }
+}
+
+/// The handler part of the Status RPC (`noded status`).
+impl crate::api::StatusProvider for Observer {
+    fn fill(&self, status: &mut crate::api::pb::StatusResponse) {
+        status.handlers = self
+            .handler_snapshots()
+            .iter()
+            .map(HandlerSnapshot::to_proto)
+            .collect();
     }
 }
 
@@ -277,7 +293,6 @@ struct State {
     boots: HashMap<String, VecDeque<f64>>,
     probes: BTreeMap<String, ProbeRecord>,
     pending: Vec<PendingBoot>,
-    scanned: bool,
 }
 
 /// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
@@ -388,6 +403,26 @@ impl Observer {
         self.state()
             .probes
             .insert(handler.to_string(), ProbeRecord { ok, seconds, error });
+    }
+
+    /// [`Self::record_boot`] for a sample from containerd's events.
+    pub fn record_boot_sample(&self, s: &latency::BootSample) {
+        self.record_boot(&s.runtime_handler, &s.sandbox_id, s.seconds);
+    }
+
+    /// [`Self::record_probe`] for a probe sandbox's outcome.
+    pub fn record_probe_outcome(&self, o: &crate::containerd::probe::ProbeOutcome) {
+        self.record_probe(&o.handler, o.ok, o.duration, o.error.clone());
+    }
+
+    /// Feeds boot samples (`latency::spawn`) into the observer until the channel closes.
+    pub async fn consume_boot_samples(
+        self: Arc<Self>,
+        mut samples: tokio::sync::mpsc::Receiver<latency::BootSample>,
+    ) {
+        while let Some(s) = samples.recv().await {
+            self.record_boot_sample(&s);
+        }
     }
 
     pub fn readiness(&self) -> Readiness {
@@ -532,7 +567,9 @@ impl Observer {
                 BootKind::Cold => f.vms_cold += 1,
             }
             f.pss_per_vm.push(sb.memory.pss);
-            if !st.counted.contains(&sb.id) {
+            // noded's own engine counts its hits and misses when it hands a VM out (a pre-forked
+            // clone waiting in the pool is not a hit yet); Kata's VMs are only known from /proc.
+            if sb.origin == Origin::Kata && !st.counted.contains(&sb.id) {
                 match kind {
                     BootKind::Template => self.metrics.record_template_hit(),
                     BootKind::Cold if self.config.has_template(&handler) => {
@@ -579,7 +616,6 @@ impl Observer {
             .collect();
         st.sandbox_handlers.retain(|id, _| keep.contains(id));
         st.live = live;
-        st.scanned = true;
         let gauges: Vec<HandlerGauges> = figures
             .iter()
             .map(|(h, f)| {
@@ -605,6 +641,13 @@ impl Observer {
         drop(st);
         self.metrics.set_handler_gauges(&gauges);
     }
+}
+
+/// Canonical when it exists, else made absolute against the working directory.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn quantile(values: &[f64], q: f64) -> Option<f64> {

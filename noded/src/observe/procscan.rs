@@ -454,6 +454,10 @@ fn qemu_name(value: &str, templates: &[String]) -> Option<SandboxKey> {
         });
     }
     let rest = name.strip_prefix("noded-")?;
+    // The engine's short-lived KVM capability probe is not a VM anyone asked for.
+    if rest.starts_with("probe-") {
+        return None;
+    }
     let template = templates
         .iter()
         .find(|t| {
@@ -616,6 +620,7 @@ mod tests {
             }
         );
         assert!(qemu_name("noded-", &[]).is_none());
+        assert!(qemu_name("noded-probe-kvm-123", &[]).is_none());
         assert!(qemu_name("myvm", &[]).is_none());
     }
 

@@ -594,3 +594,41 @@ pub fn capacity(total: u32, free: u32) -> noded::k8s::Capacity {
         vm_cost_bytes: Default::default(),
     }
 }
+
+/// A probe sandbox through containerd's CRI, as the runtime manager does it: RunPodSandbox with
+/// `handler`, a container from the probe image that runs `/bin/true`, then stop + remove. `Err` carries
+/// containerd's own message.
+pub async fn cri_probe(socket: &std::path::Path, handler: &str) -> Result<(), String> {
+    // The CRI client's futures are large; keep them off the caller's stack.
+    Box::pin(cri_probe_inner(socket, handler)).await
+}
+
+async fn cri_probe_inner(socket: &std::path::Path, handler: &str) -> Result<(), String> {
+    use noded::containerd::cri::{CriClient, PodSpec};
+    let t = Duration::from_secs(60);
+    let mut cri = CriClient::connect(socket)
+        .await
+        .map_err(|e| e.containerd_message())?;
+    let pod = PodSpec::unique("noded-probe", handler);
+    let sandbox = cri
+        .run_pod(&pod, t)
+        .await
+        .map_err(|e| e.containerd_message())?;
+    let result = async {
+        let id = cri
+            .create_container(
+                &sandbox,
+                &pod,
+                "probe",
+                noded::containerd::image::PROBE_IMAGE,
+                &["/bin/true"],
+                t,
+            )
+            .await?;
+        cri.start_container(&id, t).await
+    }
+    .await;
+    let removed = cri.remove_pod(&sandbox, t).await;
+    result.map_err(|e| e.containerd_message())?;
+    removed.map_err(|e| e.containerd_message())
+}
