@@ -292,7 +292,6 @@ struct State {
     boots: HashMap<String, VecDeque<f64>>,
     probes: BTreeMap<String, ProbeRecord>,
     pending: Vec<PendingBoot>,
-    scanned: bool,
 }
 
 /// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
@@ -596,7 +595,6 @@ impl Observer {
             .collect();
         st.sandbox_handlers.retain(|id, _| keep.contains(id));
         st.live = live;
-        st.scanned = true;
         let gauges: Vec<HandlerGauges> = figures
             .iter()
             .map(|(h, f)| {

@@ -599,6 +599,11 @@ pub fn capacity(total: u32, free: u32) -> noded::k8s::Capacity {
 /// `handler`, a container from the probe image that runs `/bin/true`, then stop + remove. `Err` carries
 /// containerd's own message.
 pub async fn cri_probe(socket: &std::path::Path, handler: &str) -> Result<(), String> {
+    // The CRI client's futures are large; keep them off the caller's stack.
+    Box::pin(cri_probe_inner(socket, handler)).await
+}
+
+async fn cri_probe_inner(socket: &std::path::Path, handler: &str) -> Result<(), String> {
     use noded::containerd::cri::{CriClient, PodSpec};
     let t = Duration::from_secs(60);
     let mut cri = CriClient::connect(socket)
