@@ -216,11 +216,15 @@ async fn start_vm_engine(
     } else {
         let mut opts = crate::vm::engine::EngineOptions::from_config(config);
         opts.observer = Some(Arc::new(PoolMetrics(Arc::clone(metrics))));
-        Some(
-            crate::vm::engine::Engine::start(opts)
-                .await
-                .map_err(|e| DaemonError::Component(e.to_string()))?,
-        )
+        // A broken template input (apt unreachable, no QEMU) must not take the runtime manager down:
+        // the error is logged, template_ready stays 0 and Status lists no template.
+        match crate::vm::engine::Engine::start(opts).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                error!("VM templates disabled: {e}");
+                None
+            }
+        }
     };
     let gauges = {
         let engine = engine.clone();

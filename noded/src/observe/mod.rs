@@ -6,6 +6,7 @@
 //! handler, and publishes everything to [`crate::metrics::Metrics`].
 
 pub mod capacity;
+pub mod latency;
 pub mod memory;
 pub mod procscan;
 pub mod synthetic;
