@@ -198,21 +198,13 @@ fn socket_of(doc: &ConfigDocument) -> PathBuf {
 /// Computes every change without writing anything.
 pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
     let version = req.version()?;
-    let default_version = if version.merges_imports() {
-        ConfigVersion::V3
-    } else {
-        ConfigVersion::V2
-    };
+    let default_version = default_config_version(version);
     let store = StateStore::new(&req.state_dir);
     let state = store.load()?;
     let main = ConfigDocument::load(&req.config, default_version)?;
     let specs = req.specs();
     let socket = socket_of(&main);
-    let strategy = if version.merges_imports() {
-        Strategy::DropIn
-    } else {
-        Strategy::InPlace
-    };
+    let strategy = strategy_for(version);
     let record = |p: &Path| state.files.get(p).cloned().unwrap_or_default();
 
     let mut actions = Vec::new();
@@ -555,11 +547,7 @@ pub async fn revert(
         Some(v) => v,
         None => ContainerdVersion::detect_cached(containerd_binary, &store.version_cache())?,
     };
-    let default_version = if version.merges_imports() {
-        ConfigVersion::V3
-    } else {
-        ConfigVersion::V2
-    };
+    let default_version = default_config_version(version);
     let main = ConfigDocument::load(config, default_version)?;
     // The main file and any drop-in noded wrote next to it through `imports`.
     let related: Vec<(PathBuf, FileRecord)> = state
@@ -576,11 +564,7 @@ pub async fn revert(
             changed: false,
             handlers: Vec::new(),
             actions: Vec::new(),
-            strategy: if version.merges_imports() {
-                Strategy::DropIn
-            } else {
-                Strategy::InPlace
-            },
+            strategy: strategy_for(version),
             containerd_version: version.to_string(),
             config_version: main.version.number(),
             files: Vec::new(),
@@ -666,11 +650,7 @@ pub async fn revert(
         changed,
         handlers: actions.iter().map(|a| a.handler.clone()).collect(),
         actions,
-        strategy: if version.merges_imports() {
-            Strategy::DropIn
-        } else {
-            Strategy::InPlace
-        },
+        strategy: strategy_for(version),
         containerd_version: version.to_string(),
         config_version: main.version.number(),
         files: files
@@ -682,4 +662,22 @@ pub async fn revert(
         verified: false,
         warning: None,
     })
+}
+
+/// What a new or empty config file gets: the newest version the installed containerd reads.
+fn default_config_version(version: ContainerdVersion) -> ConfigVersion {
+    if version.merges_imports() {
+        ConfigVersion::V3
+    } else {
+        ConfigVersion::V2
+    }
+}
+
+/// containerd 2.x deep-merges imports (drop-in); 1.x replaces plugin sections from them (in place).
+fn strategy_for(version: ContainerdVersion) -> Strategy {
+    if version.merges_imports() {
+        Strategy::DropIn
+    } else {
+        Strategy::InPlace
+    }
 }
