@@ -10,6 +10,8 @@ use std::time::Duration;
 use noded::containerd::cri::{CriClient, loaded_handlers};
 use noded::containerd::image::{self, K8S_NAMESPACE, PAUSE_IMAGE, PROBE_IMAGE};
 use noded::containerd::private::{PrivateContainerd, PrivateLayout, default_config};
+use noded::containerd::probe::{ProbeOptions, ProbeStage, probe};
+use noded::observe::latency;
 
 fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -263,4 +265,129 @@ async fn drop_kills_shims_and_containers() {
     for p in procs.iter().chain(&shims) {
         assert!(!pid_alive(*p), "process {p} survived the drop");
     }
+}
+
+#[tokio::test]
+async fn probe_with_runc_succeeds_and_leaves_nothing_behind() {
+    let Some(ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let outcome = probe(ctrd.socket(), "runc", &ProbeOptions::default()).await;
+    assert!(outcome.ok, "{outcome:?}\n{}", ctrd.log_tail(20));
+    assert_eq!(outcome.handler, "runc");
+    assert_eq!(outcome.error, None);
+    assert!(outcome.cleaned_up);
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert!(cri.all_pods().await.unwrap().is_empty());
+    assert!(cri.containers(None).await.unwrap().is_empty());
+    let sock = ctrd.socket().display().to_string();
+    // The shim exits once its last sandbox is removed.
+    let mut shims = common::containerd::pids_with_cmdline(&sock);
+    for _ in 0..200 {
+        if shims.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        shims = common::containerd::pids_with_cmdline(&sock);
+    }
+    assert!(shims.is_empty(), "shims left: {shims:?}");
+}
+
+#[tokio::test]
+async fn probe_with_a_failing_command_reports_the_exit_code() {
+    let Some(ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let opts = ProbeOptions {
+        command: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
+        ..ProbeOptions::default()
+    };
+    let outcome = probe(ctrd.socket(), "runc", &opts).await;
+    assert!(!outcome.ok);
+    assert_eq!(outcome.failed_at, Some(ProbeStage::ExitCode));
+    assert!(
+        outcome.error.as_deref().unwrap().contains("code 3"),
+        "{outcome:?}"
+    );
+    assert!(outcome.cleaned_up);
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert!(cri.all_pods().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn probe_with_an_unknown_handler_surfaces_containerds_error() {
+    let Some(ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let outcome = probe(ctrd.socket(), "kata-nope", &ProbeOptions::default()).await;
+    assert!(!outcome.ok);
+    assert_eq!(outcome.failed_at, Some(ProbeStage::RunPodSandbox));
+    let err = outcome.error.unwrap();
+    assert!(
+        err.contains(r#"no runtime for "kata-nope" is configured"#),
+        "{err}"
+    );
+    assert!(!err.contains('\n'));
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert!(cri.all_pods().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn probe_with_a_missing_shim_surfaces_containerds_error() {
+    if !common::containerd::available() {
+        return;
+    }
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let layout = PrivateLayout::new(tmp.path());
+    let cfg = tmp.path().join("config.toml");
+    let text = default_config(&layout, PAUSE_IMAGE).replace(
+        "runtime_type = \"io.containerd.runc.v2\"",
+        "runtime_type = \"io.containerd.runc.v2\"\n\n        [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]\n          runtime_type = \"io.containerd.kata-qemu.v2\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let ctrd = PrivateContainerd::start(tmp.path(), &cfg).await.unwrap();
+    common::containerd::import_images(ctrd.socket()).await;
+    let outcome = probe(ctrd.socket(), "kata-qemu", &ProbeOptions::default()).await;
+    assert!(!outcome.ok);
+    let err = outcome.error.unwrap();
+    assert!(err.contains("containerd-shim-kata-qemu-v2"), "{err}");
+    assert!(outcome.cleaned_up);
+    let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
+    assert!(
+        cri.all_pods().await.unwrap().is_empty(),
+        "a failed sandbox was left behind"
+    );
+}
+
+#[tokio::test]
+async fn boot_latency_samples_appear_for_a_probe_and_survive_a_restart() {
+    let Some(mut ctrd) = common::containerd::start().await else {
+        return;
+    };
+    let (task, mut rx) = latency::spawn(ctrd.socket().to_path_buf());
+    // Wait until the subscription is up: a sample from a probe proves it (retry while it is not).
+    let first = sample_from_probe(&ctrd, &mut rx).await;
+    assert_eq!(first.runtime_handler, "runc");
+    assert_eq!(first.namespace, K8S_NAMESPACE);
+    assert!(first.seconds > 0.0 && first.seconds < 60.0, "{first:?}");
+
+    ctrd.restart().await.unwrap();
+    let second = sample_from_probe(&ctrd, &mut rx).await;
+    assert_eq!(second.runtime_handler, "runc");
+    assert_ne!(second.sandbox_id, first.sandbox_id);
+    task.abort();
+}
+
+async fn sample_from_probe(
+    ctrd: &PrivateContainerd,
+    rx: &mut tokio::sync::mpsc::Receiver<latency::BootSample>,
+) -> latency::BootSample {
+    for _ in 0..20 {
+        let outcome = probe(ctrd.socket(), "runc", &ProbeOptions::default()).await;
+        assert!(outcome.ok, "{outcome:?}");
+        if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            return s;
+        }
+    }
+    panic!("no boot latency sample after 20 probes");
 }

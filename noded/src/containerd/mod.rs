@@ -9,6 +9,7 @@ pub mod handler;
 pub mod image;
 pub mod manage;
 pub mod private;
+pub mod probe;
 pub mod restart;
 pub mod state;
 pub mod version;
