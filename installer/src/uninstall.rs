@@ -49,8 +49,8 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
     let mut ledger = Ledger::open(root)?;
     let config = NodedConfig::load(&root.path(assets::NODED_TOML)).ok();
     // containerd first: if its revert fails, Kata (which its config points at) must stay.
-    let containerd_reverted =
-        crate::containerd_step::revert(&mut ledger).map_err(UninstallError::Containerd)?;
+    let containerd_reverted = crate::containerd_step::revert(&mut ledger, config.as_ref())
+        .map_err(UninstallError::Containerd)?;
 
     let mut warnings = Vec::new();
     // Kata's factory template is a tmpfs Kata mounted; unmount it through Kata before its tree goes.

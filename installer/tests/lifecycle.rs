@@ -146,10 +146,28 @@ fn bake_boot_check_uninstall_leaves_the_root_byte_identical() {
         report["modules_missing"],
         serde_json::json!(["vhost_vsock"])
     );
+    // containerd 1.6 (this root's binary): handlers edited into config.toml in place.
+    assert_eq!(report["containerd"]["changed"], true, "{report}");
+    let cfg = std::fs::read_to_string(root.join("etc/containerd/config.toml")).expect("config");
+    let parsed: toml::Table = cfg.parse().expect("containerd config stays valid TOML");
+    let runtimes = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+    assert!(
+        runtimes.get("kata-qemu").is_some() && runtimes.get("kata-qemu-warm").is_some(),
+        "{cfg}"
+    );
+    assert!(cfg.contains("configuration-qemu-warm.toml"), "{cfg}");
+    assert!(
+        cfg.contains("sandbox_image = \"registry.k8s.io/pause:3.9\""),
+        "original kept: {cfg}"
+    );
     assert!(root.join("run/noded").is_dir());
     assert!(root.join("run/vc/vm").is_dir());
-    let (code, _, stderr) = run_json(&["boot"], &root);
+    let (code, report, stderr) = run_json(&["boot"], &root);
     assert_eq!(code, 0, "second boot: {stderr}");
+    assert_eq!(
+        report["containerd"]["changed"], false,
+        "boot is idempotent: {report}"
+    );
 
     // check: KVM missing blocks; the rest is reported from this root.
     let (code, report, _) = run_json(&["check"], &root);

@@ -148,8 +148,20 @@ pub async fn run(
     } else {
         None
     };
+    // Boot latency from containerd's events, and the periodic probe sandbox per handler (readiness).
+    let (boot_events, boot_samples) =
+        crate::observe::latency::spawn(config.containerd.socket.clone());
+    let boots = tokio::spawn(Arc::clone(&observer).consume_boot_samples(boot_samples));
+    let probes = tokio::spawn(probe_loop(
+        config.clone(),
+        Arc::clone(&observer),
+        publisher.as_ref().map(|p| p.handles.health.clone()),
+    ));
     let vm = start_vm_engine(&config, &metrics, &observer).await?;
     shutdown.await;
+    probes.abort();
+    boots.abort();
+    boot_events.abort();
     vm.stop().await;
     if let Some(p) = publisher {
         p.stop().await;
@@ -165,6 +177,32 @@ pub async fn run(
     }
     info!("noded stopped");
     Ok(())
+}
+
+/// Proves every probe handler with a real sandbox every `probe.interval_seconds`. Outcomes feed
+/// `/readyz` and the metrics (observer) and the node publisher (startup taint, condition).
+async fn probe_loop(
+    config: NodedConfig,
+    observer: Arc<Observer>,
+    health: Option<tokio::sync::watch::Sender<crate::k8s::publisher::RuntimeHealth>>,
+) {
+    let opts = crate::containerd::probe::ProbeOptions {
+        timeout: Duration::from_secs(config.probe.timeout_seconds.max(1)),
+        ..Default::default()
+    };
+    let interval = Duration::from_secs(config.probe.interval_seconds.max(1));
+    let handlers = config.probe_handlers();
+    loop {
+        for handler in &handlers {
+            let outcome =
+                crate::containerd::probe::probe(&config.containerd.socket, handler, &opts).await;
+            observer.record_probe_outcome(&outcome);
+            if let Some(h) = &health {
+                h.send_modify(|h| h.record(handler, outcome.ok, outcome.error.clone()));
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 /// Forwards the VM engine's per-event figures (histogram samples, build outcomes) to the metrics.
@@ -216,11 +254,15 @@ async fn start_vm_engine(
     } else {
         let mut opts = crate::vm::engine::EngineOptions::from_config(config);
         opts.observer = Some(Arc::new(PoolMetrics(Arc::clone(metrics))));
-        Some(
-            crate::vm::engine::Engine::start(opts)
-                .await
-                .map_err(|e| DaemonError::Component(e.to_string()))?,
-        )
+        // A broken template input (apt unreachable, no QEMU) must not take the runtime manager down:
+        // the error is logged, template_ready stays 0 and Status lists no template.
+        match crate::vm::engine::Engine::start(opts).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                error!("VM templates disabled: {e}");
+                None
+            }
+        }
     };
     let gauges = {
         let engine = engine.clone();

@@ -244,3 +244,31 @@ async fn damaged_templates_are_counted_rebuilt_and_never_handed_out() {
     engine.shutdown().await;
     h.assert_no_leaks();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_stays_within_its_memory_budget() {
+    if !available() {
+        return;
+    }
+    let h = VmHarness::new();
+    let mut sec = section("budget", 6);
+    // Room for a couple of idle clones (each costs tens of MiB of host memory), not six.
+    sec.pool_memory_budget_mib = 100;
+    let engine = Engine::start(h.options(vec![sec]))
+        .await
+        .expect("engine starts");
+    assert!(
+        engine.wait_ready(READY).await,
+        "pool filled up to its budget"
+    );
+    let s = engine.snapshot().remove(0);
+    let template_bytes = 128u64 << 20;
+    assert!(s.pool_ready >= 1, "{s:?}");
+    assert!(s.pool_ready < 6, "budget must stop the refill: {s:?}");
+    assert!(
+        s.memory_bytes - template_bytes <= 100 << 20,
+        "idle clones exceed the budget: {s:?}"
+    );
+    engine.shutdown().await;
+    h.assert_no_leaks();
+}

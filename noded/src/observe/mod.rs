@@ -405,6 +405,26 @@ impl Observer {
             .insert(handler.to_string(), ProbeRecord { ok, seconds, error });
     }
 
+    /// [`Self::record_boot`] for a sample from containerd's events.
+    pub fn record_boot_sample(&self, s: &latency::BootSample) {
+        self.record_boot(&s.runtime_handler, &s.sandbox_id, s.seconds);
+    }
+
+    /// [`Self::record_probe`] for a probe sandbox's outcome.
+    pub fn record_probe_outcome(&self, o: &crate::containerd::probe::ProbeOutcome) {
+        self.record_probe(&o.handler, o.ok, o.duration, o.error.clone());
+    }
+
+    /// Feeds boot samples (`latency::spawn`) into the observer until the channel closes.
+    pub async fn consume_boot_samples(
+        self: Arc<Self>,
+        mut samples: tokio::sync::mpsc::Receiver<latency::BootSample>,
+    ) {
+        while let Some(s) = samples.recv().await {
+            self.record_boot_sample(&s);
+        }
+    }
+
     pub fn readiness(&self) -> Readiness {
         let st = self.state();
         let failing: Vec<(String, String)> = self

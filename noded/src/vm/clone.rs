@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::guest::GuestError;
 use super::qemu::{MachineSpec, Mapping, QemuError, VmLaunch, VmProcess};
 use super::qmp::{Capability, MigrationStatus};
 use super::template::{Layout, Template, new_vm_id, shell_quote};
@@ -238,24 +239,34 @@ pub async fn cold_boot(
     .map_err(err)?;
     // QEMU runs the vCPUs from the start: "running" for a cold VM is QMP answering.
     let to_running = t0.elapsed();
-    let answer = match vm.console() {
-        Ok(c) => c
-            .wait_ready(boot_timeout)
-            .await
-            .map_err(|source| QemuError::Guest {
-                name: vm.name.clone(),
-                source,
-            }),
-        Err(e) => Err(e),
+    let t0 = tokio::time::Instant::from_std(t0);
+    let answered = match vm.console() {
+        Ok(c) => match c.wait_first(boot_timeout).await {
+            // The first answer is readiness; the follow-up ping only drains requests sent while
+            // booting and reads the guest's counter.
+            Ok(first) => c
+                .ping(ANSWER_TIMEOUT)
+                .await
+                .map(|a| (first.duration_since(t0), a)),
+            Err(e) => Err(e),
+        },
+        Err(_) => Err(GuestError::Closed),
     };
-    let answer = match answer {
+    let answered = match answered {
+        Ok(a) => Ok(a),
+        Err(source) => {
+            // Give a dying QEMU a moment to exit so its log explains the failure.
+            let _ = tokio::time::timeout(Duration::from_millis(500), vm.child.wait()).await;
+            Err(vm.guest_error(source))
+        }
+    };
+    let (to_answer, answer) = match answered {
         Ok(a) => a,
         Err(e) => {
             vm.kill().await;
             return Err(err(e));
         }
     };
-    let to_answer = t0.elapsed();
     Ok(StartedVm {
         id,
         template: template_name.to_string(),

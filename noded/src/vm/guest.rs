@@ -34,6 +34,8 @@ pub struct GuestConsole {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     next_nonce: u64,
+    /// Last lines of other console output (kernel, firmware): what a failure report shows.
+    tail: std::collections::VecDeque<String>,
 }
 
 impl GuestConsole {
@@ -44,6 +46,7 @@ impl GuestConsole {
             writer: w,
             // Distinct per connection so answers to a previous owner's requests are never mistaken.
             next_nonce: u64::from(rand::random::<u32>()) << 16,
+            tail: std::collections::VecDeque::new(),
         })
     }
 
@@ -68,7 +71,7 @@ impl GuestConsole {
             if self.reader.read_until(b'\n', &mut line).await? == 0 {
                 return Err(GuestError::Closed);
             }
-            let text = String::from_utf8_lossy(&line);
+            let text = String::from_utf8_lossy(&line).into_owned();
             for &nonce in nonces.iter().rev() {
                 let tag = format!("{kind} {nonce} ");
                 // Firmware output without a trailing newline may precede the answer on the same line.
@@ -86,7 +89,20 @@ impl GuestConsole {
                     },
                 ));
             }
+            // No answer on this line: keep it for failure reports.
+            let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+            if !clean.trim().is_empty() {
+                if self.tail.len() == 12 {
+                    self.tail.pop_front();
+                }
+                self.tail.push_back(clean.trim().to_string());
+            }
         }
+    }
+
+    /// The last lines the guest printed besides its answers (kernel messages on a panic).
+    pub fn last_output(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join(" | ")
     }
 
     /// One request, one answer, within `timeout`.
@@ -109,10 +125,12 @@ impl GuestConsole {
         self.request("ping", timeout).await
     }
 
-    /// Waits for a booting guest: pings every 20 ms until one is answered, then pings once more and
-    /// waits for exactly that answer, so no request sent while booting is still queued afterwards.
-    /// Returns the last answer (its counter is the guest's count so far).
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+    /// Waits for a booting guest: pings every 20 ms until one is answered. Returns when the first
+    /// answer arrived (the guest's readiness time); requests sent while it booted may still be queued.
+    pub async fn wait_first(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<tokio::time::Instant, GuestError> {
         let fut = async {
             let mut sent = Vec::new();
             loop {
@@ -123,20 +141,25 @@ impl GuestConsole {
                 )
                 .await;
                 match wait {
-                    Ok(Ok(_)) => break,
+                    Ok(Ok(_)) => return Ok(tokio::time::Instant::now()),
                     Ok(Err(e)) => return Err(e),
                     Err(_) => continue,
                 }
             }
-            Ok::<(), GuestError>(())
         };
-        let start = tokio::time::Instant::now();
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| GuestError::Timeout {
                 request: "ping (boot)".into(),
                 timeout,
-            })??;
+            })?
+    }
+
+    /// [`GuestConsole::wait_first`], then one more ping answered exactly, so no request sent while
+    /// booting is still queued afterwards. Returns that answer (its counter is the guest's count).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Answer, GuestError> {
+        let start = tokio::time::Instant::now();
+        self.wait_first(timeout).await?;
         let left = timeout
             .saturating_sub(start.elapsed())
             .max(Duration::from_secs(5));

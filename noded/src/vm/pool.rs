@@ -211,8 +211,7 @@ impl Pool {
         let mut rx = self.inner.changed.subscribe();
         let check = |p: &Pool| {
             let st = p.inner.lock();
-            st.template.is_some()
-                && st.ready.len() as u32 >= p.inner.cfg.target.min(p.budget_cap(&st))
+            st.template.is_some() && !wants_more(&p.inner.cfg, &st)
         };
         tokio::time::timeout(timeout, async {
             loop {
@@ -227,11 +226,6 @@ impl Pool {
         .await
         .is_ok()
             && check(self)
-    }
-
-    fn budget_cap(&self, st: &State) -> u32 {
-        let cost = st.clone_cost.max(1);
-        u32::try_from(self.inner.cfg.budget_bytes / cost).unwrap_or(u32::MAX)
     }
 
     /// Hands out a VM: a pre-forked clone when one is ready, else a clone made now, else (no usable
@@ -397,6 +391,12 @@ impl Pool {
     }
 }
 
+/// Whether the pool is below target and one more clone fits the memory budget.
+fn wants_more(cfg: &PoolConfig, st: &State) -> bool {
+    let held: u64 = st.ready.iter().map(|i| i.cost).sum();
+    (st.ready.len() as u32) < cfg.target && held + st.clone_cost <= cfg.budget_bytes
+}
+
 fn quick_check(t: &Template) -> Result<(), Damage> {
     for (file, path, digest) in [
         ("state", t.state_file(), &t.manifest.state),
@@ -535,10 +535,7 @@ async fn fill_one(inner: &Arc<Inner>) -> bool {
         let Some(t) = st.template.clone() else {
             return false;
         };
-        let held: u64 = st.ready.iter().map(|i| i.cost).sum();
-        if st.ready.len() as u32 >= inner.cfg.target
-            || held + st.clone_cost > inner.cfg.budget_bytes
-        {
+        if !wants_more(&inner.cfg, &st) {
             return false;
         }
         t

@@ -83,8 +83,9 @@ pub struct MachineSpec {
     pub append: String,
 }
 
-/// Base kernel command line of noded's guest.
-pub const GUEST_APPEND: &str = "console=ttyS0 quiet panic=1";
+/// Base kernel command line of noded's guest. `no_timer_check`: on a loaded host a TCG guest can
+/// fail the kernel's IO-APIC timer check and panic ("IO-APIC + timer doesn't work").
+pub const GUEST_APPEND: &str = "console=ttyS0 quiet panic=1 no_timer_check";
 
 impl MachineSpec {
     /// Machine and device arguments shared by template and clones (no per-VM paths).
@@ -281,11 +282,19 @@ impl VmProcess {
     }
 
     fn exited(&self, status: String) -> QemuError {
-        let stderr = std::fs::read_to_string(self.launch.log_file()).unwrap_or_default();
+        let mut stderr = crate::config::one_line(
+            &std::fs::read_to_string(self.launch.log_file()).unwrap_or_default(),
+        );
+        if let Some(c) = &self.console {
+            let out = c.last_output();
+            if !out.is_empty() {
+                stderr.push_str(&format!("; guest console: {out}"));
+            }
+        }
         QemuError::Exited {
             name: self.name.clone(),
             status,
-            stderr: crate::config::one_line(&stderr),
+            stderr,
         }
     }
 
@@ -295,6 +304,18 @@ impl VmProcess {
             return self.exited(status.to_string());
         }
         QemuError::Qmp {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    /// The error to report for a console failure, naming the exit status and QEMU's last words if it
+    /// died (a guest kernel panic ends QEMU: `-no-reboot`).
+    pub fn guest_error(&mut self, source: GuestError) -> QemuError {
+        if let Some(status) = self.child.try_wait().ok().flatten() {
+            return self.exited(status.to_string());
+        }
+        QemuError::Guest {
             name: self.name.clone(),
             source,
         }
