@@ -163,7 +163,10 @@ impl Request {
     fn version(&self) -> Result<ContainerdVersion, ApplyError> {
         match self.containerd_version {
             Some(v) => Ok(v),
-            None => Ok(ContainerdVersion::detect(&self.containerd_binary)?),
+            None => Ok(ContainerdVersion::detect_cached(
+                &self.containerd_binary,
+                &StateStore::new(&self.state_dir).version_cache(),
+            )?),
         }
     }
 
@@ -550,7 +553,7 @@ pub async fn revert(
     let mut state = store.load()?;
     let version = match containerd_version {
         Some(v) => v,
-        None => ContainerdVersion::detect(containerd_binary)?,
+        None => ContainerdVersion::detect_cached(containerd_binary, &store.version_cache())?,
     };
     let default_version = if version.merges_imports() {
         ConfigVersion::V3

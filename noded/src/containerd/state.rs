@@ -87,6 +87,11 @@ impl StateStore {
         Ok(())
     }
 
+    /// Where the detected containerd version is remembered.
+    pub fn version_cache(&self) -> PathBuf {
+        self.dir.join("containerd-version.json")
+    }
+
     /// Backup location of a config file's original bytes.
     pub fn backup_path(&self, config: &Path) -> PathBuf {
         let name = config
