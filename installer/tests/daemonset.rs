@@ -1,0 +1,334 @@
+//! daemonset/ with the real tools: `kubectl kustomize` | `kubernetes-validate --strict` (Kubernetes
+//! 1.33, EKS), the PrometheusRule's groups through `promtool check rules`, and the fields of the
+//! Karpenter examples and the DaemonSet that the design relies on.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const K8S_VERSION: &str = "1.33.0";
+
+fn daemonset_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset")
+}
+
+fn kustomize(dir: &Path) -> String {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+fn run_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
+/// Multi-document YAML -> JSON documents, with PyYAML (installed alongside kubernetes-validate).
+fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    let out = run_stdin(
+        Command::new("python3").args([
+            "-c",
+            "import sys, json, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+        ]),
+        yaml,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn tools() -> bool {
+    ["kubectl", "kubernetes-validate", "python3"]
+        .iter()
+        .all(|t| common::require(t).is_some())
+}
+
+fn validate(yaml: &str) -> std::process::Output {
+    run_stdin(
+        Command::new("kubernetes-validate").args(["--strict", "-k", K8S_VERSION, "-"]),
+        yaml,
+    )
+}
+
+#[test]
+fn kustomize_output_validates_strictly_and_a_broken_field_fails() {
+    if !tools() {
+        return;
+    }
+    let rendered = kustomize(&daemonset_dir());
+    let out = validate(&rendered);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for kind in [
+        "daemonset/noded",
+        "runtimeclass/kata-qemu",
+        "runtimeclass/kata-qemu-warm",
+        "clusterrole/noded",
+        "configmap/noded-grafana-dashboard",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {kind}")),
+            "{kind} not validated:\n{text}"
+        );
+    }
+    // The same check rejects an unknown field: it can fail.
+    let broken = rendered.replacen("hostPID: true", "hostPID: true\n      hostPIDs: true", 1);
+    assert_ne!(broken, rendered);
+    assert!(!validate(&broken).status.success());
+}
+
+#[test]
+fn daemonset_has_the_contracted_shape() {
+    if !tools() {
+        return;
+    }
+    let docs = yaml_docs(&kustomize(&daemonset_dir()));
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+    };
+    assert!(
+        docs.iter()
+            .filter(|d| d["metadata"]["namespace"].is_string())
+            .all(|d| d["metadata"]["namespace"] == "noded-system")
+    );
+    let ds = find("DaemonSet", "noded");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        pod["nodeSelector"]["katacontainers.io/kata-runtime"],
+        "true"
+    );
+    let tolerations = pod["tolerations"].as_array().expect("tolerations");
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t["key"] == "kata" && t["value"] == "true" && t["effect"] == "NoSchedule")
+    );
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t["key"] == "noded.io/runtime-not-ready" && t["effect"] == "NoSchedule")
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["ports"][0]["containerPort"], 9464);
+    assert!(
+        c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "NODE_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    );
+    assert!(c["resources"]["requests"]["memory"].is_string());
+    let mounts: Vec<&str> = c["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .map(|m| m["mountPath"].as_str().expect("path"))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/etc/noded",
+            "/etc/containerd",
+            "/run/containerd",
+            "/opt/kata",
+            "/var/lib/noded",
+            "/run/noded",
+            "/run/vc",
+            "/run/dbus/system_bus_socket"
+        ],
+        "only the mounts noded needs (documented in daemonset.yaml)"
+    );
+    for rc in ["kata-qemu", "kata-qemu-warm"] {
+        let r = find("RuntimeClass", rc);
+        assert_eq!(r["handler"], rc);
+        assert_eq!(
+            r["scheduling"]["nodeSelector"]["katacontainers.io/kata-runtime"],
+            "true"
+        );
+    }
+    let cm = find("ConfigMap", "noded-grafana-dashboard");
+    let dash: serde_json::Value =
+        serde_json::from_str(cm["data"]["noded.json"].as_str().expect("dashboard"))
+            .expect("dashboard JSON");
+    let titles: Vec<&str> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .map(|p| p["title"].as_str().expect("title"))
+        .collect();
+    for want in [
+        "VM density",
+        "Host memory per VM",
+        "Boot latency: template vs cold (p50 / p90)",
+        "Template hit ratio",
+        "VM slots",
+        "Restarts",
+    ] {
+        assert!(titles.contains(&want), "panel {want} missing: {titles:?}");
+    }
+    // Every metric the dashboard and rules name is in noded's contract (DESIGN section 8).
+    let rules = serde_json::to_string(&find("PrometheusRule", "noded")["spec"]).expect("rules");
+    let text = format!("{dash}{rules}");
+    let mut named: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("noded_"))
+        .map(|w| w.trim_end_matches("_bucket").to_owned())
+        .collect();
+    named.sort();
+    named.dedup();
+    for m in &named {
+        assert!(
+            noded::metrics::FAMILIES.contains(&m.as_str()),
+            "{m} is not a noded metric"
+        );
+    }
+    assert!(named.len() >= 10, "{named:?}");
+}
+
+#[test]
+fn prometheus_rule_groups_pass_promtool() {
+    if !tools() || common::require("promtool").is_none() {
+        return;
+    }
+    let docs = yaml_docs(
+        &std::fs::read_to_string(daemonset_dir().join("prometheusrule.yaml")).expect("read"),
+    );
+    let groups = serde_json::json!({ "groups": docs[0]["spec"]["groups"] });
+    let dir = tempfile::tempdir().expect("tempdir");
+    // JSON is YAML: promtool reads it as a rules file.
+    let file = dir.path().join("rules.yaml");
+    std::fs::write(&file, groups.to_string()).expect("write");
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .expect("promtool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
+    let alerts: Vec<&str> = docs[0]["spec"]["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules").iter())
+        .map(|r| r["alert"].as_str().expect("alert"))
+        .collect();
+    for a in [
+        "NodedRuntimeNotReady",
+        "NodedTemplateMisses",
+        "NodedBootLatencyP90High",
+        "NodedVmSlotsExhausted",
+    ] {
+        assert!(alerts.contains(&a), "{a} missing: {alerts:?}");
+    }
+    // promtool can fail: a broken expression is rejected.
+    std::fs::write(
+        &file,
+        groups
+            .to_string()
+            .replace("noded_runtime_ready) == 0", "noded_runtime_ready) == "),
+    )
+    .expect("write");
+    assert!(
+        !Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&file)
+            .output()
+            .expect("promtool")
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn karpenter_examples_declare_startup_taint_label_taint_and_baked_ami() {
+    if !tools() {
+        return;
+    }
+    let docs = yaml_docs(&kustomize(&daemonset_dir().join("examples/karpenter")));
+    let pool = docs
+        .iter()
+        .find(|d| d["kind"] == "NodePool")
+        .expect("NodePool");
+    let class = docs
+        .iter()
+        .find(|d| d["kind"] == "EC2NodeClass")
+        .expect("EC2NodeClass");
+    assert_eq!(pool["apiVersion"], "karpenter.sh/v1");
+    let t = &pool["spec"]["template"];
+    assert_eq!(
+        t["metadata"]["labels"]["katacontainers.io/kata-runtime"],
+        "true"
+    );
+    assert_eq!(
+        t["spec"]["startupTaints"],
+        serde_json::json!([{"key": "noded.io/runtime-not-ready", "effect": "NoSchedule"}])
+    );
+    assert_eq!(
+        t["spec"]["taints"],
+        serde_json::json!([{"key": "kata", "value": "true", "effect": "NoSchedule"}])
+    );
+    assert_eq!(t["spec"]["nodeClassRef"]["name"], class["metadata"]["name"]);
+    assert!(
+        t["spec"]["requirements"]
+            .as_array()
+            .expect("reqs")
+            .iter()
+            .any(|r| r["key"] == "karpenter.k8s.aws/instance-size"
+                && r["values"] == serde_json::json!(["metal"]))
+    );
+    assert_eq!(class["apiVersion"], "karpenter.k8s.aws/v1");
+    assert_eq!(class["spec"]["amiFamily"], "AL2023");
+    // The AMI the Packer template tags (noded.io/kata, noded.io/k8s).
+    let ami = &class["spec"]["amiSelectorTerms"][0];
+    assert!(
+        ami["tags"]["noded.io/kata"].is_string() && ami["tags"]["noded.io/k8s"].is_string(),
+        "{ami}"
+    );
+    let packer = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../ami/noded-kata.pkr.hcl"),
+    )
+    .expect("packer");
+    assert!(packer.contains("\"noded.io/kata\"") && packer.contains("\"noded.io/k8s\""));
+}
