@@ -355,7 +355,8 @@ impl PrivateContainerd {
     }
 
     /// An absolute path to an executable script that restarts this containerd and returns once the old
-    /// process has exited and the new one has created its socket (exit 1 with a message on stderr if that
+    /// process has exited, the new one has created its socket and its CRI plugin has logged that it is ready
+    /// (exit 1 with a message on stderr if that
     /// takes more than ~20 s). Use it as `noded containerd apply --restart command:<this>`; it needs no
     /// arguments, no noded and no environment. The restarted containerd reads the same config path.
     pub fn restart_command(&self) -> String {
@@ -612,11 +613,16 @@ done
     let restart = format!(
         r#"#!/bin/sh
 # Restarts the private containerd in {dir} (written by noded): its supervisor starts a new containerd as
-# soon as the old one exits. Returns once the new one has created its socket.
+# soon as the old one exits. Returns once the new one has created its socket and its CRI plugin is ready.
 pidfile={pidfile}
 sock={sock}
+log={logq}
 old=$(cat "$pidfile" 2>/dev/null)
 if [ -z "$old" ]; then echo "private containerd in {dir} is not running" >&2; exit 1; fi
+# The CRI plugin answers "server is not initialized yet" until it has recovered its state, which can be
+# after the socket is up; it logs this line right before it becomes ready.
+cri_ready() {{ grep -c 'msg="Start streaming server"' "$log" 2>/dev/null || true; }}
+cri_before=$(cri_ready)
 kill -TERM "$old" 2>/dev/null
 i=0
 while kill -0 "$old" 2>/dev/null; do
@@ -628,16 +634,25 @@ done
 i=0
 while :; do
   new=$(cat "$pidfile" 2>/dev/null)
-  if [ -n "$new" ] && [ "$new" != "$old" ] && [ -S "$sock" ]; then exit 0; fi
+  if [ -n "$new" ] && [ "$new" != "$old" ] && [ -S "$sock" ]; then break; fi
   i=$((i+1))
   if [ "$i" -ge 400 ]; then echo "containerd did not come back (see {log})" >&2; exit 1; fi
   sleep 0.05
 done
+i=0
+while [ "$(cri_ready)" -le "$cri_before" ]; do
+  i=$((i+1))
+  # A config without the CRI plugin never logs it: the socket being up is all there is to wait for.
+  if [ "$i" -ge 300 ]; then echo "containerd is up but its CRI plugin did not report ready (see {log})" >&2; exit 0; fi
+  sleep 0.05
+done
+sleep 0.05
 "#,
         dir = layout.dir.display(),
         pidfile = sh_quote(&layout.pidfile),
         sock = sh_quote(socket),
         log = layout.log.display(),
+        logq = sh_quote(&layout.log),
     );
     std::fs::write(&layout.supervisor_script, supervisor)
         .map_err(io_err(&layout.supervisor_script))?;
