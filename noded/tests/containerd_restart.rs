@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Command;
 
 use common::config_shapes::noded_bin;
-use noded::containerd::cri::CriClient;
 
 fn noded(args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(noded_bin())
@@ -24,7 +23,10 @@ fn noded(args: &[&str]) -> (i32, serde_json::Value, String) {
 }
 
 async fn handlers(socket: &Path) -> Vec<String> {
-    let mut cri = CriClient::connect(socket).await.expect("CRI connects");
+    // After a restart the socket answers before the CRI plugin is initialized.
+    let mut cri = noded::containerd::cri::wait_ready(socket, std::time::Duration::from_secs(30))
+        .await
+        .expect("CRI ready");
     let status = cri.status_verbose().await.expect("CRI status");
     status.handlers.keys().cloned().collect()
 }

@@ -640,7 +640,12 @@ pub async fn revert(
     let restarted = if effective {
         let r = restart.run().await?;
         if r {
-            restart::wait_for_socket(&socket_of(&main), restart::SOCKET_TIMEOUT).await?;
+            let socket = socket_of(&main);
+            restart::wait_for_socket(&socket, restart::SOCKET_TIMEOUT).await?;
+            // Report success only once CRI serves again (it initializes after the socket opens).
+            if let Err(e) = super::cri::wait_ready(&socket, restart::SOCKET_TIMEOUT).await {
+                tracing::warn!("containerd restarted but CRI is not ready yet: {e}");
+            }
         }
         r
     } else {
