@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
-cargo build --release --locked -p noded
-exec ./target/release/noded run "$@"
+# `cargo run` finds the binary wherever the target dir is (CARGO_TARGET_DIR included).
+exec cargo run --release --locked --quiet -p noded -- run "$@"
