@@ -26,14 +26,8 @@ pub struct PlanOptions {
     pub kata_root: PathBuf,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
-    /// Where noded keeps its ownership record and the backup of the original bytes.
-    #[arg(long, default_value = "/var/lib/noded")]
-    pub state_dir: PathBuf,
-    /// containerd version to plan for, instead of asking `containerd --version` (e.g. 2.0.0).
-    #[arg(long)]
-    pub containerd_version: Option<String>,
-    #[arg(long, default_value = "containerd")]
-    pub containerd_binary: PathBuf,
+    #[command(flatten)]
+    pub target: Target,
     /// Take over existing handler tables of the same name that noded did not write.
     #[arg(long)]
     pub adopt: bool,
@@ -56,8 +50,17 @@ pub struct RevertOptions {
     pub restart: String,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+/// Where noded records what it wrote, and which containerd it writes for (plan, apply and revert).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Target {
+    /// Where noded keeps its ownership record and the backup of the original bytes.
     #[arg(long, default_value = "/var/lib/noded")]
     pub state_dir: PathBuf,
+    /// containerd version to plan for, instead of asking `containerd --version` (e.g. 2.0.0).
     #[arg(long)]
     pub containerd_version: Option<String>,
     #[arg(long, default_value = "containerd")]
@@ -85,10 +88,10 @@ fn request(o: &PlanOptions) -> Result<Request, String> {
         config: o.config.clone(),
         handlers: parse_handlers(&o.runtimes).map_err(|e| format!("--runtime: {e}"))?,
         kata_root: o.kata_root.clone(),
-        state_dir: o.state_dir.clone(),
+        state_dir: o.target.state_dir.clone(),
         adopt: o.adopt,
-        containerd_version: parse_version(o.containerd_version.as_deref())?,
-        containerd_binary: o.containerd_binary.clone(),
+        containerd_version: parse_version(o.target.containerd_version.as_deref())?,
+        containerd_binary: o.target.containerd_binary.clone(),
     })
 }
 
@@ -140,7 +143,7 @@ pub fn revert(o: &RevertOptions) -> u8 {
         Ok(r) => r,
         Err(e) => return bad(e),
     };
-    let version = match parse_version(o.containerd_version.as_deref()) {
+    let version = match parse_version(o.target.containerd_version.as_deref()) {
         Ok(v) => v,
         Err(m) => return bad(m),
     };
@@ -150,10 +153,10 @@ pub fn revert(o: &RevertOptions) -> u8 {
     };
     let run = apply::revert(
         &o.config,
-        &o.state_dir,
+        &o.target.state_dir,
         &restart,
         version,
-        &o.containerd_binary,
+        &o.target.containerd_binary,
     );
     match rt.block_on(run) {
         Ok(r) => {
