@@ -10,6 +10,14 @@ pub const MODULES_CONF: &str = "/etc/modules-load.d/noded.conf";
 pub const NODED_TOML: &str = "/etc/noded/noded.toml";
 pub const NODEADM_DROPIN: &str = "/etc/eks/nodeadm.d/50-noded-kata.yaml";
 pub const KATA_ROOT: &str = "/opt/kata";
+/// Where the per-handler shim links go: on containerd's PATH on every distribution (kata-deploy's choice).
+pub const SHIM_LINK_DIR: &str = "/usr/local/bin";
+
+/// The binary name containerd derives from runtime_type `io.containerd.<handler>.v2`.
+pub fn shim_link_name(handler: &str) -> String {
+    format!("containerd-shim-{handler}-v2")
+}
+
 /// Kata's default factory template path; Kata mounts its own tmpfs there.
 pub const KATA_TEMPLATE_DIR: &str = "/run/vc/vm/template";
 

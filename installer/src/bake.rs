@@ -224,6 +224,23 @@ fn bake_steps(
         }
     }
 
+    // containerd 1.6 ignores `runtime_path` and resolves a handler's shim by name on its PATH
+    // (`io.containerd.kata-qemu.v2` → `containerd-shim-kata-qemu-v2`): one link per handler, as
+    // kata-deploy installs them, so the handler runs on every containerd series.
+    let config = noded::config::NodedConfig::load(&root.path(assets::NODED_TOML))
+        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
+    let handlers = noded::containerd::handler::parse_handlers(&config.containerd.runtimes)
+        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
+    let shim = Path::new(assets::KATA_ROOT).join("bin/containerd-shim-kata-v2");
+    for h in handlers {
+        let link = Path::new(assets::SHIM_LINK_DIR).join(assets::shim_link_name(h.name()));
+        if ledger.symlink(&link, &shim, Phase::Bake)? {
+            report.written.push(link);
+        } else {
+            report.unchanged.push(link);
+        }
+    }
+
     // `systemctl enable` is these symlinks; writing them works in a chroot/--root without systemd.
     let mut links = vec![
         ("multi-user.target.wants", assets::BOOT_UNIT),

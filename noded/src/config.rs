@@ -150,6 +150,9 @@ pub struct ProbeSection {
     pub timeout_seconds: u64,
     /// Consecutive failures before a handler is declared not ready.
     pub failure_threshold: u32,
+    /// Image of an extra probe container run inside the sandbox; unset = sandbox-only probe (the
+    /// node's own pause image). Must already be on the node: noded never pulls or imports it.
+    pub image: Option<String>,
 }
 
 impl Default for ProbeSection {
@@ -159,6 +162,7 @@ impl Default for ProbeSection {
             interval_seconds: 60,
             timeout_seconds: 30,
             failure_threshold: 3,
+            image: None,
         }
     }
 }
@@ -229,10 +233,35 @@ impl Default for KubernetesSection {
 impl NodedConfig {
     /// Parses `text` read from `path` (used in messages only).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: one_line(&e.to_string()),
-        })
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// What serde cannot see: values that only their own parsers know. A typo here must stop noded at
+    /// load (exit 2), not surface as a runtime failure minutes later.
+    fn validate(&self) -> Result<(), String> {
+        crate::containerd::handler::parse_handlers(&self.containerd.runtimes)
+            .map_err(|e| format!("containerd.runtimes: {e}"))?;
+        self.containerd
+            .restart
+            .parse::<crate::containerd::restart::Restart>()
+            .map_err(|e| format!("containerd.restart: {e}"))?;
+        for h in &self.probe.handlers {
+            if h.trim().is_empty() {
+                return Err("probe.handlers: empty handler name".into());
+            }
+        }
+        if self.kubernetes.enabled && self.kubernetes.startup_taint.trim().is_empty() {
+            return Err("kubernetes.startup_taint: must not be empty".into());
+        }
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -296,6 +325,28 @@ mod tests {
         let c = NodedConfig::local_default().expect("embedded default must parse");
         assert!(c.containerd.private);
         assert!(!c.kubernetes.enabled);
+    }
+
+    #[test]
+    fn values_only_their_parsers_know_are_checked_at_load() {
+        for (text, field) in [
+            ("[containerd]\nrestart = \"sytemd\"\n", "containerd.restart"),
+            (
+                "[containerd]\nruntimes = [\"kata-qmeu\"]\n",
+                "containerd.runtimes",
+            ),
+        ] {
+            let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), text)
+                .expect_err("a typo must fail at load");
+            assert_eq!(
+                crate::exit::ExitStatus::exit_code(&err),
+                crate::exit::BAD_INPUT
+            );
+            let msg = err.to_string();
+            assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
+            assert!(msg.contains(field), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
     }
 
     #[test]

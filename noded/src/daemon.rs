@@ -50,7 +50,13 @@ pub fn run_cli(config_path: Option<&Path>) -> u8 {
             return exit::RUNTIME_FAILURE;
         }
     };
-    match rt.block_on(run(config, shutdown_signal())) {
+    // Signal handlers go in before anything starts: a SIGTERM in the first second of startup must stop
+    // noded through the same cleanup as one an hour later, not kill it with the default disposition.
+    let result = rt.block_on(async {
+        let shutdown = shutdown_signal().map_err(DaemonError::Signals)?;
+        run(config, shutdown).await
+    });
+    match result {
         Ok(()) => exit::OK,
         Err(e) => {
             error!("noded run failed: {e}");
@@ -72,24 +78,26 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (must be called inside the runtime) and returns a future
+/// that resolves when either arrives.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("{}", DaemonError::Signals(std::io::Error::last_os_error()));
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+    })
 }
 
 /// Runs the daemon until `shutdown` resolves. Shutdown never reverts containerd's config or removes
 /// runtimes: running pods keep their runtime (removal is the explicit `installer uninstall`).
+///
+/// `shutdown` is raced against startup too: whatever had started when it fires is stopped by the same
+/// code as on a normal exit, and a startup step interrupted half-way drops its own guards (a private
+/// containerd or QEMU child is killed by its owner's Drop).
 pub async fn run(
     config: NodedConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -100,82 +108,123 @@ pub async fn run(
         kubernetes = config.kubernetes.enabled,
         "noded starting"
     );
-    // Components are started here in dependency order:
-    // 1. metrics + health HTTP server            (observe/metrics)
-    // 2. containerd config apply (+ private containerd in local mode)   (containerd)
-    // 3. runtime probes                           (containerd::probe)
-    // 4. template pool + gRPC API                 (vm, api)
-    // 5. Kubernetes publisher                     (k8s)
     let mut config = config;
     if let Ok(cwd) = std::env::current_dir() {
         config.resolve_relative(&cwd);
     }
-    let observe_config = ObserverConfig::from_config(&config);
+    tokio::pin!(shutdown);
+    let mut parts = Parts::default();
+    let started = tokio::select! {
+        r = start(&config, &mut parts) => Some(r),
+        () = &mut shutdown => None,
+    };
+    let result = match started {
+        Some(Ok(())) => {
+            shutdown.await;
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        None => {
+            info!("shutdown requested during startup");
+            Ok(())
+        }
+    };
+    parts.stop().await;
+    info!("noded stopped");
+    result
+}
+
+/// What has been started so far, stopped in reverse order. Filled step by step by [`start`], so a
+/// shutdown in the middle of startup stops exactly what exists.
+#[derive(Default)]
+struct Parts {
+    http: Option<tokio::task::JoinHandle<()>>,
+    private_containerd: Option<crate::containerd::private::PrivateContainerd>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    publisher: Option<crate::k8s::daemon::RunningPublisher>,
+    vm: Option<VmPart>,
+}
+
+impl Parts {
+    async fn stop(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(vm) = self.vm.take() {
+            vm.stop().await;
+        }
+        if let Some(p) = self.publisher.take() {
+            p.stop().await;
+        }
+        if let Some(h) = self.http.take() {
+            h.abort();
+        }
+        // Local mode owns its containerd: stop it (and every container it runs). A host containerd
+        // is never touched on shutdown.
+        if let Some(mut c) = self.private_containerd.take()
+            && let Err(e) = c.stop().await
+        {
+            tracing::warn!("stopping the private containerd: {e}");
+        }
+    }
+}
+
+/// Starts every component in dependency order:
+/// 1. metrics + health HTTP server (health is visible while the rest starts)
+/// 2. containerd config apply (+ private containerd in local mode): the handlers must be in
+///    containerd's config before anything probes the runtime
+/// 3. observers, Kubernetes publisher, boot-latency follower, runtime probes
+/// 4. template pool + gRPC API
+async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonError> {
+    let observe_config = ObserverConfig::from_config(config);
     let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
     let observer = Arc::new(Observer::new(observe_config, Arc::clone(&metrics)));
     let listener = crate::http::bind(config.daemon.metrics_listen)
         .await
         .map_err(|e| DaemonError::Component(e.to_string()))?;
-    let http = tokio::spawn(crate::http::serve(
-        listener,
-        Arc::clone(&observer),
-        std::future::pending(),
-    ));
-    // Before anything probes the runtime: the handlers must be in containerd's config (restarting
-    // containerd only if the effective config changed), or in local mode a private containerd started.
-    let private_containerd = if config.containerd.private {
-        Some(
-            crate::containerd::manage::start_private(&config, &metrics)
+    let serve = crate::http::serve(listener, Arc::clone(&observer), std::future::pending());
+    parts.http = Some(tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            error!("metrics server: {e}");
+        }
+    }));
+    if config.containerd.private {
+        parts.private_containerd = Some(
+            crate::containerd::manage::start_private(config, &metrics)
                 .await
                 .map_err(|e| DaemonError::Component(e.to_string()))?,
-        )
+        );
     } else {
-        crate::containerd::manage::apply_on_start(&config, &metrics)
+        crate::containerd::manage::apply_on_start(config, &metrics)
             .await
             .map_err(|e| DaemonError::Component(e.to_string()))?;
-        None
-    };
+    }
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
-    let scans = tokio::spawn(Arc::clone(&observer).run(interval));
+    parts
+        .tasks
+        .push(tokio::spawn(Arc::clone(&observer).run(interval)));
     // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
     // outcomes into `publisher.handles.health`.
-    let publisher = if config.kubernetes.enabled {
-        Some(
-            crate::k8s::daemon::start(&config, Arc::clone(&observer))
+    if config.kubernetes.enabled {
+        parts.publisher = Some(
+            crate::k8s::daemon::start(config, Arc::clone(&observer))
                 .map_err(|e| DaemonError::Component(e.to_string()))?,
-        )
-    } else {
-        None
-    };
+        );
+    }
     // Boot latency from containerd's events, and the periodic probe sandbox per handler (readiness).
     let (boot_events, boot_samples) =
         crate::observe::latency::spawn(config.containerd.socket.clone());
-    let boots = tokio::spawn(Arc::clone(&observer).consume_boot_samples(boot_samples));
-    let probes = tokio::spawn(probe_loop(
+    parts.tasks.push(boot_events);
+    parts.tasks.push(tokio::spawn(
+        Arc::clone(&observer).consume_boot_samples(boot_samples),
+    ));
+    parts.tasks.push(tokio::spawn(probe_loop(
         config.clone(),
         Arc::clone(&observer),
-        publisher.as_ref().map(|p| p.handles.health.clone()),
-    ));
-    let vm = start_vm_engine(&config, &metrics, &observer).await?;
-    shutdown.await;
-    probes.abort();
-    boots.abort();
-    boot_events.abort();
-    vm.stop().await;
-    if let Some(p) = publisher {
-        p.stop().await;
-    }
-    http.abort();
-    scans.abort();
-    // Local mode owns its containerd: stop it (and every container it runs). A host containerd is
-    // never touched on shutdown.
-    if let Some(mut c) = private_containerd
-        && let Err(e) = c.stop().await
-    {
-        tracing::warn!("stopping the private containerd: {e}");
-    }
-    info!("noded stopped");
+        parts.publisher.as_ref().map(|p| p.handles.health.clone()),
+    )));
+    parts.vm = Some(start_vm_engine(config, &metrics, &observer).await?);
     Ok(())
 }
 
@@ -188,8 +237,24 @@ async fn probe_loop(
 ) {
     let opts = crate::containerd::probe::ProbeOptions {
         timeout: Duration::from_secs(config.probe.timeout_seconds.max(1)),
-        ..Default::default()
+        image: config.probe.image.clone(),
+        ..crate::containerd::probe::ProbeOptions::sandbox_only()
     };
+    // Sandboxes of a noded killed mid-probe (kill -9, OOM) would otherwise stay forever: their label
+    // marks them as ours. Best effort — the next start tries again.
+    match crate::containerd::probe::remove_leftover_probes(
+        &config.containerd.socket,
+        opts.cleanup_timeout,
+    )
+    .await
+    {
+        Ok(0) => {}
+        Ok(n) => info!(
+            removed = n,
+            "removed probe sandboxes left by an earlier noded"
+        ),
+        Err(e) => tracing::warn!("cannot list leftover probe sandboxes: {e}"),
+    }
     let interval = Duration::from_secs(config.probe.interval_seconds.max(1));
     let handlers = config.probe_handlers();
     loop {

@@ -1,9 +1,11 @@
 //! The probe sandbox: proves a runtime handler really runs pods, end to end through CRI.
 //!
-//! Per handler: `RunPodSandbox` (unique name/uid, sandbox image = the locally imported pause image),
-//! `CreateContainer` + `StartContainer` of a tiny container from the local probe image, wait for exit code
-//! 0, then stop and remove everything — also when a step failed or timed out. containerd's own error is
-//! reported verbatim (that is what tells an operator "no runtime for "kata-qemu" is configured").
+//! Per handler: `RunPodSandbox` (unique name/uid) with the node's own sandbox image — for Kata that boots
+//! the VM and waits for its agent, which is the part that fails on a broken node — then optionally a
+//! tiny container from an image the node already holds, wait for exit code 0, then stop and remove
+//! everything, also when a step failed or timed out. By default the probe is sandbox-only: a node holds
+//! the pause image (kubelet needs it) but no image noded would have to import by hand. containerd's own
+//! error is reported verbatim (that is what tells an operator "no runtime for "kata-qemu" is configured").
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,10 +25,21 @@ pub struct ProbeOptions {
     pub timeout: Duration,
     /// Bound on cleanup (stop + remove), which runs even after a timeout.
     pub cleanup_timeout: Duration,
-    pub image: String,
+    /// The probe container's image; None = sandbox only (the node's pause image, nothing else).
+    pub image: Option<String>,
     pub command: Vec<String>,
     /// Host network needs no CNI (works with runc); Kata handlers generally need a pod network.
     pub host_network: bool,
+}
+
+impl ProbeOptions {
+    /// What a node runs: a sandbox on the handler, no container image needed.
+    pub fn sandbox_only() -> Self {
+        Self {
+            image: None,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for ProbeOptions {
@@ -34,7 +47,7 @@ impl Default for ProbeOptions {
         Self {
             timeout: Duration::from_secs(60),
             cleanup_timeout: Duration::from_secs(30),
-            image: PROBE_IMAGE.into(),
+            image: Some(PROBE_IMAGE.into()),
             command: vec!["/bin/sh".into(), "-c".into(), "echo ok".into()],
             host_network: true,
         }
@@ -146,9 +159,12 @@ async fn run_probe(
         .run_pod(pod, t)
         .await
         .map_err(|e| (ProbeStage::RunPodSandbox, msg(e)))?;
+    let Some(image) = &opts.image else {
+        return Ok(());
+    };
     let command: Vec<&str> = opts.command.iter().map(String::as_str).collect();
     let container = cri
-        .create_container(&sandbox, pod, "probe", &opts.image, &command, t)
+        .create_container(&sandbox, pod, "probe", image, &command, t)
         .await
         .map_err(|e| (ProbeStage::CreateContainer, msg(e)))?;
     cri.start_container(&container, t)
