@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The DaemonSet image: its static release build runs here, outside nextest's per-test timeouts;
+# installer/tests/image.rs and the node-in-a-box tests then reuse the archive.
+./scripts/build-image.sh >/dev/null
 cargo nextest run --workspace --locked --profile ci
