@@ -1,7 +1,6 @@
 //! Kubernetes publisher against a request-level fake API server that asserts the exact requests.
 
-#[path = "common/k8s.rs"]
-mod k8s;
+use testkit::fake_api as k8s;
 
 use std::time::Duration;
 

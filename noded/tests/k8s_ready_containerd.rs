@@ -2,8 +2,7 @@
 //! Kubernetes API faked at request level.
 
 mod common;
-#[path = "common/k8s.rs"]
-mod k8s;
+use testkit::fake_api as k8s;
 
 use k8s::{FakeApi, cri_probe, fresh_node, settings, start};
 

@@ -13,8 +13,7 @@ use noded::containerd::cri::CriClient;
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
 use noded::containerd::private::PrivateContainerd;
 
-#[path = "../../noded/tests/common/k8s.rs"]
-mod fake_api;
+use testkit::fake_api;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

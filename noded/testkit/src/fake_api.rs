@@ -1,9 +1,12 @@
-//! A request-level fake Kubernetes API server for the publisher tests (and the `ready` benchmark,
-//! which includes this file). It keeps one Node, RuntimeClasses and Events in memory, really applies
-//! JSON patches (with `test` ops), merge patches and strategic merge patches of conditions, records
-//! every request exactly as it arrived, and can inject faults (409, 5xx) or be "down" (connection
-//! errors). Served through `tower_test::mock::pair` into `kube::Client::new`, kube-rs's own pattern.
-#![allow(dead_code)]
+//! A request-level fake Kubernetes API server for the publisher tests, the `ready` benchmark and the
+//! node-in-a-box. It keeps one Node, RuntimeClasses and Events in memory, really applies JSON patches
+//! (with `test` ops), merge patches and strategic merge patches of conditions, records every request
+//! exactly as it arrived, and can inject faults (409, 5xx) or be "down" (connection errors).
+//!
+//! Two transports serve the same state through the same request handler: [`FakeApi::client`] (in
+//! process, `tower_test::mock::pair` into `kube::Client::new`, kube-rs's own pattern) and
+//! [`FakeApi::serve_http`] (a real HTTP/1.1 listener on 127.0.0.1 plus a kubeconfig file, for a noded
+//! running in another process or in a container).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,6 +29,8 @@ pub struct Recorded {
     pub query: String,
     pub content_type: String,
     pub body: Value,
+    /// The `Authorization` header as sent (empty when none), e.g. `Bearer <token>` from a kubeconfig.
+    pub authorization: String,
     /// Status answered; 0 = connection error (server down).
     pub status: u16,
 }
@@ -213,7 +218,7 @@ impl FakeApi {
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
                 match fake.handle(req).await {
-                    Some(resp) => send.send_response(resp),
+                    Some(resp) => send.send_response(resp.map(Body::from)),
                     None => send.send_error(std::io::Error::new(
                         std::io::ErrorKind::ConnectionRefused,
                         "fake API server is down: connection refused",
@@ -223,6 +228,61 @@ impl FakeApi {
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    /// Serves this fake's state on a real HTTP/1.1 listener on 127.0.0.1 (a free port), through the same
+    /// request handler as [`client`](Self::client). While [`set_down`](Self::set_down) is on, connections
+    /// are closed without an answer. Dropping the returned server stops listening and closes every
+    /// connection.
+    /// Must be called inside a tokio runtime (the server runs as a task of it).
+    pub fn serve_http(&self) -> Result<HttpServer, std::io::Error> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let fake = self.clone();
+        let task = tokio::spawn(async move {
+            // Connection tasks live in this set: aborting the accept task drops it, which aborts them.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "fake API server: accept failed");
+                            continue;
+                        }
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let fake = fake.clone();
+                conns.spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let fake = fake.clone();
+                            async move {
+                                let out = fake.handle(req).await;
+                                fake.changed.notify_waiters();
+                                match out {
+                                    Some(resp) => Ok(resp
+                                        .map(|b| http_body_util::Full::new(bytes::Bytes::from(b)))),
+                                    // An error makes hyper drop the connection: the client sees it
+                                    // closed without a response, the nearest a live listener gets to
+                                    // "connection refused".
+                                    None => Err(std::io::Error::new(
+                                        std::io::ErrorKind::ConnectionRefused,
+                                        "fake API server is down",
+                                    )),
+                                }
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(HttpServer { addr, task })
     }
 
     /// Waits until `pred` holds; panics (failing the test instead of hanging it) after 60 s.
@@ -250,7 +310,11 @@ impl FakeApi {
         }
     }
 
-    async fn handle(&self, req: Request<Body>) -> Option<Response<Body>> {
+    /// The one request handler behind both transports; `None` = the server is down (connection error).
+    async fn handle<B>(&self, req: Request<B>) -> Option<Response<Vec<u8>>>
+    where
+        B: hyper::body::Body,
+    {
         let (parts, body) = req.into_parts();
         let bytes = body
             .collect()
@@ -274,6 +338,12 @@ impl FakeApi {
                 .unwrap_or_default()
                 .to_string(),
             body,
+            authorization: parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
             status: 0,
         };
         let mut s = self.state();
@@ -300,8 +370,65 @@ impl FakeApi {
         let resp = Response::builder()
             .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Body::from(serde_json::to_vec(&out).unwrap_or_default()));
+            .body(serde_json::to_vec(&out).unwrap_or_default());
         resp.ok()
+    }
+}
+
+/// [`FakeApi::serve_http`]'s listener; dropping it stops the server.
+#[derive(Debug)]
+pub struct HttpServer {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes `dir/kubeconfig` (this server, a token user, namespace `default`) for a client in another
+    /// process: `KUBECONFIG=<path>`, which `kube::Config::infer` (behind `Client::try_default`) reads
+    /// before it looks for an in-cluster service account.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> Result<std::path::PathBuf, std::io::Error> {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+  - name: fake
+    cluster:
+      server: {url}
+contexts:
+  - name: fake
+    context:
+      cluster: fake
+      user: fake
+      namespace: default
+current-context: fake
+users:
+  - name: fake
+    user:
+      token: {TOKEN}
+",
+            url = self.url()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+/// The bearer token in [`HttpServer::kubeconfig`] (the fake accepts any).
+pub const TOKEN: &str = "fake-api-token";
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
