@@ -14,6 +14,7 @@ packages=(
     prometheus                    # promtool + a real Prometheus scraping noded in tests
     packer                        # `packer validate` of ami/
     protobuf-compiler             # protoc for tonic-prost-build
+    dbus-daemon                   # a real private bus for the stand-in systemd in restart tests
     buildah                       # scripts/build-image.sh: the DaemonSet image, offline (vfs, FROM scratch)
     iproute2 util-linux kmod cpio xz-utils dpkg ca-certificates procps python3-pip
 )

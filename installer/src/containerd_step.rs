@@ -98,7 +98,7 @@ pub fn revert(ledger: &mut Ledger, config: Option<&NodedConfig>) -> Result<bool,
     let restart = if ledger.root.is_host() {
         config
             .and_then(|c| c.containerd.restart.parse::<Restart>().ok())
-            .unwrap_or(Restart::Auto)
+            .unwrap_or_else(Restart::auto)
     } else {
         Restart::Never
     };

@@ -12,4 +12,5 @@ pub mod private;
 pub mod probe;
 pub mod restart;
 pub mod state;
+pub mod systemd;
 pub mod version;
