@@ -1,16 +1,14 @@
 //! Kata adapter against a fake Kata root whose binaries are shell scripts recording their calls.
 
 mod common;
-#[path = "common/fake_kata.rs"]
-mod fake_kata;
 
 use std::sync::atomic::Ordering;
 
-use fake_kata::FakeKata;
 use noded::kata::{
     EnsureAction, KataError, KataFactory, KataLayout, TemplateState, WarmOptions, WarmSharedFs,
     warm,
 };
+use testkit::fake_kata::FakeKata;
 
 fn fake(version: &str) -> (tempfile::TempDir, FakeKata) {
     let dir = tempfile::tempdir().expect("tempdir");

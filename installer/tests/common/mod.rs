@@ -7,8 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[path = "../../../noded/tests/common/fake_kata.rs"]
-pub mod fake_kata;
+pub use testkit::fake_kata;
 #[path = "../../../noded/tests/common/require.rs"]
 mod noded_common;
 pub use noded_common::require;

@@ -1,10 +1,21 @@
 //! A fake Kata static release: the real directory layout, with shell scripts for the binaries that
-//! record every call and create the template files like Kata's factory would. Used by the kata adapter
-//! tests and (through `#[path]`) by the installer tests to build a Kata tarball.
-#![allow(dead_code)]
+//! record every call (in `<release>/calls.log`) and create the template files like Kata's factory
+//! would. Used by noded's kata adapter tests, the installer tests (to build a Kata tarball) and the
+//! node-in-a-box.
+//!
+//! The shim, `bin/containerd-shim-kata-v2`, is either a recording script ([`FakeKata::write`]: for
+//! tests that never start a sandbox) or the compiled fake shim of this crate
+//! ([`FakeKata::write_with_shim`]), a real containerd shim that runs sandboxes with runc and checks
+//! Kata's `ConfigPath`. Inside testkit's own integration tests its path is
+//! `env!("CARGO_BIN_EXE_fake-kata-shim")`; other crates cannot name another package's binary, so
+//! [`shim_binary`] builds it once with cargo and returns its path.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, bail};
 
 pub const QEMU_CONFIG: &str = r#"# Copyright (c) 2017-2019 Intel Corporation
 #
@@ -129,6 +140,44 @@ impl FakeKata {
         }
     }
 
+    /// Like [`FakeKata::write`], but `bin/containerd-shim-kata-v2` is a copy of `shim`, the
+    /// compiled fake shim (a copy, not a link, so the tree can be packed into a tarball). The
+    /// shim records each Create as a JSON line in the same `calls.log` ([`FakeKata::shim_creates`]).
+    pub fn write_with_shim(dir: &Path, installed_at: &Path, version: &str, shim: &Path) -> Self {
+        let kata = Self::write(dir, installed_at, version);
+        let dest = dir.join("bin/containerd-shim-kata-v2");
+        std::fs::remove_file(&dest).expect("remove the recording shim");
+        std::fs::copy(shim, &dest)
+            .unwrap_or_else(|e| panic!("copy fake shim {}: {e}", shim.display()));
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        kata
+    }
+
+    /// The shim binary of this release.
+    pub fn shim(&self) -> PathBuf {
+        self.root.join("bin/containerd-shim-kata-v2")
+    }
+
+    /// Makes the shim resolvable as `containerd-shim-<handler>-v2` in `bin_dir` (a directory on
+    /// containerd's PATH): containerd 1.6 ignores `runtime_path` and looks shims up by name, which
+    /// is why kata-deploy installs per-handler names.
+    pub fn link_shim_as(&self, handler: &str, bin_dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(bin_dir).expect("mkdir shim dir");
+        let link = bin_dir.join(format!("containerd-shim-{handler}-v2"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(self.shim(), &link).expect("symlink shim");
+        link
+    }
+
+    /// Every Create the compiled shim received (the JSON lines of `calls.log`).
+    pub fn shim_creates(&self) -> Vec<serde_json::Value> {
+        self.calls()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["call"] == "create")
+            .collect()
+    }
+
     /// Every recorded call, one line each (`kata-runtime --config ... factory init`).
     pub fn calls(&self) -> Vec<String> {
         std::fs::read_to_string(self.root.join("calls.log"))
@@ -161,4 +210,53 @@ impl FakeKata {
 fn exe(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write script");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// The compiled fake shim for crates other than testkit (which cannot use
+/// `env!("CARGO_BIN_EXE_fake-kata-shim")`): `cargo build -p testkit --bin fake-kata-shim`, run once
+/// per test process into the target dir holding the running test, so the binary always matches the
+/// checkout. `TESTKIT_FAKE_KATA_SHIM` names a prebuilt binary instead (no cargo run).
+pub fn shim_binary() -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_shim().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_shim() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TESTKIT_FAKE_KATA_SHIM") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("TESTKIT_FAKE_KATA_SHIM={} is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let target = crate::containerd::target_dir();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(&cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "-p",
+            "testkit",
+            "--bin",
+            "fake-kata-shim",
+            "--target-dir",
+        ])
+        .arg(&target)
+        .output()
+        .with_context(|| format!("cannot run {}", Path::new(&cargo).display()))?;
+    if !out.status.success() {
+        bail!(
+            "cargo build -p testkit --bin fake-kata-shim failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let bin = target.join("debug/fake-kata-shim");
+    if !bin.is_file() {
+        bail!("cargo built the fake shim but {} is missing", bin.display());
+    }
+    Ok(bin)
 }

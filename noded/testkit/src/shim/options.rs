@@ -1,0 +1,80 @@
+//! Kata's runtime options as containerd's CRI plugin sends them, and the call record tests read.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use prost::Message;
+
+/// The message name containerd registers for `runtimeoptions.v1.Options` (the Any's type url is
+/// this name alone on 1.x/2.x; a `types.containerd.io/` style prefix is accepted too).
+pub const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
+
+/// `runtimeoptions.v1.Options` (containerd `pkg/runtimeoptions/v1/api.proto`). Decoded with prost
+/// because containerd-shim-protos does not carry this CRI-only message.
+#[derive(Clone, PartialEq, Message)]
+pub struct RuntimeOptions {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(string, tag = "2")]
+    pub config_path: String,
+    #[prost(string, tag = "3")]
+    pub config_body: String,
+}
+
+/// The ConfigPath of Kata's options in a Create request. `Ok(None)` when the request carries no
+/// Kata options (a real Kata shim then uses its built-in defaults).
+pub fn config_path(options: Option<&Any>) -> Result<Option<String>, String> {
+    let Some(any) = options else {
+        return Ok(None);
+    };
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name != RUNTIME_OPTIONS {
+        // Not Kata's options (e.g. runc's): a real Kata shim ignores what it does not know.
+        return Ok(None);
+    }
+    let opts = RuntimeOptions::decode(any.value.as_slice())
+        .map_err(|e| format!("cannot decode {RUNTIME_OPTIONS}: {e}"))?;
+    Ok(Some(opts.config_path))
+}
+
+/// What Kata's shim depends on: the configuration file exists and is readable.
+pub fn check_config(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err(format!("{RUNTIME_OPTIONS} carries an empty ConfigPath"));
+    }
+    std::fs::read(path).map(drop).map_err(|e| {
+        format!("Kata config {path} (ConfigPath in {RUNTIME_OPTIONS}) is not readable: {e}")
+    })
+}
+
+/// `<dir of the shim binary>/../calls.log`: the fake Kata release's root, where its recording
+/// scripts also log.
+pub fn calls_log() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.parent()?.join("calls.log"))
+}
+
+/// One JSON line per Create; best effort (a read-only release just records nothing).
+pub fn record_create(id: &str, bundle: &str, config_path: Option<&str>, error: Option<&str>) {
+    let Some(log) = calls_log() else { return };
+    let line = serde_json::json!({
+        "call": "create",
+        "id": id,
+        "bundle": bundle,
+        "config_path": config_path,
+        "error": error,
+    });
+    append(&log, &line.to_string());
+}
+
+fn append(log: &Path, line: &str) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log);
+    if let Ok(mut f) = file {
+        // One write per line keeps concurrent shims from interleaving within a line.
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
+}
