@@ -3,5 +3,7 @@
 //! pod), the fake Kata release, the fake systemd on a real D-Bus, and the fake Kubernetes API server.
 //! Nothing here ships in noded's binaries.
 
+pub mod bins;
+pub mod dbus;
 pub mod fake_api;
 pub mod kubelet;
