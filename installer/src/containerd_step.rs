@@ -68,6 +68,7 @@ pub fn apply(ledger: &mut Ledger, config: &NodedConfig) -> Result<Applied, Strin
         adopt: ledger.entry(Path::new(assets::NODEADM_DROPIN)).is_some(),
         containerd_version: None,
         containerd_binary: binary(ledger),
+        socket: None,
     };
     let report = runtime()?
         .block_on(apply::apply(&req, &Restart::Never))

@@ -1,5 +1,5 @@
-//! The containerd configurator against the real containerd 1.6 binary (`config dump`), golden files
-//! for containerd 2.x shapes, bad input, ownership and crash safety.
+//! The containerd configurator against the real containerd of every series (`config dump` of 1.6, 1.7
+//! and 2.1), golden files for the exact bytes, bad input, ownership and crash safety.
 
 mod common;
 
@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::config_shapes::*;
+use noded::containerd::apply::Strategy;
 use noded::containerd::handler::KataHandler;
+use testkit::containerd::{Binaries, Series};
+use testkit::per_series;
 
 const CRI: &str = "io.containerd.grpc.v1.cri";
 const HANDLERS: [KataHandler; 2] = [KataHandler::Qemu, KataHandler::QemuWarm];
@@ -26,16 +29,32 @@ fn stage(tmp: &Path, fixture_name: Option<&str>) -> PathBuf {
 
 /// apply → dump shows the handlers and every original setting → apply again changes nothing →
 /// revert gives back the original bytes.
-fn shape_roundtrip(fixture_name: Option<&str>) {
-    shape_roundtrip_except(fixture_name, &[]);
+fn shape_roundtrip(series: Series, fixture_name: Option<&str>) {
+    shape_roundtrip_except(series, fixture_name, &[]);
+}
+
+/// The series' binaries, or None (skipped locally, a failure under CI=true).
+fn series_bins(series: Series) -> Option<Binaries> {
+    testkit::containerd::require(series)
+}
+
+/// A request planned for exactly the version of `bins`, as apply would find it on a node.
+fn series_request(
+    bins: &Binaries,
+    config: &Path,
+    state: &Path,
+) -> noded::containerd::apply::Request {
+    let version = bins.detect_version().expect("containerd --version");
+    request(config, state, &HANDLERS, &version.to_string())
 }
 
 /// `may_change`: original lines noded has to rewrite (an inline `runtimes = { ... }` table is closed
 /// in TOML: a new handler can only go inside it).
-fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
-    if common::require("containerd").is_none() {
+fn shape_roundtrip_except(series: Series, fixture_name: Option<&str>, may_change: &[&str]) {
+    let Some(bins) = series_bins(series) else {
         return;
-    }
+    };
+    let cri = series.runtime_plugin();
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = stage(tmp.path(), fixture_name);
     let state = tmp.path().join("state");
@@ -43,15 +62,26 @@ fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
     // What containerd makes of the untouched file (a missing file dumps the built-in defaults).
     let probe = tmp.path().join("probe.toml");
     std::fs::write(&probe, before.as_deref().unwrap_or_default()).expect("write probe copy");
-    let mut dump_before = dump(&probe);
+    let mut dump_before = dump(&bins, &probe);
     // containerd lists the file itself under `imports`; the two copies have different paths.
     dump_before.remove("imports");
 
-    let req = request(&config, &state, &HANDLERS, "1.6.20");
+    let req = series_request(&bins, &config, &state);
     let report = apply_never(&req).expect("apply");
+    let expected = if series.version().major >= 2 {
+        Strategy::DropIn
+    } else {
+        Strategy::InPlace
+    };
+    assert_eq!(report.strategy, expected, "{series}");
     assert!(report.changed);
     assert_eq!(report.handlers, vec!["kata-qemu", "kata-qemu-warm"]);
     let after = std::fs::read_to_string(&config).expect("config written");
+    // The drop-in strategy adds noded's directory to an `imports` array the file may already have.
+    let may_change: Vec<&str> = match report.strategy {
+        Strategy::DropIn => may_change.iter().copied().chain(["imports ="]).collect(),
+        Strategy::InPlace => may_change.to_vec(),
+    };
     if let Some(b) = &before {
         let kept: String = String::from_utf8_lossy(b)
             .lines()
@@ -61,13 +91,13 @@ fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
         assert_lines_kept(&kept, &after);
     }
 
-    let dump_after = dump(&config);
-    let rts = runtimes(&dump_after, CRI);
+    let dump_after = dump(&bins, &config);
+    let rts = runtimes(&dump_after, cri);
     for h in HANDLERS {
         let t = rts
             .get(h.name())
             .and_then(toml::Value::as_table)
-            .unwrap_or_else(|| panic!("{} missing in dump:\n{after}", h.name()));
+            .unwrap_or_else(|| panic!("{series}: {} missing in dump:\n{after}", h.name()));
         let spec = h.spec(Path::new("/opt/kata"));
         assert_eq!(t["runtime_type"].as_str(), Some(spec.runtime_type.as_str()));
         assert_eq!(
@@ -90,7 +120,7 @@ fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
     without_ours.remove("imports");
     if let Some(rt) = without_ours
         .get_mut("plugins")
-        .and_then(|p| p.get_mut(CRI))
+        .and_then(|p| p.get_mut(cri))
         .and_then(|c| c.get_mut("containerd"))
         .and_then(|c| c.get_mut("runtimes"))
         .and_then(toml::Value::as_table_mut)
@@ -102,7 +132,7 @@ fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
     let differences = diff_ignoring_zero_defaults(&without_ours, &dump_before);
     assert!(
         differences.is_empty(),
-        "containerd sees a different config apart from the kata handlers: {differences:#?}\n{after}"
+        "{series} sees a different config apart from the kata handlers: {differences:#?}\n{after}"
     );
 
     let mtime = std::fs::metadata(&config)
@@ -134,122 +164,176 @@ fn shape_roundtrip_except(fixture_name: Option<&str>, may_change: &[&str]) {
     }
 }
 
-#[test]
-fn shape_default_1_6_fixture() {
-    shape_roundtrip(Some("default-1.6.toml"));
+per_series! {
+    fn shape_default_1_6_fixture(series) {
+        shape_roundtrip(series, Some("default-1.6.toml"));
+    }
 }
-#[test]
-fn shape_default_1_7() {
-    shape_roundtrip(Some("default-1.7.toml"));
+per_series! {
+    fn shape_default_1_7(series) {
+        shape_roundtrip(series, Some("default-1.7.toml"));
+    }
 }
-#[test]
-fn shape_nodeadm_v2() {
-    shape_roundtrip(Some("nodeadm-v2.toml"));
+per_series! {
+    fn shape_nodeadm_v2(series) {
+        shape_roundtrip(series, Some("nodeadm-v2.toml"));
+    }
 }
-#[test]
-fn shape_k3s() {
-    shape_roundtrip(Some("k3s.toml"));
+// A version 3 file is containerd 2.x's own; 1.x does not read it.
+per_series! {
+    [V2_1]
+    fn shape_nodeadm_v3(series) {
+        shape_roundtrip(series, Some("nodeadm-v3.toml"));
+    }
 }
-#[test]
-fn shape_handwritten_dotted_single_quotes() {
-    shape_roundtrip(Some("handwritten-dotted.toml"));
+per_series! {
+    fn shape_k3s(series) {
+        shape_roundtrip(series, Some("k3s.toml"));
+    }
 }
-#[test]
-fn shape_handwritten_inline_tables() {
-    shape_roundtrip_except(Some("handwritten-inline.toml"), &["runtimes = {"]);
+per_series! {
+    fn shape_handwritten_dotted_single_quotes(series) {
+        shape_roundtrip(series, Some("handwritten-dotted.toml"));
+    }
 }
-#[test]
-fn shape_version_1() {
-    shape_roundtrip(Some("v1.toml"));
+per_series! {
+    fn shape_handwritten_inline_tables(series) {
+        shape_roundtrip_except(series, Some("handwritten-inline.toml"), &["runtimes = {"]);
+    }
 }
-#[test]
-fn shape_only_version_2() {
-    shape_roundtrip(Some("version-only.toml"));
-}
-#[test]
-fn shape_empty_file() {
-    shape_roundtrip(Some("empty.toml"));
-}
-#[test]
-fn shape_missing_file() {
-    shape_roundtrip(None);
+per_series! {
+    [V1_6, V1_7]
+    fn shape_version_1(series) {
+        shape_roundtrip(series, Some("v1.toml"));
+    }
 }
 
-/// The live `containerd config default` of the installed binary, not a stored copy.
-#[test]
-fn shape_live_config_default() {
-    if common::require("containerd").is_none() {
-        return;
+per_series! {
+    [V2_1]
+    /// containerd 2.x ignores a version 1 file's plugin tables, and a drop-in would make it read them
+    /// (verified with `config dump`): noded refuses as bad input and writes nothing.
+    fn version_1_is_refused_on_containerd_2(series) {
+        let Some(bins) = series_bins(series) else {
+            return;
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = stage(tmp.path(), Some("v1.toml"));
+        let before = std::fs::read(&config).expect("read");
+        let alone = dump(&bins, &config);
+        assert_ne!(
+            alone["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"].as_str(),
+            Some("registry.k8s.io/pause:3.8"),
+            "{series} now reads version 1 plugin tables: revisit the refusal"
+        );
+        let req = series_request(&bins, &config, &tmp.path().join("state"));
+        let err = apply_never(&req).expect_err("refused");
+        assert!(err.to_string().contains("version 1 config"), "{err}");
+        assert_eq!(
+            noded::exit::ExitStatus::exit_code(&err),
+            noded::exit::BAD_INPUT
+        );
+        assert_eq!(std::fs::read(&config).expect("read"), before);
+        assert!(!tmp.path().join("etc/config.d").exists(), "no drop-in written");
     }
-    let out = Command::new("containerd")
-        .args(["config", "default"])
-        .output()
-        .expect("containerd config default");
-    assert!(out.status.success());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let config = stage(tmp.path(), None);
-    std::fs::write(&config, &out.stdout).expect("write");
-    let req = request(&config, &tmp.path().join("state"), &HANDLERS, "1.6.20");
-    assert!(apply_never(&req).expect("apply").changed);
-    assert!(runtimes(&dump(&config), CRI).contains_key("kata-qemu"));
-    assert!(!apply_never(&req).expect("again").changed);
-    revert_never(&req).expect("revert");
-    assert_eq!(std::fs::read(&config).expect("read"), out.stdout);
+}
+per_series! {
+    fn shape_only_version_2(series) {
+        shape_roundtrip(series, Some("version-only.toml"));
+    }
+}
+per_series! {
+    fn shape_empty_file(series) {
+        shape_roundtrip(series, Some("empty.toml"));
+    }
+}
+per_series! {
+    fn shape_missing_file(series) {
+        shape_roundtrip(series, None);
+    }
 }
 
-/// Why containerd 1.x gets an in-place edit: an imported file replaces whole plugin sections. If this
-/// ever stops being true for the installed containerd, this test fails and the strategy must be revisited.
-#[test]
-fn containerd_1x_imports_replace_whole_plugin_sections() {
-    if common::require("containerd").is_none() {
-        return;
+per_series! {
+    /// The live `containerd config default` of the series' binary, not a stored copy.
+    fn shape_live_config_default(series) {
+        let Some(bins) = series_bins(series) else {
+            return;
+        };
+        let default = bins.config_default().expect("containerd config default");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = stage(tmp.path(), None);
+        std::fs::write(&config, &default).expect("write");
+        let req = series_request(&bins, &config, &tmp.path().join("state"));
+        assert!(apply_never(&req).expect("apply").changed);
+        assert!(runtimes(&dump(&bins, &config), series.runtime_plugin()).contains_key("kata-qemu"));
+        assert!(!apply_never(&req).expect("again").changed);
+        revert_never(&req).expect("revert");
+        assert_eq!(std::fs::read(&config).expect("read"), default);
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dropins = tmp.path().join("config.d");
-    std::fs::create_dir_all(&dropins).expect("mkdir");
-    let main = tmp.path().join("config.toml");
-    std::fs::write(
-        &main,
-        format!(
-            "version = 2\nimports = [\"{}/*.toml\"]\n\n[plugins.\"{CRI}\"]\nsandbox_image = \"example.local/pause:9\"\n\n[plugins.\"{CRI}\".containerd.runtimes.runc]\nruntime_type = \"io.containerd.runc.v2\"\n[plugins.\"{CRI}\".containerd.runtimes.runc.options]\nSystemdCgroup = true\n\n[metrics]\naddress = \"127.0.0.1:1338\"\n",
-            dropins.display()
-        ),
-    )
-    .expect("write main");
-    let only_main = dump(&main);
-    assert_eq!(
-        only_main["plugins"][CRI]["sandbox_image"].as_str(),
-        Some("example.local/pause:9")
-    );
-    std::fs::write(
-        dropins.join("kata.toml"),
-        format!(
-            "version = 2\n[plugins.\"{CRI}\".containerd.runtimes.kata-qemu]\nruntime_type = \"io.containerd.kata-qemu.v2\"\n[metrics]\ngrpc_histogram = true\n"
-        ),
-    )
-    .expect("write drop-in");
-    let merged = dump(&main);
-    let rts = runtimes(&merged, CRI);
-    assert!(rts.contains_key("kata-qemu"));
-    assert!(
-        !rts.contains_key("runc"),
-        "containerd 1.x kept runc: imports now merge deeply, revisit the in-place strategy"
-    );
-    assert_ne!(
-        merged["plugins"][CRI]["sandbox_image"].as_str(),
-        Some("example.local/pause:9"),
-        "sandbox_image survived the drop-in: imports now merge deeply"
-    );
-    // Top-level tables do merge.
-    assert_eq!(
-        merged["metrics"]["address"].as_str(),
-        Some("127.0.0.1:1338")
-    );
-    assert_eq!(merged["metrics"]["grpc_histogram"].as_bool(), Some(true));
-    // And so noded plans an in-place edit for this containerd.
-    let req = request(&main, &tmp.path().join("state"), &HANDLERS, "1.6.20");
-    let plan = noded::containerd::apply::plan(&req).expect("plan");
-    assert_eq!(plan.strategy, noded::containerd::apply::Strategy::InPlace);
+}
+
+per_series! {
+    /// Why containerd 1.x gets an in-place edit and 2.x a drop-in: a 1.x imported file replaces whole
+    /// plugin sections, a 2.x one merges deeply. If a series stops behaving as its strategy assumes,
+    /// this test fails and the strategy must be revisited.
+    fn imports_merge_as_the_strategy_assumes(series) {
+        let Some(bins) = series_bins(series) else {
+            return;
+        };
+        let deep = series.version().major >= 2;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dropins = tmp.path().join("config.d");
+        std::fs::create_dir_all(&dropins).expect("mkdir");
+        let main = tmp.path().join("config.toml");
+        std::fs::write(
+            &main,
+            format!(
+                "version = 2\nimports = [\"{}/*.toml\"]\n\n[plugins.\"{CRI}\"]\nsandbox_image = \"example.local/pause:9\"\n\n[plugins.\"{CRI}\".containerd.runtimes.runc]\nruntime_type = \"io.containerd.runc.v2\"\n[plugins.\"{CRI}\".containerd.runtimes.runc.options]\nSystemdCgroup = true\n\n[metrics]\naddress = \"127.0.0.1:1338\"\n",
+                dropins.display()
+            ),
+        )
+        .expect("write main");
+        // Where the series reports the sandbox image (2.x migrates a version 2 file to version 3).
+        let sandbox = |d: &toml::Table| -> Option<String> {
+            let v = if deep {
+                &d["plugins"]["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"]
+            } else {
+                &d["plugins"][CRI]["sandbox_image"]
+            };
+            v.as_str().map(str::to_owned)
+        };
+        let only_main = dump(&bins, &main);
+        assert_eq!(sandbox(&only_main).as_deref(), Some("example.local/pause:9"));
+        std::fs::write(
+            dropins.join("kata.toml"),
+            format!(
+                "version = 2\n[plugins.\"{CRI}\".containerd.runtimes.kata-qemu]\nruntime_type = \"io.containerd.kata-qemu.v2\"\n[metrics]\ngrpc_histogram = true\n"
+            ),
+        )
+        .expect("write drop-in");
+        let merged = dump(&bins, &main);
+        let rts = runtimes(&merged, series.runtime_plugin());
+        assert!(rts.contains_key("kata-qemu"), "{series}");
+        assert_eq!(
+            rts.contains_key("runc"),
+            deep,
+            "{series}: runc kept by a drop-in naming another handler"
+        );
+        assert_eq!(
+            sandbox(&merged).as_deref() == Some("example.local/pause:9"),
+            deep,
+            "{series}: sandbox image kept by a drop-in of the same plugin"
+        );
+        // Top-level tables merge on every series.
+        assert_eq!(
+            merged["metrics"]["address"].as_str(),
+            Some("127.0.0.1:1338")
+        );
+        assert_eq!(merged["metrics"]["grpc_histogram"].as_bool(), Some(true));
+        let req = series_request(&bins, &main, &tmp.path().join("state"));
+        let plan = noded::containerd::apply::plan(&req).expect("plan");
+        let expected = if deep { Strategy::DropIn } else { Strategy::InPlace };
+        assert_eq!(plan.strategy, expected, "{series}");
+    }
 }
 
 /// containerd 2.x shapes (not installable here): text-level goldens of the drop-in strategy.

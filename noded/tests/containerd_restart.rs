@@ -1,5 +1,7 @@
-//! `noded containerd apply|revert` against a running private containerd 1.6: restart only on change,
-//! CRI verification, running containers surviving the restart, and rollback when verification fails.
+//! `noded containerd apply|revert` against a running private containerd of every series (1.6, 1.7,
+//! 2.1): the version comes from the daemon's Version API (the `containerd` on PATH is 1.6 whatever
+//! runs), restart only on change, CRI verification, running containers surviving the restart, and
+//! rollback when verification fails.
 
 mod common;
 
@@ -7,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::config_shapes::noded_bin;
+use testkit::per_series;
 
 fn noded(args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = Command::new(noded_bin())
@@ -31,9 +34,9 @@ async fn handlers(socket: &Path) -> Vec<String> {
     status.handlers.keys().cloned().collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_restarts_verifies_and_running_containers_survive() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn apply_restarts_verifies_and_running_containers_survive(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let socket = ctrd.socket().to_path_buf();
@@ -74,6 +77,14 @@ async fn apply_restarts_verifies_and_running_containers_survive() {
     assert_eq!(report["changed"], true, "{report}");
     assert_eq!(report["restarted"], true, "{report}");
     assert_eq!(report["verified"], true, "{report}");
+    // Asked from the running daemon, not from the `containerd` on PATH.
+    let version = report["containerd_version"].as_str().unwrap_or_default();
+    assert!(
+        version.starts_with(&format!("{}.", series.name())),
+        "{series}: {report}"
+    );
+    let strategy = if series.version().major >= 2 { "drop-in" } else { "in-place" };
+    assert_eq!(report["strategy"], strategy, "{report}");
     let loaded = handlers(&socket).await;
     assert!(
         loaded.contains(&"kata-qemu".to_owned()) && loaded.contains(&"kata-qemu-warm".to_owned()),
@@ -112,12 +123,15 @@ async fn apply_restarts_verifies_and_running_containers_survive() {
     common::containerd::assert_running(&socket, &pod.container_id).await;
     common::containerd::remove(&socket, &pod).await;
 }
+}
 
+per_series! {
+[V1_6, V2_1]
 /// containerd restarts but does not load what noded wrote (here: it reads another file, as when a
-/// unit's --config points elsewhere): noded restores the file, restarts again and exits 1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_verification_rolls_back() {
-    let Some(ctrd) = common::containerd::start().await else {
+/// unit's --config points elsewhere): noded restores the file, restarts again and exits 1. The
+/// expensive rollback runs on one series per major version.
+async fn failed_verification_rolls_back(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -156,6 +170,11 @@ async fn failed_verification_rolls_back() {
             .await
             .contains(&"kata-qemu".to_owned())
     );
+    assert!(
+        !dir.path().join("config.d/noded-kata.toml").exists(),
+        "{series}: the drop-in is rolled back too"
+    );
+}
 }
 
 /// The restart itself fails: rollback, exit 1, the reason on one line.

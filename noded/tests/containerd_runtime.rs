@@ -1,4 +1,6 @@
-//! The containerd runtime pieces against a real private containerd 1.6 + runc.
+//! The containerd runtime pieces against a real private containerd + runc of every series (1.6, 1.7,
+//! 2.1); the tests that restart containerd run on one series per major version (1.6 and 2.1) to keep CI
+//! time down.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,20 +11,38 @@ use std::time::Duration;
 
 use noded::containerd::cri::{CriClient, loaded_handlers};
 use noded::containerd::image::{self, K8S_NAMESPACE, PAUSE_IMAGE, PROBE_IMAGE};
-use noded::containerd::private::{PrivateContainerd, PrivateLayout, default_config};
+use noded::containerd::private::PrivateContainerd;
 use noded::containerd::probe::{ProbeOptions, ProbeStage, probe};
 use noded::observe::latency;
+use testkit::containerd::Series;
+use testkit::per_series;
+
+/// The series' default private config for `dir` with one more handler next to runc.
+fn config_with_handler(series: Series, dir: &Path, name: &str, runtime_type: &str) -> String {
+    let runc = "runtime_type = \"io.containerd.runc.v2\"";
+    let text = testkit::containerd::default_config(series, dir, PAUSE_IMAGE);
+    assert!(text.contains(runc));
+    text.replacen(
+        runc,
+        &format!(
+            "{runc}\n\n        [plugins.\"{}\".containerd.runtimes.{name}]\n          runtime_type = \"{runtime_type}\"",
+            series.runtime_plugin()
+        ),
+        1,
+    )
+}
 
 fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-#[tokio::test]
-async fn private_containerd_starts_stops_and_restarts() {
-    if !common::containerd::available() {
+per_series! {
+[V1_6, V2_1]
+async fn private_containerd_starts_stops_and_restarts(series) {
+    if common::containerd::available_series(series).is_none() {
         return;
     }
-    let mut ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE).await.unwrap();
+    let mut ctrd = testkit::containerd::start(series, PAUSE_IMAGE).await.unwrap();
     let first = ctrd.containerd_pid().unwrap();
     let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
     assert_eq!(cri.version().await.unwrap().runtime_name, "containerd");
@@ -89,43 +109,42 @@ async fn private_containerd_starts_stops_and_restarts() {
     assert!(!pid_alive(last), "drop must kill containerd");
     assert!(!dir.exists(), "temp dir removed on drop");
 }
+}
 
-#[tokio::test]
-async fn starts_from_a_config_file_the_caller_wrote() {
-    if !common::containerd::available() {
+per_series! {
+async fn starts_from_a_config_file_the_caller_wrote(series) {
+    let Some(bins) = common::containerd::available_series(series) else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
-    let layout = PrivateLayout::new(tmp.path());
     let cfg = tmp.path().join("my-config.toml");
-    let text = default_config(&layout, PAUSE_IMAGE).replace(
-        "runtime_type = \"io.containerd.runc.v2\"",
-        "runtime_type = \"io.containerd.runc.v2\"\n\n        [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.extra]\n          runtime_type = \"io.containerd.extra.v2\"",
-    );
+    let text = config_with_handler(series, tmp.path(), "extra", "io.containerd.extra.v2");
     std::fs::write(&cfg, text).unwrap();
-    let ctrd = PrivateContainerd::start(tmp.path(), &cfg).await.unwrap();
+    let ctrd = PrivateContainerd::start_with(tmp.path(), &cfg, &bins.launch())
+        .await
+        .unwrap();
     assert_eq!(ctrd.config_path(), cfg.as_path());
     let handlers = loaded_handlers(ctrd.socket()).await.unwrap();
     assert_eq!(handlers["extra"].runtime_type, "io.containerd.extra.v2");
     assert_eq!(handlers["runc"].runtime_type, "io.containerd.runc.v2");
 }
+}
 
-#[tokio::test]
-async fn a_config_that_containerd_rejects_is_reported_with_its_log() {
-    if !common::containerd::available() {
+per_series! {
+async fn a_config_that_containerd_rejects_is_reported_with_its_log(series) {
+    let Some(bins) = common::containerd::available_series(series) else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
-    let layout = PrivateLayout::new(tmp.path());
     let cfg = tmp.path().join("bad.toml");
     // Valid TOML, but containerd refuses to start: `required_plugins` names a plugin that does not exist.
-    let text = default_config(&layout, PAUSE_IMAGE).replace(
+    let text = testkit::containerd::default_config(series, tmp.path(), PAUSE_IMAGE).replace(
         "required_plugins = [\"io.containerd.grpc.v1.cri\"]",
         "required_plugins = [\"io.containerd.grpc.v1.cri\", \"io.noded.no-such-plugin\"]",
     );
     std::fs::write(&cfg, text).unwrap();
     let started = tokio::time::timeout(Duration::from_secs(60), async {
-        let r = PrivateContainerd::start(tmp.path(), &cfg).await;
+        let r = PrivateContainerd::start_with(tmp.path(), &cfg, &bins.launch()).await;
         r.map(|_| ())
     })
     .await
@@ -135,13 +154,14 @@ async fn a_config_that_containerd_rejects_is_reported_with_its_log() {
         .to_string();
     assert!(err.contains("no-such-plugin"), "{err}");
 }
+}
 
-#[tokio::test]
-async fn image_build_and_import_is_idempotent() {
-    if !common::containerd::available() {
+per_series! {
+async fn image_build_and_import_is_idempotent(series) {
+    let Some(bins) = common::containerd::available_series(series) else {
         return;
-    }
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE).await.unwrap();
+    };
+    let ctrd = testkit::containerd::start(series, PAUSE_IMAGE).await.unwrap();
     let busybox = Path::new(image::DEFAULT_BUSYBOX);
     let a = image::build_layout(busybox, &[PROBE_IMAGE, PAUSE_IMAGE]).unwrap();
     let b = image::build_layout(busybox, &[PROBE_IMAGE, PAUSE_IMAGE]).unwrap();
@@ -170,7 +190,7 @@ async fn image_build_and_import_is_idempotent() {
     // The same tar is what `ctr images import` accepts: containerd's own client agrees on the digest.
     let tar_path = ctrd.dir().join("images.tar");
     image::write_layout_tar(busybox, &[PROBE_IMAGE, PAUSE_IMAGE], &tar_path).unwrap();
-    let ls = Command::new("ctr")
+    let ls = Command::new(&bins.ctr)
         .args(["--address"])
         .arg(ctrd.socket())
         .args(["-n", K8S_NAMESPACE, "images", "ls"])
@@ -201,10 +221,11 @@ async fn image_build_and_import_is_idempotent() {
             .unwrap()
     );
 }
+}
 
-#[tokio::test]
-async fn cri_status_lists_the_runc_handler() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn cri_status_lists_the_runc_handler(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
@@ -214,7 +235,24 @@ async fn cri_status_lists_the_runc_handler() {
     let status = cri.status_verbose().await.unwrap();
     assert!(status.runtime_ready(), "{status:?}");
     assert_eq!(status.default_runtime_name, "runc");
-    assert_eq!(status.sandbox_image, PAUSE_IMAGE);
+    if series.version().major >= 2 {
+        // 2.x: no image config in Status; the sandbox image is the pinned one, and the served
+        // handlers are listed.
+        assert_eq!(status.sandbox_image, "", "{series}");
+        assert!(
+            status.runtime_handlers.contains(&"runc".to_owned()),
+            "{:?}",
+            status.runtime_handlers
+        );
+    } else {
+        assert_eq!(status.sandbox_image, PAUSE_IMAGE, "{series}");
+        assert!(status.runtime_handlers.is_empty(), "{series}");
+    }
+    assert_eq!(
+        cri.sandbox_image().await.unwrap().as_deref(),
+        Some(PAUSE_IMAGE),
+        "{series}"
+    );
     let runc = &status.handlers["runc"];
     assert_eq!(runc.runtime_type, "io.containerd.runc.v2");
     assert_eq!(
@@ -223,10 +261,12 @@ async fn cri_status_lists_the_runc_handler() {
     );
     assert_eq!(status.handlers.len(), 1, "{:?}", status.handlers.keys());
 }
+}
 
-#[tokio::test]
-async fn a_runc_container_survives_a_containerd_restart() {
-    let Some(mut ctrd) = common::containerd::start().await else {
+per_series! {
+[V1_6, V2_1]
+async fn a_runc_container_survives_a_containerd_restart(series) {
+    let Some(mut ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let pod = common::containerd::start_sleeper(ctrd.socket(), "runc").await;
@@ -250,10 +290,11 @@ async fn a_runc_container_survives_a_containerd_restart() {
     let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
     assert!(cri.all_pods().await.unwrap().is_empty());
 }
+}
 
-#[tokio::test]
-async fn drop_kills_shims_and_containers() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn drop_kills_shims_and_containers(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let pod = common::containerd::start_sleeper(ctrd.socket(), "runc").await;
@@ -266,10 +307,11 @@ async fn drop_kills_shims_and_containers() {
         assert!(!pid_alive(*p), "process {p} survived the drop");
     }
 }
+}
 
-#[tokio::test]
-async fn probe_with_runc_succeeds_and_leaves_nothing_behind() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn probe_with_runc_succeeds_and_leaves_nothing_behind(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let outcome = probe(ctrd.socket(), "runc", &ProbeOptions::default()).await;
@@ -292,10 +334,11 @@ async fn probe_with_runc_succeeds_and_leaves_nothing_behind() {
     }
     assert!(shims.is_empty(), "shims left: {shims:?}");
 }
+}
 
-#[tokio::test]
-async fn probe_with_a_failing_command_reports_the_exit_code() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn probe_with_a_failing_command_reports_the_exit_code(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let opts = ProbeOptions {
@@ -313,10 +356,11 @@ async fn probe_with_a_failing_command_reports_the_exit_code() {
     let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
     assert!(cri.all_pods().await.unwrap().is_empty());
 }
+}
 
-#[tokio::test]
-async fn probe_with_an_unknown_handler_surfaces_containerds_error() {
-    let Some(ctrd) = common::containerd::start().await else {
+per_series! {
+async fn probe_with_an_unknown_handler_surfaces_containerds_error(series) {
+    let Some(ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let outcome = probe(ctrd.socket(), "kata-nope", &ProbeOptions::default()).await;
@@ -331,21 +375,20 @@ async fn probe_with_an_unknown_handler_surfaces_containerds_error() {
     let mut cri = CriClient::connect(ctrd.socket()).await.unwrap();
     assert!(cri.all_pods().await.unwrap().is_empty());
 }
+}
 
-#[tokio::test]
-async fn probe_with_a_missing_shim_surfaces_containerds_error() {
-    if !common::containerd::available() {
+per_series! {
+async fn probe_with_a_missing_shim_surfaces_containerds_error(series) {
+    let Some(bins) = common::containerd::available_series(series) else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
-    let layout = PrivateLayout::new(tmp.path());
     let cfg = tmp.path().join("config.toml");
-    let text = default_config(&layout, PAUSE_IMAGE).replace(
-        "runtime_type = \"io.containerd.runc.v2\"",
-        "runtime_type = \"io.containerd.runc.v2\"\n\n        [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]\n          runtime_type = \"io.containerd.kata-qemu.v2\"",
-    );
+    let text = config_with_handler(series, tmp.path(), "kata-qemu", "io.containerd.kata-qemu.v2");
     std::fs::write(&cfg, text).unwrap();
-    let ctrd = PrivateContainerd::start(tmp.path(), &cfg).await.unwrap();
+    let ctrd = PrivateContainerd::start_with(tmp.path(), &cfg, &bins.launch())
+        .await
+        .unwrap();
     common::containerd::import_images(ctrd.socket()).await;
     let outcome = probe(ctrd.socket(), "kata-qemu", &ProbeOptions::default()).await;
     assert!(!outcome.ok);
@@ -358,10 +401,12 @@ async fn probe_with_a_missing_shim_surfaces_containerds_error() {
         "a failed sandbox was left behind"
     );
 }
+}
 
-#[tokio::test]
-async fn boot_latency_samples_appear_for_a_probe_and_survive_a_restart() {
-    let Some(mut ctrd) = common::containerd::start().await else {
+per_series! {
+[V1_6, V2_1]
+async fn boot_latency_samples_appear_for_a_probe_and_survive_a_restart(series) {
+    let Some(mut ctrd) = common::containerd::start_series(series).await else {
         return;
     };
     let (task, mut rx) = latency::spawn(ctrd.socket().to_path_buf());
@@ -376,6 +421,7 @@ async fn boot_latency_samples_appear_for_a_probe_and_survive_a_restart() {
     assert_eq!(second.runtime_handler, "runc");
     assert_ne!(second.sandbox_id, first.sandbox_id);
     task.abort();
+}
 }
 
 async fn sample_from_probe(

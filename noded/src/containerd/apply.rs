@@ -29,9 +29,12 @@ pub struct Request {
     pub state_dir: PathBuf,
     /// Take over handler tables of the same name that noded did not write.
     pub adopt: bool,
-    /// None: detect from `containerd --version`.
+    /// None: ask the containerd on `socket`, or `containerd_binary --version` where none answers.
     pub containerd_version: Option<ContainerdVersion>,
     pub containerd_binary: PathBuf,
+    /// containerd's gRPC socket, asked for the version when containerd runs there. None: containerd is
+    /// not running (installer boot), exec `containerd_binary --version` only.
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -160,6 +163,9 @@ impl ExitStatus for ApplyError {
 const DROP_IN_NAME: &str = "noded-kata.toml";
 
 impl Request {
+    /// Synchronous: the given version, else `containerd_binary --version`. [`apply`] resolves the
+    /// version from the running daemon first ([`Request::resolved`]), so this execs only for a bare
+    /// [`plan`] without a resolved version.
     fn version(&self) -> Result<ContainerdVersion, ApplyError> {
         match self.containerd_version {
             Some(v) => Ok(v),
@@ -168,6 +174,27 @@ impl Request {
                 &StateStore::new(&self.state_dir).version_cache(),
             )?),
         }
+    }
+
+    /// The version to plan for: given, else the running containerd's (Version API on `socket`), else
+    /// `containerd_binary --version` (containerd not running).
+    pub async fn resolve_version(&self) -> Result<ContainerdVersion, ApplyError> {
+        if let Some(v) = self.containerd_version {
+            return Ok(v);
+        }
+        Ok(ContainerdVersion::detect_running(
+            self.socket.as_deref(),
+            &self.containerd_binary,
+            &StateStore::new(&self.state_dir).version_cache(),
+        )
+        .await?)
+    }
+
+    /// This request with its containerd version resolved ([`resolve_version`](Self::resolve_version)).
+    pub async fn resolved(&self) -> Result<Request, ApplyError> {
+        let mut r = self.clone();
+        r.containerd_version = Some(self.resolve_version().await?);
+        Ok(r)
     }
 
     fn specs(&self) -> Vec<HandlerSpec> {
@@ -193,6 +220,14 @@ fn socket_of(doc: &ConfigDocument) -> PathBuf {
     doc.semantic()
         .and_then(|t| t.get("grpc")?.get("address")?.as_str().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"))
+}
+
+/// containerd's socket as `config` names it (`grpc.address`, else containerd's default), to ask the
+/// running daemon its version. A file noded cannot read gives the default; planning reports the file.
+pub fn config_socket(config: &Path) -> PathBuf {
+    ConfigDocument::load(config, ConfigVersion::V2)
+        .map(|d| socket_of(&d))
+        .unwrap_or_else(|_| PathBuf::from("/run/containerd/containerd.sock"))
 }
 
 /// Computes every change without writing anything.
@@ -226,7 +261,7 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
                     Some(_) => Action::Update,
                 };
                 if action != Action::Unchanged {
-                    doc.set_handler(spec);
+                    doc.set_handler(spec, version);
                 }
                 actions.push(HandlerAction {
                     handler: spec.name.clone(),
@@ -254,6 +289,15 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
             ));
         }
         Strategy::DropIn => {
+            // Verified with 2.1: alone, a version 1 file's plugin tables are ignored; next to a
+            // version 2 drop-in they are migrated and take effect. Either way noded would change
+            // settings it does not own, so it asks for an explicit version first.
+            if main.version == ConfigVersion::V1 && main.has_plugins() {
+                return Err(DocumentError::Version1OnContainerd2 {
+                    path: req.config.clone(),
+                }
+                .into());
+            }
             for spec in &specs {
                 if main.has_handler(&spec.name) && !req.adopt {
                     return Err(ApplyError::Foreign {
@@ -418,6 +462,16 @@ pub async fn verify_loaded(socket: &Path, specs: &[HandlerSpec]) -> Result<(), S
                     .join(", ")
             ));
         };
+        // containerd 2.x also lists the handlers it serves; a handler in the config but not served
+        // there was not loaded.
+        if !status.runtime_handlers.is_empty() && !status.runtime_handlers.contains(&spec.name) {
+            return Err(format!(
+                "containerd at {} has runtime handler `{}` in its config but does not serve it (runtime_handlers: {})",
+                socket.display(),
+                spec.name,
+                status.runtime_handlers.join(", ")
+            ));
+        }
         if h.runtime_type != spec.runtime_type {
             return Err(format!(
                 "handler `{}` has runtime_type `{}`, expected `{}`",
@@ -457,6 +511,7 @@ async fn restart_and_verify(
 pub async fn apply(req: &Request, restart: &Restart) -> Result<Report, ApplyError> {
     let span = info_span!("containerd_apply", config = %req.config.display());
     let _g = span.enter();
+    let req = &req.resolved().await?;
     let plan = plan(req)?;
     let store = StateStore::new(&req.state_dir);
     for f in &plan.files {
@@ -539,13 +594,36 @@ pub async fn revert(
     containerd_version: Option<ContainerdVersion>,
     containerd_binary: &Path,
 ) -> Result<Report, ApplyError> {
+    revert_with(
+        config,
+        state_dir,
+        restart,
+        containerd_version,
+        containerd_binary,
+        None,
+    )
+    .await
+}
+
+/// [`revert`], asking the containerd on `socket` for its version when it runs there.
+pub async fn revert_with(
+    config: &Path,
+    state_dir: &Path,
+    restart: &Restart,
+    containerd_version: Option<ContainerdVersion>,
+    containerd_binary: &Path,
+    socket: Option<&Path>,
+) -> Result<Report, ApplyError> {
     let span = info_span!("containerd_revert", config = %config.display());
     let _g = span.enter();
     let store = StateStore::new(state_dir);
     let mut state = store.load()?;
     let version = match containerd_version {
         Some(v) => v,
-        None => ContainerdVersion::detect_cached(containerd_binary, &store.version_cache())?,
+        None => {
+            ContainerdVersion::detect_running(socket, containerd_binary, &store.version_cache())
+                .await?
+        }
     };
     let default_version = default_config_version(version);
     let main = ConfigDocument::load(config, default_version)?;

@@ -65,6 +65,18 @@ pub struct Target {
     pub containerd_version: Option<String>,
     #[arg(long, default_value = "containerd")]
     pub containerd_binary: PathBuf,
+    /// containerd's socket, asked for its version while containerd runs (default: the config's
+    /// `grpc.address`); `containerd --version` only where nothing answers there.
+    #[arg(long)]
+    pub containerd_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self, config: &Path) -> PathBuf {
+        self.containerd_socket
+            .clone()
+            .unwrap_or_else(|| apply::config_socket(config))
+    }
 }
 
 /// A bad argument: exit 2 with one line.
@@ -92,6 +104,7 @@ fn request(o: &PlanOptions) -> Result<Request, String> {
         adopt: o.adopt,
         containerd_version: parse_version(o.target.containerd_version.as_deref())?,
         containerd_binary: o.target.containerd_binary.clone(),
+        socket: Some(o.target.socket(&o.config)),
     })
 }
 
@@ -110,7 +123,14 @@ pub fn plan(o: &PlanOptions) -> u8 {
         Ok(r) => r,
         Err(m) => return bad(m),
     };
-    match apply::plan(&req) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let plan = rt
+        .block_on(req.resolved())
+        .and_then(|req| apply::plan(&req));
+    match plan {
         Ok(p) => {
             print_plan(&p, o.output);
             exit::OK
@@ -151,12 +171,14 @@ pub fn revert(o: &RevertOptions) -> u8 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let run = apply::revert(
+    let socket = o.target.socket(&o.config);
+    let run = apply::revert_with(
         &o.config,
         &o.target.state_dir,
         &restart,
         version,
         &o.target.containerd_binary,
+        Some(&socket),
     );
     match rt.block_on(run) {
         Ok(r) => {

@@ -131,8 +131,13 @@ pub struct CriStatus {
     /// `RuntimeReady`, `NetworkReady` (false without CNI config; host-network pods still work).
     pub conditions: Vec<RuntimeCondition>,
     pub default_runtime_name: String,
+    /// The CRI plugin's sandbox image as containerd 1.x reports it; empty on containerd 2.x, whose
+    /// Status no longer carries the image config (see [`CriClient::sandbox_image`]).
     pub sandbox_image: String,
     pub handlers: BTreeMap<String, HandlerInfo>,
+    /// Names of the handlers the runtime lists in `StatusResponse.runtime_handlers` (containerd 2.x;
+    /// empty on 1.x). The default handler appears as `""`.
+    pub runtime_handlers: Vec<String>,
 }
 
 impl CriStatus {
@@ -337,7 +342,29 @@ impl CriClient {
             default_runtime_name,
             sandbox_image,
             handlers,
+            runtime_handlers: r.runtime_handlers.into_iter().map(|h| h.name).collect(),
         })
+    }
+
+    /// The sandbox (pause) image: containerd 1.x reports it in Status; containerd 2.x only pins it
+    /// (`pinned_images.sandbox`), so it is the pinned image CRI lists (None while not present).
+    pub async fn sandbox_image(&mut self) -> Result<Option<String>, CriError> {
+        let status = self.status_verbose().await?;
+        if !status.sandbox_image.is_empty() {
+            return Ok(Some(status.sandbox_image));
+        }
+        let r = timed(
+            "ListImages",
+            RPC_TIMEOUT,
+            self.images
+                .list_images(k8s_cri::v1::ListImagesRequest { filter: None }),
+        )
+        .await?;
+        Ok(r.images
+            .into_iter()
+            .filter(|i| i.pinned)
+            .flat_map(|i| i.repo_tags)
+            .next())
     }
 
     /// Whether the CRI plugin knows the image (by name or id).
@@ -509,14 +536,30 @@ impl CriClient {
         sandbox_id: &str,
         timeout: Duration,
     ) -> Result<(), CriError> {
-        timed(
-            "StopPodSandbox",
-            timeout,
-            self.runtime.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sandbox_id.into(),
-            }),
-        )
-        .await?;
+        // containerd 2.x can answer `ttrpc: closed` while the sandbox's shim is exiting under the
+        // call; the sandbox is stopped a moment later, so the stop is retried briefly.
+        let mut attempt = 0;
+        loop {
+            let stop = timed(
+                "StopPodSandbox",
+                timeout,
+                self.runtime.stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: sandbox_id.into(),
+                }),
+            )
+            .await;
+            match stop {
+                Ok(_) => break,
+                Err(CriError::Rpc { message, .. })
+                    if message.contains("ttrpc: closed") && attempt < 5 =>
+                {
+                    attempt += 1;
+                    debug!(sandbox = %sandbox_id, attempt, "StopPodSandbox: ttrpc closed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         timed(
             "RemovePodSandbox",
             timeout,
@@ -629,6 +672,19 @@ mod tests {
             kata.config_path(),
             Some("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
         );
+    }
+
+    /// containerd 2.1's verbose config has no `sandboxImage` (the image config moved out of Status).
+    #[test]
+    fn parses_containerd_21_verbose_config_without_sandbox_image() {
+        let config = r#"{"containerd":{"defaultRuntimeName":"runc","runtimes":{"runc":{"runtimeType":"io.containerd.runc.v2",
+            "options":{"SystemdCgroup":false},"sandboxer":"podsandbox","io_type":""}}},"cni":{"binDirs":["/x"]},
+            "disableApparmor":true,"restrictOOMScoreAdj":true}"#;
+        let info = HashMap::from([("config".to_string(), config.to_string())]);
+        let (default, sandbox, handlers) = parse_status_info(&info).unwrap();
+        assert_eq!(default, "runc");
+        assert_eq!(sandbox, "");
+        assert_eq!(handlers["runc"].runtime_type, "io.containerd.runc.v2");
     }
 
     #[test]

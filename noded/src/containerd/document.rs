@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use toml_edit::{DocumentMut, Item, Key, Table, TableLike};
 
 use super::handler::HandlerSpec;
+use super::version::ContainerdVersion;
 
 /// Marker written above every handler table noded owns. Ownership itself is in the state file; the
 /// marker tells a human reading the file who wrote it.
@@ -62,6 +63,10 @@ pub enum DocumentError {
         "{path}: unsupported `version = {found}` (noded supports containerd config versions 1, 2 and 3)"
     )]
     UnsupportedVersion { path: PathBuf, found: String },
+    #[error(
+        "{path}: a version 1 config (no `version` key, short plugin ids like `plugins.cri`) whose plugin tables containerd 2.x ignores, and a drop-in would make it read them; declare `version = 2` (long plugin ids) or 3 first"
+    )]
+    Version1OnContainerd2 { path: PathBuf },
     #[error("{path}: `{key}` is {found}, expected {expected}")]
     WrongType {
         path: PathBuf,
@@ -284,16 +289,16 @@ impl ConfigDocument {
         self.runtimes().is_some_and(|r| r.contains_key(name))
     }
 
-    /// Writes (or replaces) one handler table.
-    pub fn set_handler(&mut self, spec: &HandlerSpec) {
+    /// Writes (or replaces) one handler table, for a file read by containerd `containerd`.
+    pub fn set_handler(&mut self, spec: &HandlerSpec, containerd: ContainerdVersion) {
         let created_runtimes = self.runtimes().is_none();
         let version = self.version;
         let quote = self.quote;
-        // containerd replaces its built-in runtimes map with the file's: a new map must name runc,
-        // or `default_runtime_name = "runc"` points at nothing and every runc pod breaks.
-        if created_runtimes && version != ConfigVersion::V3 {
-            let mut runc = Table::new();
-            runc.insert("runtime_type", toml_edit::value("io.containerd.runc.v2"));
+        // containerd 1.x replaces its built-in runtimes map with the file's: a new map must name runc,
+        // or `default_runtime_name = "runc"` points at nothing and every runc pod breaks. containerd
+        // 2.x merges the file's map into the built-in one, so runc stays without noded's help.
+        if created_runtimes && version != ConfigVersion::V3 && !containerd.merges_imports() {
+            let mut runc = super::handler::builtin_runc_table(containerd);
             runc.decor_mut().set_prefix(
                 "\n# Added by noded: containerd drops its built-in runc handler once a config names any runtime.\n",
             );
@@ -345,6 +350,14 @@ impl ConfigDocument {
         self.version_declared = true;
     }
 
+    /// The file has a `plugins` table with at least one plugin in it.
+    pub fn has_plugins(&self) -> bool {
+        self.doc
+            .get("plugins")
+            .and_then(Item::as_table_like)
+            .is_some_and(|p| !p.is_empty())
+    }
+
     pub fn imports(&self) -> Vec<String> {
         self.doc
             .get("imports")
@@ -378,7 +391,9 @@ impl ConfigDocument {
             path: path.to_path_buf(),
             original: Vec::new(),
             existed: false,
-            version: self.version,
+            // containerd 2.1 ignores the handlers of a version 1 drop-in (it does not migrate the short
+            // plugin ids of an imported file); a version 2 drop-in next to a version 1 file is read.
+            version: self.version.max(ConfigVersion::V2),
             version_declared: false,
             doc: DocumentMut::new(),
             quote: self.quote,

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use super::version::ContainerdVersion;
+
 /// A Kata runtime handler noded knows how to register. Names match kata-deploy's, so existing
 /// RuntimeClasses and pod specs keep working after a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -115,6 +117,18 @@ impl HandlerSpec {
         t.insert("options", toml_edit::Item::Table(options));
         t
     }
+}
+
+/// containerd 1.x's built-in `runc` handler as an explicit table, for when noded creates the runtimes
+/// map (which replaces the built-in one): runc's effective config must not change. 1.7 gives the
+/// built-in runc `sandbox_mode = "podsandbox"`; a table without it would read as `""`.
+pub fn builtin_runc_table(containerd: ContainerdVersion) -> toml_edit::Table {
+    let mut runc = toml_edit::Table::new();
+    runc.insert("runtime_type", toml_edit::value("io.containerd.runc.v2"));
+    if containerd.major == 1 && containerd.minor >= 7 {
+        runc.insert("sandbox_mode", toml_edit::value("podsandbox"));
+    }
+    runc
 }
 
 /// Parses `--runtime` values; an empty list means the default pair.

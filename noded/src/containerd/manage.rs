@@ -41,6 +41,7 @@ fn request(config: &NodedConfig) -> Result<Request, ManageError> {
         adopt: false,
         containerd_version: None,
         containerd_binary: PathBuf::from("containerd"),
+        socket: Some(super::apply::config_socket(&config.containerd.config)),
     })
 }
 

@@ -1,4 +1,9 @@
-//! A private containerd 1.6 with its own root, state, sockets and `/run`, for local mode and tests.
+//! A private containerd with its own root, state, sockets and `/run`, for local mode and tests.
+//!
+//! Local mode runs the installed containerd (1.6 here) with a version 2 config; tests choose the binary
+//! and the config version ([`Launch`], [`default_config_for`]) to run 1.7 and 2.x the same way.
+//! containerd's PATH starts with `<dir>/bin`, so per-handler shims (`containerd-shim-<handler>-v2`,
+//! which containerd 1.6 resolves by name whatever `runtime_path` says) can be dropped there.
 //!
 //! containerd 1.6 puts shim sockets, runc state and fifos under a hard-coded `/run/containerd` whatever
 //! `state` says, so it runs inside its own mount namespace with `<dir>/run` bound over `/run`. Inside that
@@ -92,6 +97,8 @@ pub struct PrivateLayout {
     /// CNI conf/bin dirs, private so the host's CNI config is never used.
     pub cni_conf: PathBuf,
     pub cni_bin: PathBuf,
+    /// First on containerd's PATH: where per-handler shims go.
+    pub bin: PathBuf,
     /// The config [`PrivateContainerd::start_default`] writes.
     pub default_config: PathBuf,
     /// containerd's stdout/stderr (appended across restarts).
@@ -119,6 +126,7 @@ impl PrivateLayout {
             opt: p("opt"),
             cni_conf: p("cni/net.d"),
             cni_bin: p("cni/bin"),
+            bin: p("bin"),
             default_config: p("config.toml"),
             log: p("containerd.log"),
             pidfile: p("containerd.pid"),
@@ -147,6 +155,7 @@ impl PrivateLayout {
             &self.opt,
             &self.cni_conf,
             &self.cni_bin,
+            &self.bin,
         ] {
             std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
@@ -215,6 +224,103 @@ required_plugins = ["io.containerd.grpc.v1.cri"]
     )
 }
 
+/// The default private config for a config version: [`default_config`] (version 2, containerd 1.x)
+/// or [`default_config_v3`] (version 3, containerd 2.x).
+pub fn default_config_for(
+    version: super::document::ConfigVersion,
+    layout: &PrivateLayout,
+    sandbox_image: &str,
+) -> String {
+    match version {
+        super::document::ConfigVersion::V3 => default_config_v3(layout, sandbox_image),
+        _ => default_config(layout, sandbox_image),
+    }
+}
+
+/// The containerd 2.x config (version 3) with the same recipe as [`default_config`]: the CRI plugin is
+/// split into `io.containerd.cri.v1.images` (the sandbox image is `pinned_images.sandbox` there) and
+/// `io.containerd.cri.v1.runtime` (runtimes, CNI, the sandbox settings).
+pub fn default_config_v3(layout: &PrivateLayout, sandbox_image: &str) -> String {
+    let q = |p: &Path| toml_quote(&p.display().to_string());
+    format!(
+        r#"version = 3
+root = {root}
+state = {state}
+required_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = {socket}
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = {debug}
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {opt}
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = {sandbox}
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    netns_mounts_under_state_dir = true
+    disable_apparmor = true
+    restrict_oom_score_adj = true
+
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = [{cni_bin}]
+      conf_dir = {cni_conf}
+
+    [plugins."io.containerd.cri.v1.runtime".containerd]
+      default_runtime_name = "runc"
+
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes]
+
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+          runtime_type = "io.containerd.runc.v2"
+
+          [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+            SystemdCgroup = false
+"#,
+        root = q(&layout.root),
+        state = q(&layout.state),
+        socket = q(&layout.socket),
+        ttrpc = q(&layout.ttrpc_socket),
+        debug = q(&layout.debug_socket),
+        opt = q(&layout.opt),
+        sandbox = toml_quote(sandbox_image),
+        cni_bin = q(&layout.cni_bin),
+        cni_conf = q(&layout.cni_conf),
+    )
+}
+
+/// Which containerd binary runs and what goes on its PATH after `<dir>/bin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The containerd binary (a bare name is looked up on PATH).
+    pub containerd: PathBuf,
+    /// Directories put on containerd's PATH right after `<dir>/bin`, e.g. where the matching
+    /// `containerd-shim-runc-v2` of a non-installed containerd lives.
+    pub path_prefix: Vec<PathBuf>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            containerd: PathBuf::from("containerd"),
+            path_prefix: Vec::new(),
+        }
+    }
+}
+
 /// Rewrites the process-level paths of an existing containerd config (root, state, grpc/ttrpc/debug
 /// addresses, metrics address, the v2 `opt` plugin path) to the layout's, keeping everything else
 /// byte-for-byte. For starting a private containerd from a config shape written for a real host.
@@ -281,6 +387,7 @@ pub struct PrivateContainerd {
     layout: PrivateLayout,
     config: PathBuf,
     socket: PathBuf,
+    launch: Launch,
     supervisor: Option<Child>,
     _tempdir: Option<tempfile::TempDir>,
 }
@@ -291,22 +398,53 @@ impl PrivateContainerd {
         dir: &Path,
         sandbox_image: &str,
     ) -> Result<Self, PrivateContainerdError> {
+        Self::start_default_with(
+            dir,
+            sandbox_image,
+            super::document::ConfigVersion::V2,
+            &Launch::default(),
+        )
+        .await
+    }
+
+    /// Writes [`default_config_for`] `version` into `dir` and starts `launch`'s containerd with it.
+    pub async fn start_default_with(
+        dir: &Path,
+        sandbox_image: &str,
+        version: super::document::ConfigVersion,
+        launch: &Launch,
+    ) -> Result<Self, PrivateContainerdError> {
         let layout = PrivateLayout::new(dir);
         layout.check()?;
         layout.create_dirs()?;
         let config = layout.default_config.clone();
-        std::fs::write(&config, default_config(&layout, sandbox_image)).map_err(io_err(&config))?;
-        Self::start(dir, &config).await
+        std::fs::write(&config, default_config_for(version, &layout, sandbox_image))
+            .map_err(io_err(&config))?;
+        Self::start_with(dir, &config, launch).await
     }
 
     /// Like [`start_default`](Self::start_default) in a fresh temporary directory under /tmp that is removed
     /// on drop.
     pub async fn start_temp(sandbox_image: &str) -> Result<Self, PrivateContainerdError> {
+        Self::start_temp_with(
+            sandbox_image,
+            super::document::ConfigVersion::V2,
+            &Launch::default(),
+        )
+        .await
+    }
+
+    /// Like [`start_temp`](Self::start_temp) with a chosen config version and containerd binary.
+    pub async fn start_temp_with(
+        sandbox_image: &str,
+        version: super::document::ConfigVersion,
+        launch: &Launch,
+    ) -> Result<Self, PrivateContainerdError> {
         let tmp = tempfile::Builder::new()
             .prefix("noded-ctrd-")
             .tempdir_in("/tmp")
             .map_err(io_err(Path::new("/tmp")))?;
-        let mut me = Self::start_default(tmp.path(), sandbox_image).await?;
+        let mut me = Self::start_default_with(tmp.path(), sandbox_image, version, launch).await?;
         me._tempdir = Some(tmp);
         Ok(me)
     }
@@ -314,16 +452,26 @@ impl PrivateContainerd {
     /// Starts containerd with a config the caller wrote. The config's `grpc.address` is the socket waited
     /// for; its root/state/addresses should be under `dir` (see [`PrivateLayout`], [`privatize_config`]).
     pub async fn start(dir: &Path, config: &Path) -> Result<Self, PrivateContainerdError> {
+        Self::start_with(dir, config, &Launch::default()).await
+    }
+
+    /// Like [`start`](Self::start), running `launch`'s containerd.
+    pub async fn start_with(
+        dir: &Path,
+        config: &Path,
+        launch: &Launch,
+    ) -> Result<Self, PrivateContainerdError> {
         let layout = PrivateLayout::new(dir);
         layout.check()?;
         layout.create_dirs()?;
         let socket = socket_of(config)?;
         let config = std::path::absolute(config).map_err(io_err(config))?;
-        write_scripts(&layout, &config, &socket)?;
+        write_scripts(&layout, &config, &socket, launch)?;
         let mut me = Self {
             layout,
             config,
             socket,
+            launch: launch.clone(),
             supervisor: None,
             _tempdir: None,
         };
@@ -347,6 +495,11 @@ impl PrivateContainerd {
 
     pub fn dir(&self) -> &Path {
         &self.layout.dir
+    }
+
+    /// The containerd binary and PATH this instance runs with.
+    pub fn launch(&self) -> &Launch {
+        &self.launch
     }
 
     /// PID of the containerd process currently running, if any.
@@ -591,12 +744,20 @@ fn write_scripts(
     layout: &PrivateLayout,
     config: &Path,
     socket: &Path,
+    launch: &Launch,
 ) -> Result<(), PrivateContainerdError> {
+    let path: String = std::iter::once(&layout.bin)
+        .chain(&launch.path_prefix)
+        .map(|d| format!("{}:", sh_quote(d)))
+        .collect();
     let supervisor = format!(
         r#"# containerd supervisor (written by noded): runs inside a private mount namespace.
 mount --bind {run} /run || exit 1
+# Per-handler shims dropped into <dir>/bin are found before anything else.
+PATH={path}"$PATH"
+export PATH
 while :; do
-  containerd --config {config} >>{log} 2>&1 &
+  {containerd} --config {config} >>{log} 2>&1 &
   echo $! > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}
   wait $!
   [ -e {stop} ] && exit 0
@@ -605,6 +766,7 @@ while :; do
 done
 "#,
         run = sh_quote(&layout.run),
+        containerd = sh_quote(&launch.containerd),
         config = sh_quote(config),
         log = sh_quote(&layout.log),
         pidfile = sh_quote(&layout.pidfile),

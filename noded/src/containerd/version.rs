@@ -1,4 +1,9 @@
 //! Which containerd is installed: decides the config strategy (in-place edit for 1.x, drop-in for 2.x).
+//!
+//! A running containerd is asked through its Version API ([`ContainerdVersion::query`]): noded's
+//! DaemonSet image has no containerd binary, and a binary found on some PATH may not be the daemon that
+//! reads the config. `containerd --version` is only for where containerd is not running yet (`installer
+//! boot`, or local mode before noded starts its private containerd).
 
 use std::fmt;
 use std::path::Path;
@@ -22,7 +27,12 @@ pub enum VersionError {
     },
     #[error("cannot parse a containerd version from `{0}` (expected e.g. 1.6.20 or v2.0.0)")]
     Parse(String),
+    #[error("containerd at {socket}: Version API: {detail}")]
+    Api { socket: String, detail: String },
 }
+
+/// How long [`ContainerdVersion::query`] waits for the daemon to answer.
+pub const QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ContainerdVersion {
     /// containerd ≥ 2.0 deep-merges imported files; 1.x replaces whole plugin sections with them.
@@ -82,6 +92,50 @@ fn binary_id(binary: &Path) -> Option<BinaryId> {
 }
 
 impl ContainerdVersion {
+    /// Asks the containerd listening on `socket` for its version (containerd's `version` service).
+    pub async fn query(socket: &Path) -> Result<Self, VersionError> {
+        let api = |detail: String| VersionError::Api {
+            socket: socket.display().to_string(),
+            detail,
+        };
+        let ask = async {
+            let channel = containerd_client::connect(socket)
+                .await
+                .map_err(|e| api(format!("cannot connect: {e}")))?;
+            containerd_client::services::v1::version_client::VersionClient::new(channel)
+                .version(())
+                .await
+                .map_err(|s| api(s.message().to_owned()))
+        };
+        let reply = tokio::time::timeout(QUERY_TIMEOUT, ask)
+            .await
+            .map_err(|_| api(format!("no answer within {QUERY_TIMEOUT:?}")))??
+            .into_inner();
+        reply.version.parse()
+    }
+
+    /// The daemon's answer when `socket` is given and containerd listens there; otherwise (no socket
+    /// file, nobody listening: containerd not started yet) `binary --version` through the cache.
+    pub async fn detect_running(
+        socket: Option<&Path>,
+        binary: &Path,
+        cache: &Path,
+    ) -> Result<Self, VersionError> {
+        if let Some(socket) = socket
+            && socket.exists()
+        {
+            match Self::query(socket).await {
+                Ok(v) => return Ok(v),
+                // A socket file nobody listens on is a stopped containerd: fall back to the binary.
+                Err(VersionError::Api { detail, .. }) if detail.starts_with("cannot connect") => {
+                    tracing::debug!(socket = %socket.display(), %detail, "containerd not answering; asking the binary");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Self::detect_cached(binary, cache)
+    }
+
     /// Like [`detect`](Self::detect), but remembers the answer in `cache` keyed by the binary's path,
     /// size and mtime: starting the Go binary costs ~30-50 ms, the whole no-change apply ~1 ms. An
     /// upgraded containerd has a new mtime, so the cache cannot go stale.
@@ -209,5 +263,33 @@ mod cache_tests {
             2
         );
         assert_eq!(count(), 2, "a replaced binary is asked again");
+    }
+
+    /// No containerd on the socket (no file, or a file nobody listens on): the binary is asked.
+    #[tokio::test]
+    async fn a_socket_nobody_answers_falls_back_to_the_binary() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("containerd");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho containerd github.com/containerd/containerd 1.7.24~ds1 x\n",
+        )
+        .expect("write fake");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let cache = dir.path().join("cache.json");
+        let missing = dir.path().join("none.sock");
+        let v = ContainerdVersion::detect_running(Some(&missing), &bin, &cache)
+            .await
+            .expect("binary asked");
+        assert_eq!((v.major, v.minor), (1, 7));
+        // A stale socket file: bound once, its listener gone.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists());
+        let v = ContainerdVersion::detect_running(Some(&stale), &bin, &cache)
+            .await
+            .expect("binary asked");
+        assert_eq!(v.minor, 7);
     }
 }

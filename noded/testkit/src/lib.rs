@@ -7,3 +7,4 @@ pub mod bins;
 pub mod dbus;
 pub mod fake_api;
 pub mod kubelet;
+pub mod containerd;

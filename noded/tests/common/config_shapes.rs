@@ -1,7 +1,6 @@
 //! Helpers for the containerd configurator tests: fixtures, `containerd config dump`, the CLI binary.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use noded::containerd::apply::{self, Report, Request};
 use noded::containerd::handler::KataHandler;
@@ -43,21 +42,10 @@ pub fn noded_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_noded")))
 }
 
-/// `containerd --config F config dump`, parsed: what the real containerd makes of the file.
-pub fn dump(config: &Path) -> toml::Table {
-    let out = Command::new("containerd")
-        .args(["--config"])
-        .arg(config)
-        .args(["config", "dump"])
-        .output()
-        .expect("run containerd config dump");
-    assert!(
-        out.status.success(),
-        "containerd config dump {} failed: {}",
-        config.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    toml::from_str(&String::from_utf8_lossy(&out.stdout)).expect("dump is TOML")
+/// `containerd --config F config dump` of `bins`' series, parsed: what that containerd makes of the file.
+pub fn dump(bins: &testkit::containerd::Binaries, config: &Path) -> toml::Table {
+    bins.dump(config)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", bins.series))
 }
 
 pub fn request(config: &Path, state: &Path, handlers: &[KataHandler], version: &str) -> Request {
@@ -69,6 +57,7 @@ pub fn request(config: &Path, state: &Path, handlers: &[KataHandler], version: &
         adopt: false,
         containerd_version: Some(version.parse::<ContainerdVersion>().expect("version")),
         containerd_binary: PathBuf::from("containerd"),
+        socket: None,
     }
 }
 

@@ -1,6 +1,7 @@
-//! A real private containerd 1.6 + runc for integration tests, with the busybox probe/pause images imported.
-//! Reusable: `start()` gives a running containerd (or None = skipped locally), `start_sleeper()` runs a
-//! long-lived runc container through CRI, `assert_running()` checks it is still alive.
+//! A real private containerd + runc for integration tests, with the busybox probe/pause images imported.
+//! Reusable: `start_series(series)` gives a running containerd of that series (`start()`: the installed
+//! 1.6), or None = skipped locally; `start_sleeper()` runs a long-lived runc container through CRI,
+//! `assert_running()` checks it is still alive.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use k8s_cri::v1::ContainerState;
 use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
 use noded::containerd::private::PrivateContainerd;
+use testkit::containerd::{Binaries, Series};
 
 /// Everything a private containerd needs; None (skip) when missing outside CI.
 pub fn available() -> bool {
@@ -20,15 +22,27 @@ pub fn available() -> bool {
         && super::require(image::DEFAULT_BUSYBOX).is_some()
 }
 
-/// Starts a private containerd (default config, sandbox image = the local pause image) in a fresh temp
-/// dir and imports the busybox images. Dropping it kills containerd, shims and containers.
+/// Starts a private containerd 1.6 (the installed one; default config, sandbox image = the local pause
+/// image) in a fresh temp dir and imports the busybox images. Dropping it kills containerd, shims and
+/// containers.
 pub async fn start() -> Option<PrivateContainerd> {
+    start_series(Series::V1_6).await
+}
+
+/// Everything a private containerd of `series` needs; None (skip) when missing outside CI.
+pub fn available_series(series: Series) -> Option<Binaries> {
     if !available() {
         return None;
     }
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE)
+    testkit::containerd::require(series)
+}
+
+/// Like [`start`] for any series (its own binaries and config version).
+pub async fn start_series(series: Series) -> Option<PrivateContainerd> {
+    available_series(series)?;
+    let ctrd = testkit::containerd::start(series, PAUSE_IMAGE)
         .await
-        .expect("private containerd starts");
+        .unwrap_or_else(|e| panic!("private {series} starts: {e:#}"));
     import_images(ctrd.socket()).await;
     Some(ctrd)
 }
