@@ -125,6 +125,10 @@ pub struct ContainerdSection {
     pub private: bool,
     /// Re-apply the config on every start (the DaemonSet does; local mode too).
     pub apply_on_start: bool,
+    /// Seconds between re-applies while running, so a config rewritten under noded (nodeadm, an
+    /// operator, a config-management run) gets its handlers back; 0 = only at start. The no-change
+    /// path reads and compares only (no write, no restart).
+    pub reconcile_seconds: u64,
 }
 
 impl Default for ContainerdSection {
@@ -137,6 +141,7 @@ impl Default for ContainerdSection {
             socket: PathBuf::from("/run/containerd/containerd.sock"),
             private: false,
             apply_on_start: true,
+            reconcile_seconds: 60,
         }
     }
 }

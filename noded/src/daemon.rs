@@ -198,6 +198,12 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
         crate::containerd::manage::apply_on_start(config, &metrics)
             .await
             .map_err(|e| DaemonError::Component(e.to_string()))?;
+        if config.containerd.apply_on_start && config.containerd.reconcile_seconds > 0 {
+            parts.tasks.push(tokio::spawn(reconcile_loop(
+                config.clone(),
+                Arc::clone(&metrics),
+            )));
+        }
     }
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
@@ -226,6 +232,25 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
     )));
     parts.vm = Some(start_vm_engine(config, &metrics, &observer).await?);
     Ok(())
+}
+
+/// Re-applies the handlers every `containerd.reconcile_seconds`: a drifted config is written again and
+/// containerd restarted (only then); a failure is logged and counted, and the next round tries again.
+async fn reconcile_loop(config: NodedConfig, metrics: Arc<Metrics>) {
+    let interval = Duration::from_secs(config.containerd.reconcile_seconds);
+    loop {
+        tokio::time::sleep(interval).await;
+        match crate::containerd::manage::apply_on_start(&config, &metrics).await {
+            Ok(Some(r)) if r.changed => {
+                tracing::warn!(
+                    restarted = r.restarted,
+                    "containerd config had drifted; re-applied"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => error!("re-applying containerd config: {e}"),
+        }
+    }
 }
 
 /// Proves every probe handler with a real sandbox every `probe.interval_seconds`. Outcomes feed

@@ -3,6 +3,7 @@
 
 mod apply;
 mod metrics;
+mod nodeboot;
 mod ready;
 mod report;
 mod template;
@@ -26,6 +27,8 @@ enum Bench {
     Metrics(metrics::Args),
     /// `noded run` start → runtime proven → startup taint removed.
     Ready(ready::Args),
+    /// Node-in-a-box: installer boot → DaemonSet pod → taint lifted, per containerd series; fault run.
+    Nodeboot(nodeboot::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Template(a) => template::run(&a),
         Bench::Metrics(a) => metrics::run(&a),
         Bench::Ready(a) => ready::run(&a),
+        Bench::Nodeboot(a) => nodeboot::run(&a),
     }
 }

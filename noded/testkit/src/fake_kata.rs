@@ -12,10 +12,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 
 pub const QEMU_CONFIG: &str = r#"# Copyright (c) 2017-2019 Intel Corporation
 #
@@ -213,50 +211,7 @@ fn exe(path: &Path, text: &str) {
 }
 
 /// The compiled fake shim for crates other than testkit (which cannot use
-/// `env!("CARGO_BIN_EXE_fake-kata-shim")`): `cargo build -p testkit --bin fake-kata-shim`, run once
-/// per test process into the target dir holding the running test, so the binary always matches the
-/// checkout. `TESTKIT_FAKE_KATA_SHIM` names a prebuilt binary instead (no cargo run).
+/// `env!("CARGO_BIN_EXE_fake-kata-shim")`); see [`crate::bins::testkit_bin`].
 pub fn shim_binary() -> Result<PathBuf> {
-    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build_shim().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_shim() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("TESTKIT_FAKE_KATA_SHIM") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!("TESTKIT_FAKE_KATA_SHIM={} is not a file", p.display());
-        }
-        return Ok(p);
-    }
-    let target = crate::containerd::target_dir();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = Command::new(&cargo)
-        .current_dir(&workspace)
-        .args([
-            "build",
-            "-p",
-            "testkit",
-            "--bin",
-            "fake-kata-shim",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .output()
-        .with_context(|| format!("cannot run {}", Path::new(&cargo).display()))?;
-    if !out.status.success() {
-        bail!(
-            "cargo build -p testkit --bin fake-kata-shim failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let bin = target.join("debug/fake-kata-shim");
-    if !bin.is_file() {
-        bail!("cargo built the fake shim but {} is missing", bin.display());
-    }
-    Ok(bin)
+    crate::bins::testkit_bin("fake-kata-shim")
 }

@@ -4,7 +4,12 @@
 //! Nothing here ships in noded's binaries.
 
 pub mod bins;
+pub mod containerd;
 pub mod dbus;
 pub mod fake_api;
+pub mod fake_kata;
 pub mod kubelet;
-pub mod containerd;
+pub mod nodebox;
+pub mod prometheus;
+pub mod scenario;
+pub mod shim;

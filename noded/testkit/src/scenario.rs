@@ -1,0 +1,216 @@
+//! Building blocks of node-in-a-box runs shared by the test and `perf nodeboot`: the inputs a node gets
+//! from outside (the DaemonSet image archive, the Kata release tarball, the baked installer) and a box
+//! booted the way an AMI-launched node boots.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::containerd::{Binaries, Series};
+use crate::fake_api::{FakeApi, HttpServer};
+use crate::kubelet::{PodOptions, PodRunner};
+use crate::nodebox::NodeBox;
+
+/// The workspace root (this crate lives at `noded/testkit`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The DaemonSet manifest every box runs, parsed as kubelet would get it.
+pub fn daemonset_manifest() -> PathBuf {
+    workspace().join("daemonset/daemonset.yaml")
+}
+
+/// The image `scripts/build-image.sh` writes (the DaemonSet's own image). Built here when missing,
+/// under a lock so parallel tests build once; the script itself skips the work when its inputs are
+/// unchanged.
+pub fn image_archive() -> Result<PathBuf> {
+    let out = crate::containerd::target_dir().join("image/noded-image.oci.tar");
+    let lock_path = crate::containerd::target_dir().join(".build-image.lock");
+    std::fs::create_dir_all(crate::containerd::target_dir())?;
+    let lock = std::fs::File::create(&lock_path)?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("lock {}: {e}", lock_path.display()))?;
+    let status = std::process::Command::new(workspace().join("scripts/build-image.sh"))
+        .arg("--output")
+        .arg(&out)
+        .current_dir(workspace())
+        .status()
+        .context("run scripts/build-image.sh")?;
+    if !status.success() || !out.is_file() {
+        bail!("scripts/build-image.sh failed ({status})");
+    }
+    Ok(out)
+}
+
+/// The image tag the DaemonSet manifest names.
+pub fn manifest_image() -> Result<String> {
+    let ds = crate::kubelet::read_daemonset(&daemonset_manifest())?;
+    ds.spec
+        .template
+        .spec
+        .and_then(|s| s.containers.into_iter().next())
+        .and_then(|c| c.image)
+        .context("daemonset.yaml: no container image")
+}
+
+/// The `installer` binary of this checkout (built by cargo with the workspace's binaries).
+pub fn installer_binary() -> Result<PathBuf> {
+    crate::bins::workspace_bin("installer", "installer")
+}
+
+/// A fake Kata static release tarball (`opt/kata/...`, installed at `/opt/kata`) whose shim is the
+/// compiled fake shim. Returns (tarball, sha256).
+pub fn kata_tarball(dir: &Path, version: &str) -> Result<(PathBuf, String)> {
+    let build = dir.join(format!("kata-build-{version}"));
+    let tree = build.join("opt/kata");
+    let shim = crate::fake_kata::shim_binary()?;
+    crate::fake_kata::FakeKata::write_with_shim(&tree, Path::new("/opt/kata"), version, &shim);
+    let tarball = dir.join(format!("kata-static-{version}-amd64.tar.gz"));
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&build)
+        .arg("opt")
+        .status()
+        .context("tar")?;
+    if !st.success() {
+        bail!("tar -czf {} failed", tarball.display());
+    }
+    let bytes = std::fs::read(&tarball)?;
+    use sha2::Digest;
+    Ok((tarball, hex::encode(sha2::Sha256::digest(&bytes))))
+}
+
+/// Everything outside the node a box needs: the fake API server with a node carrying the startup
+/// taint, the stand-in systemd on a real D-Bus whose socket is the node's `/run/dbus/system_bus_socket`.
+pub struct Outside {
+    pub api: FakeApi,
+    pub http: HttpServer,
+    pub kubeconfig: PathBuf,
+    pub bus: crate::dbus::SystemdBus,
+    pub dir: tempfile::TempDir,
+}
+
+/// A booted box: the AMI was baked, `installer boot` ran before containerd, containerd runs and holds
+/// the pause image and the DaemonSet image (kubelet pulled it), nothing else.
+pub struct Booted {
+    pub nodebox: NodeBox,
+    pub outside: Outside,
+    pub image: String,
+    pub boot_report: serde_json::Value,
+    /// When `installer boot` started (a node launched from the baked AMI begins here).
+    pub boot_started: Instant,
+}
+
+pub async fn boot(series: Series, bins: Binaries, archive: &Path) -> Result<Booted> {
+    let nodebox = NodeBox::new(series, bins)?;
+    let dir = tempfile::Builder::new()
+        .prefix("nodebox-outside-")
+        .tempdir_in("/tmp")?;
+    let (tarball, sha) = kata_tarball(dir.path(), "3.99.0-box")?;
+    let installer = installer_binary()?;
+    // AMI bake: Kata release, units, noded.toml, per-handler shim links.
+    nodebox.installer(
+        &installer,
+        &[
+            "bake",
+            "--kata-tarball",
+            &tarball.to_string_lossy(),
+            "--sha256",
+            &sha,
+            "--nodeadm",
+            "never",
+        ],
+    )?;
+    // Node boot: noded-boot.service before containerd.service.
+    let boot_started = Instant::now();
+    let boot_report = nodebox.installer(&nodebox.path("/usr/local/bin/installer"), &["boot"])?;
+    // D-Bus first (a node's dbus.service comes up before containerd), then containerd.
+    let dbus_daemon = crate::dbus::require_dbus_daemon().context("dbus-daemon is not installed")?;
+    let bus = crate::dbus::SystemdBus::start(
+        &dbus_daemon,
+        &crate::bins::testkit_bin("fake-systemd")?,
+        "containerd.service",
+        &nodebox.restart_command(),
+    )?;
+    // The node's system bus socket is where the DaemonSet mounts it from.
+    let socket = bus
+        .address()
+        .strip_prefix("unix:path=")
+        .and_then(|a| a.split(',').next())
+        .context("bus address is not unix:path=")?;
+    std::fs::create_dir_all(nodebox.path("/run/dbus"))?;
+    std::os::unix::fs::symlink(socket, nodebox.path("/run/dbus/system_bus_socket"))?;
+    nodebox.start_containerd().await?;
+    nodebox.import_image(&pause_archive(dir.path()).await?)?;
+    nodebox.import_image(archive)?;
+    let image = manifest_image()?;
+    let api = FakeApi::new(crate::fake_api::fresh_node());
+    let http = api.serve_http()?;
+    let kubeconfig = http.kubeconfig(dir.path())?;
+    Ok(Booted {
+        nodebox,
+        outside: Outside {
+            api,
+            http,
+            kubeconfig,
+            bus,
+            dir,
+        },
+        image,
+        boot_report,
+        boot_started,
+    })
+}
+
+/// An OCI archive of the pause image the box's containerd config names (busybox-based, built here).
+async fn pause_archive(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("pause.oci.tar");
+    noded::containerd::image::write_layout_tar(
+        Path::new(noded::containerd::image::DEFAULT_BUSYBOX),
+        &[crate::nodebox::PAUSE_IMAGE],
+        &path,
+    )?;
+    Ok(path)
+}
+
+impl Booted {
+    /// The DaemonSet's pod as kubelet runs it on this node, with the API server's kubeconfig injected
+    /// (a real kubelet injects `KUBERNETES_SERVICE_*` and the service account token instead).
+    pub fn pod(&self, image: Option<&str>) -> Result<PodRunner> {
+        let ds = crate::kubelet::read_daemonset(&daemonset_manifest())?;
+        let holder_root = self.nodebox.path("/");
+        let mut opts = PodOptions::new(crate::fake_api::NODE)
+            .check_path(move |p| holder_root.join(p.strip_prefix("/").unwrap_or(p)))
+            .env("KUBECONFIG", "/etc/noded-test/kubeconfig")
+            .mount(
+                &self.outside.kubeconfig,
+                Path::new("/etc/noded-test/kubeconfig"),
+                true,
+            )
+            .log_root(&self.outside.dir.path().join("pods"));
+        if let Some(i) = image {
+            opts = opts.image(i);
+        }
+        Ok(PodRunner::new(
+            &self.nodebox.containerd_socket(),
+            &ds,
+            opts,
+        )?)
+    }
+
+    /// Waits until the fake API server's node has no startup taint; returns how long that took.
+    pub async fn wait_taint_lifted(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if !self.outside.api.state().has_startup_taint() {
+                return Ok(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("startup taint still on the node after {timeout:?}")
+    }
+}
