@@ -95,7 +95,7 @@ fi
 # 2. Skip buildah when nothing that goes into the image changed.
 containerfile="$repo/daemonset/Containerfile"
 inputs_key="$( {
-    sha256sum "$bin_dir/noded" "$bin_dir/installer" "$containerfile" | cut -d' ' -f1
+    sha256sum "$bin_dir/noded" "$bin_dir/installer" "$containerfile" /etc/ssl/certs/ca-certificates.crt | cut -d' ' -f1
     printf 'tag=%s\n' "$tag"
     sha256sum "$0" | cut -d' ' -f1
 } | sha256sum | cut -d' ' -f1)"
@@ -142,6 +142,10 @@ if [ "$reuse" = 0 ]; then
     chmod 1777 "$ctx/rootfs/tmp"
     chmod 0755 "$ctx/rootfs" "$ctx/rootfs/usr" "$ctx/rootfs/usr/local" "$ctx/rootfs/usr/local/bin"
     install -m 0755 "$bin_dir/noded" "$bin_dir/installer" "$ctx/rootfs/usr/local/bin/"
+    # A kubeconfig without `certificate-authority` makes kube-rs' rustls client load the system trust
+    # store, and an empty one fails every client build: the image carries Debian's CA bundle (see the
+    # Containerfile).
+    install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "$ctx/rootfs/etc/ssl/certs/ca-certificates.crt"
 
     # Fixed timestamps (last commit) so unchanged inputs give the same layer and config digests.
     epoch="$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)"

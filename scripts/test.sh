@@ -9,8 +9,8 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The DaemonSet image: its static release build runs here, outside nextest's per-test timeouts;
 # installer/tests/image.rs and the node-in-a-box tests then reuse the archive.
-./scripts/build-image.sh >/dev/null
+image="$(./scripts/build-image.sh | tail -n 1)"
 # Every binary of the workspace once (testkit's fake shim and fake systemd, installer): tests that
 # need another package's binary take it from here instead of running a nested cargo build.
 cargo build --workspace --bins --locked
-TESTKIT_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug" cargo nextest run --workspace --locked --profile ci
+NODED_TEST_IMAGE_ARCHIVE="$image" TESTKIT_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug" cargo nextest run --workspace --locked --profile ci

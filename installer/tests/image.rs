@@ -17,6 +17,9 @@ use serde_json::Value;
 /// Issue 10's goal for the image as a registry stores it (gzip layers).
 const MAX_COMPRESSED: u64 = 30 << 20;
 
+/// Debian's CA bundle, where rustls-native-certs (kube-rs' TLS roots) looks for it.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -86,29 +89,16 @@ fn daemonset_container() -> (String, Vec<String>) {
     (image, command)
 }
 
-/// Runs scripts/build-image.sh (a no-op rebuild when the binaries are unchanged) and returns the archive.
+/// The DaemonSet image archive: `NODED_TEST_IMAGE_ARCHIVE` (built by scripts/test.sh before nextest),
+/// else scripts/build-image.sh run now (a no-op rebuild when the binaries are unchanged).
 fn build_image() -> PathBuf {
-    // A cold target dir means a static release build (minutes on 2 cores): scripts/test.sh runs
-    // build-image.sh before nextest so this is the fast no-change path there.
-    eprintln!(
-        "running scripts/build-image.sh (run it first if this test times out on a cold build)"
-    );
     let started = std::time::Instant::now();
-    let out = Command::new(repo().join("scripts/build-image.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("scripts/build-image.sh runs");
-    assert!(out.status.success(), "scripts/build-image.sh failed");
-    let stdout = String::from_utf8(out.stdout).expect("utf8");
-    let archive = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("archive path on stdout")
-            .trim(),
+    let archive = testkit::scenario::image_archive().expect("the DaemonSet image builds");
+    eprintln!(
+        "image archive {} ready in {:.1} s",
+        archive.display(),
+        started.elapsed().as_secs_f64()
     );
-    assert!(archive.is_file(), "{} not written", archive.display());
-    eprintln!("build-image.sh: {:.1} s", started.elapsed().as_secs_f64());
     archive
 }
 
@@ -305,17 +295,39 @@ fn image_archive_holds_static_noded_and_installer_under_the_daemonsets_name() {
     let names: Vec<&str> = files.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["/usr/local/bin/installer", "/usr/local/bin/noded"],
-        "the image holds exactly the two binaries"
+        [
+            CA_BUNDLE,
+            "/usr/local/bin/installer",
+            "/usr/local/bin/noded"
+        ],
+        "the image holds exactly the two binaries and the CA bundle kube-rs' rustls needs"
     );
     for (name, (mode, data)) in &files {
+        if name == CA_BUNDLE {
+            assert_eq!(mode & 0o777, 0o644, "{name}: mode {mode:o}");
+            assert!(
+                String::from_utf8_lossy(data).contains("BEGIN CERTIFICATE"),
+                "{name} is not a PEM bundle"
+            );
+            continue;
+        }
         assert_eq!(mode & 0o777, 0o755, "{name}: mode {mode:o}");
         assert_static_elf(name, data);
     }
     let dir_names: Vec<&str> = dirs.iter().map(|(p, _)| p.as_str()).collect();
     for d in &dir_names {
         assert!(
-            ["/", "/tmp", "/usr", "/usr/local", "/usr/local/bin"].contains(d),
+            [
+                "/",
+                "/etc",
+                "/etc/ssl",
+                "/etc/ssl/certs",
+                "/tmp",
+                "/usr",
+                "/usr/local",
+                "/usr/local/bin"
+            ]
+            .contains(d),
             "unexpected directory {d} in the image"
         );
     }

@@ -25,7 +25,17 @@ pub fn daemonset_manifest() -> PathBuf {
 /// The image `scripts/build-image.sh` writes (the DaemonSet's own image). Built here when missing,
 /// under a lock so parallel tests build once; the script itself skips the work when its inputs are
 /// unchanged.
+///
+/// `NODED_TEST_IMAGE_ARCHIVE` names an archive built beforehand (scripts/test.sh builds it once, outside
+/// nextest's per-test timeouts) and is used as is.
 pub fn image_archive() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("NODED_TEST_IMAGE_ARCHIVE") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("NODED_TEST_IMAGE_ARCHIVE={}: not a file", p.display());
+        }
+        return Ok(p);
+    }
     let out = crate::containerd::target_dir().join("image/noded-image.oci.tar");
     let lock_path = crate::containerd::target_dir().join(".build-image.lock");
     std::fs::create_dir_all(crate::containerd::target_dir())?;
