@@ -27,6 +27,10 @@ pub enum DaemonError {
 
 /// Entry point of `noded run`. Returns the process exit code.
 pub fn run_cli(config_path: Option<&Path>) -> u8 {
+    // Until the handlers exist (config load, tracing and runtime set-up take tens of milliseconds in a
+    // debug build) a SIGTERM/SIGINT is held pending instead of killing noded with exit 143: blocked
+    // here, on the thread that later unblocks it, and inherited by the runtime's worker threads.
+    mask_shutdown_signals(true);
     let config = match config_path {
         Some(p) => NodedConfig::load(p),
         None => NodedConfig::local_default(),
@@ -54,6 +58,8 @@ pub fn run_cli(config_path: Option<&Path>) -> u8 {
     // noded through the same cleanup as one an hour later, not kill it with the default disposition.
     let result = rt.block_on(async {
         let shutdown = shutdown_signal().map_err(DaemonError::Signals)?;
+        // `block_on` runs this on the thread that blocked them: a pending signal is delivered now.
+        mask_shutdown_signals(false);
         run(config, shutdown).await
     });
     match result {
@@ -76,6 +82,27 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+fn shutdown_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set
+}
+
+/// Blocks (`true`) or unblocks SIGTERM/SIGINT on the calling thread. Unblocking is unconditional: a
+/// mask inherited blocked from the parent would otherwise make noded deaf to them.
+fn mask_shutdown_signals(block: bool) {
+    use nix::sys::signal::{SigmaskHow, pthread_sigmask};
+    let how = if block {
+        SigmaskHow::SIG_BLOCK
+    } else {
+        SigmaskHow::SIG_UNBLOCK
+    };
+    if let Err(e) = pthread_sigmask(how, Some(&shutdown_signals()), None) {
+        tracing::warn!("cannot change the signal mask: {e}");
+    }
 }
 
 /// Installs the SIGTERM/SIGINT handlers now (must be called inside the runtime) and returns a future

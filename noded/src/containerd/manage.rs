@@ -30,6 +30,8 @@ pub enum ManageError {
     },
     #[error("importing the local probe image: {0}")]
     Image(#[from] image::ImageError),
+    #[error("the CRI plugin does not see the imported local images: {0}")]
+    Cri(#[from] super::cri::CriError),
 }
 
 fn request(config: &NodedConfig) -> Result<Request, ManageError> {
@@ -119,6 +121,14 @@ pub async fn start_private(
     if let Err(e) = image::ensure_local_images(ctrd.socket(), Path::new(DEFAULT_BUSYBOX)).await {
         warn!("probe image import failed: {e}");
         return Err(e.into());
+    }
+    // CRI learns about an import from an image event, asynchronously: a probe started before then
+    // tries to pull `noded.local/pause:1` from the network and the node stays unready for a whole
+    // probe interval.
+    let mut cri = super::cri::CriClient::connect(ctrd.socket()).await?;
+    for name in [image::PAUSE_IMAGE, image::PROBE_IMAGE] {
+        cri.wait_image(name, std::time::Duration::from_secs(10))
+            .await?;
     }
     Ok(ctrd)
 }
