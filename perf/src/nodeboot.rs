@@ -8,8 +8,9 @@
 //!
 //! Fault run: one box per series, many boots of it. Each boot re-taints the node, restarts containerd
 //! through `installer boot` (as a reboot does), starts the DaemonSet pod and injects one random fault:
-//! API server down for a while, containerd slow to start, a flaky probe (the handler's Kata config
-//! missing for a while), kill -9 of noded, SIGTERM mid-start (then kubelet restarts it). Counted:
+//! API server down for a while, containerd down while noded starts and slow to come back, a flaky probe
+//! (the handler's Kata config missing for a while), kill -9 of noded, SIGTERM mid-start (then kubelet
+//! restarts it). Counted:
 //! taint lifted while some handler had no passing probe since the boot (must be 0), a running Kata
 //! sandbox disturbed (must be 0), leaked processes or mounts after the boxes are gone (must be 0).
 
@@ -234,10 +235,7 @@ async fn fault_run(
             .clone_from(&testkit::fake_api::fresh_node());
         b.nodebox.stop_containerd()?;
         b.nodebox.installer(&installer, &["boot"])?;
-        let slow = fault == Fault::ContainerdSlow;
-        if !slow {
-            b.nodebox.start_containerd().await?;
-        }
+        b.nodebox.start_containerd().await?;
         let before = creates(&b);
         let started = Instant::now();
         let mut pod = b.pod(None)?;
@@ -255,14 +253,17 @@ async fn fault_run(
             }
             _ => {}
         }
-        if slow {
-            // The pod starts on whatever containerd state the node has; CRI is down, so kubelet's pod
-            // start waits for it too — start containerd after the delay, then the pod.
-            tokio::time::sleep(delay).await;
+        pod.start().await?;
+        if fault == Fault::ContainerdSlow {
+            // kubelet needs containerd to start the pod, so noded never starts before it; what noded
+            // does see is containerd going away mid-start and coming back slowly (a restart by
+            // another agent, a crash): down for `delay`, during noded's apply and probes.
+            b.nodebox.stop_containerd()?;
+        }
+        tokio::time::sleep(delay).await;
+        if fault == Fault::ContainerdSlow {
             b.nodebox.start_containerd().await?;
         }
-        pod.start().await?;
-        tokio::time::sleep(delay).await;
         match fault {
             Fault::ApiDown => b.outside.api.set_down(false),
             Fault::ProbeFlaky => {

@@ -264,6 +264,8 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
             &upgraded,
         ],
     )?;
+    // CRI's image store learns of the new name from containerd's events (2.x: asynchronously).
+    cri.wait_image(&upgraded, Duration::from_secs(30)).await?;
     let mut pod = b.pod(Some(&upgraded))?;
     pod.start().await?;
     pod.wait_ready(BOOT_TIMEOUT).await?;
