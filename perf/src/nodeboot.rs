@@ -293,6 +293,9 @@ async fn fault_run(
         }
         match lifted {
             Some(t) => {
+                eprintln!(
+                    "{series}: fault boot {i} ({fault:?}): taint lifted {t:?} after the pod started"
+                );
                 totals.times.push(t);
                 // A passing probe needs a Create on every handler since the boot began — and, where
                 // the fault broke a handler, since the fault was cleared.
