@@ -324,7 +324,7 @@ async fn fault_run(
             }
         }
         let mut cri = noded::containerd::cri::CriClient::connect(&socket).await?;
-        if !sandbox_ready(&mut cri, &workload_id).await? {
+        if !testkit::nodebox::sandbox_ready(&mut cri, &workload_id).await? {
             totals.disturbed += 1;
             eprintln!("{series}: boot {i} ({fault:?}): the workload sandbox is gone");
         }
@@ -333,19 +333,6 @@ async fn fault_run(
     let _ = cri.remove_pod(&workload_id, Duration::from_secs(30)).await;
     drop(b);
     Ok(totals)
-}
-
-async fn sandbox_ready(cri: &mut noded::containerd::cri::CriClient, id: &str) -> Result<bool> {
-    let r = cri
-        .runtime_service()
-        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
-            pod_sandbox_id: id.to_owned(),
-            verbose: false,
-        })
-        .await?
-        .into_inner();
-    Ok(r.status
-        .is_some_and(|s| s.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32))
 }
 
 /// Processes or mounts of any box still on the host after every box was dropped.

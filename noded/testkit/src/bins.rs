@@ -41,7 +41,7 @@ fn build(package: &str, name: &str) -> Result<PathBuf> {
         }
         return Ok(p);
     }
-    let target = target_dir();
+    let target = crate::containerd::target_dir();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let out = Command::new(&cargo)
@@ -69,18 +69,4 @@ fn build(package: &str, name: &str) -> Result<PathBuf> {
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .filter(|p| p.is_file())
         .with_context(|| format!("cargo build -p {package} --bin {name} reported no executable"))
-}
-
-/// The workspace target dir: `CARGO_TARGET_DIR`, else the `target` directory holding the running test
-/// executable (cargo marks it with CACHEDIR.TAG), else `<workspace>/target`.
-fn target_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Ok(exe) = std::env::current_exe()
-        && let Some(d) = exe.ancestors().find(|a| a.join("CACHEDIR.TAG").is_file())
-    {
-        return d.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
 }

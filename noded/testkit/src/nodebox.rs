@@ -279,36 +279,21 @@ esac
         )
     }
 
-    /// `ctr -n k8s.io images import` inside the box (the image then is "on the node").
+    /// `ctr` inside the box, on the node's containerd socket, in CRI's namespace `k8s.io`.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        let mut all = vec![
+            "--address",
+            "/run/containerd/containerd.sock",
+            "-n",
+            "k8s.io",
+        ];
+        all.extend_from_slice(args);
+        self.run("ctr", &all)
+    }
+
+    /// `ctr images import` inside the box (the image then is "on the node").
     pub fn import_image(&self, archive: &Path) -> Result<()> {
-        self.run(
-            "ctr",
-            &[
-                "--address",
-                "/run/containerd/containerd.sock",
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                "--no-unpack=false",
-                &archive.to_string_lossy(),
-            ],
-        )
-        .or_else(|_| {
-            // `--no-unpack` is not a flag of every ctr; plain import unpacks for the default platform.
-            self.run(
-                "ctr",
-                &[
-                    "--address",
-                    "/run/containerd/containerd.sock",
-                    "-n",
-                    "k8s.io",
-                    "images",
-                    "import",
-                    &archive.to_string_lossy(),
-                ],
-            )
-        })?;
+        self.ctr(&["images", "import", &archive.to_string_lossy()])?;
         Ok(())
     }
 
@@ -543,4 +528,18 @@ fn wait_line(child: &mut Child, want: &str, timeout: Duration) -> Result<()> {
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The sandbox exists and is READY (its shim, and for Kata its VM, still up).
+pub async fn sandbox_ready(cri: &mut noded::containerd::cri::CriClient, id: &str) -> Result<bool> {
+    let r = cri
+        .runtime_service()
+        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    Ok(r.status
+        .is_some_and(|s| s.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32))
 }

@@ -231,7 +231,7 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
         "converged node is tainted again"
     );
     ensure!(
-        sandbox_ready(&mut cri, &workload_id).await?,
+        testkit::nodebox::sandbox_ready(&mut cri, &workload_id).await?,
         "the workload's Kata sandbox did not survive the containerd restart"
     );
 
@@ -245,25 +245,13 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
         );
     }
     ensure!(
-        sandbox_ready(&mut cri, &workload_id).await?,
+        testkit::nodebox::sandbox_ready(&mut cri, &workload_id).await?,
         "workload sandbox disturbed by pod deletion"
     );
 
     // 6. Upgrade of the image (another tag of the DaemonSet image): converges, sandbox intact.
     let upgraded = format!("{}-upgrade", b.image);
-    b.nodebox.run(
-        "ctr",
-        &[
-            "--address",
-            "/run/containerd/containerd.sock",
-            "-n",
-            "k8s.io",
-            "images",
-            "tag",
-            &b.image,
-            &upgraded,
-        ],
-    )?;
+    b.nodebox.ctr(&["images", "tag", &b.image, &upgraded])?;
     // CRI's image store learns of the new name from containerd's events (2.x: asynchronously).
     cri.wait_image(&upgraded, Duration::from_secs(30)).await?;
     let mut pod = b.pod(Some(&upgraded))?;
@@ -274,7 +262,7 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
         "tainted after the upgrade"
     );
     ensure!(
-        sandbox_ready(&mut cri, &workload_id).await?,
+        testkit::nodebox::sandbox_ready(&mut cri, &workload_id).await?,
         "workload sandbox disturbed by the upgrade"
     );
     pod.delete().await?;
@@ -323,18 +311,4 @@ async fn probe_sandboxes(cri: &mut CriClient) -> anyhow::Result<Vec<String>> {
         .filter(|p| p.labels.contains_key(noded::containerd::probe::PROBE_LABEL))
         .map(|p| p.id)
         .collect())
-}
-
-/// The sandbox exists and is READY (its shim and VM are still up).
-async fn sandbox_ready(cri: &mut CriClient, id: &str) -> anyhow::Result<bool> {
-    let r = cri
-        .runtime_service()
-        .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
-            pod_sandbox_id: id.to_owned(),
-            verbose: false,
-        })
-        .await?
-        .into_inner();
-    Ok(r.status
-        .is_some_and(|s| s.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32))
 }
