@@ -13,6 +13,7 @@ use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE};
 use noded::containerd::private::PrivateContainerd;
 use serde_json::Value;
+use testkit::require::{require, require_root};
 
 /// Issue 10's goal for the image as a registry stores it (gzip layers).
 const MAX_COMPRESSED: u64 = 30 << 20;
@@ -25,35 +26,6 @@ fn repo() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
-}
-
-/// A real component on PATH; missing fails under CI=true and skips otherwise.
-fn require(binary: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(binary))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "required component `{binary}` is missing (CI=true: failing instead of skipping)"
-        );
-        eprintln!("SKIP: `{binary}` not installed");
-    }
-    found
-}
-
-fn require_root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "test needs root (CI=true: failing instead of skipping)"
-        );
-        eprintln!("SKIP: not root");
-    }
-    root
 }
 
 /// The noded container of daemonset/daemonset.yaml (image, command), parsed with PyYAML.

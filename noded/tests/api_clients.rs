@@ -3,10 +3,6 @@
 //! percent-encoded socket path as `:authority`), tonic (noded's own client and `noded status`), and a
 //! hand-written HTTP/2 client that shows the same request is refused by a plain tonic server.
 
-#[path = "common/require.rs"]
-#[allow(dead_code)] // shared helper file; this test uses only `require`
-mod require;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -145,7 +141,7 @@ print(json.dumps(results))
 /// Python with grpcio and grpc_tools, and a temp dir holding stubs generated from proto/noded.proto.
 /// None (skip) when missing outside CI; under CI=true a missing piece fails the test.
 fn python_stubs() -> Option<(PathBuf, tempfile::TempDir)> {
-    let python = require::require("python3")?;
+    let python = testkit::require::require("python3")?;
     let probe = std::process::Command::new(&python)
         .args(["-c", "import grpc, grpc_tools"])
         .output()

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub use testkit::fake_kata;
-#[path = "../../../noded/tests/common/require.rs"]
-mod noded_common;
-pub use noded_common::require;
+pub use testkit::require::require;
 
 pub const ORIGINAL_CONTAINERD: &str = "# containerd config shipped by the image\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
 

@@ -11,5 +11,6 @@ pub mod fake_kata;
 pub mod kubelet;
 pub mod nodebox;
 pub mod prometheus;
+pub mod require;
 pub mod scenario;
 pub mod shim;

@@ -35,12 +35,7 @@ async fn node_in_a_box_containerd_2_1() {
 }
 
 async fn run(series: Series) {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            !ci(),
-            "the node-in-a-box needs root (mount namespaces, containerd)"
-        );
-        eprintln!("SKIP: not root");
+    if !testkit::require::require_root() {
         return;
     }
     let Some(bins) = require(series) else { return };

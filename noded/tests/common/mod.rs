@@ -5,5 +5,4 @@ pub mod config_shapes;
 pub mod containerd;
 pub mod vm;
 
-mod require;
-pub use require::{require, require_root};
+pub use testkit::require::{require, require_root};
