@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 pub use testkit::fake_kata;
 pub use testkit::require::require;
@@ -84,16 +83,7 @@ impl Node {
             .dir
             .path()
             .join(format!("kata-static-{version}-amd64.tar.gz"));
-        let st = Command::new("tar")
-            .arg("-czf")
-            .arg(&tarball)
-            .arg("-C")
-            .arg(&build)
-            .arg("opt")
-            .status()
-            .expect("tar");
-        assert!(st.success());
-        let sha = sha256(&std::fs::read(&tarball).expect("read"));
+        let sha = fake_kata::pack_release(&build, &tarball).expect("pack the Kata tarball");
         (tarball, sha)
     }
 

@@ -215,3 +215,23 @@ fn exe(path: &Path, text: &str) {
 pub fn shim_binary() -> Result<PathBuf> {
     crate::bins::testkit_bin("fake-kata-shim")
 }
+
+/// Packs `build/opt` (a release tree written by [`FakeKata`]) into the gzipped tarball `out`, as Kata's
+/// static releases are shaped; returns its sha256 (what `installer bake --sha256` checks).
+pub fn pack_release(build: &Path, out: &Path) -> Result<String> {
+    use anyhow::{Context, bail};
+    use sha2::Digest;
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(out)
+        .arg("-C")
+        .arg(build)
+        .arg("opt")
+        .status()
+        .context("tar")?;
+    if !st.success() {
+        bail!("tar -czf {} failed", out.display());
+    }
+    let bytes = std::fs::read(out).with_context(|| format!("read {}", out.display()))?;
+    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+}

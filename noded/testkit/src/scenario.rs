@@ -78,20 +78,8 @@ pub fn kata_tarball(dir: &Path, version: &str) -> Result<(PathBuf, String)> {
     let shim = crate::fake_kata::shim_binary()?;
     crate::fake_kata::FakeKata::write_with_shim(&tree, Path::new("/opt/kata"), version, &shim);
     let tarball = dir.join(format!("kata-static-{version}-amd64.tar.gz"));
-    let st = std::process::Command::new("tar")
-        .arg("-czf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(&build)
-        .arg("opt")
-        .status()
-        .context("tar")?;
-    if !st.success() {
-        bail!("tar -czf {} failed", tarball.display());
-    }
-    let bytes = std::fs::read(&tarball)?;
-    use sha2::Digest;
-    Ok((tarball, hex::encode(sha2::Sha256::digest(&bytes))))
+    let sha = crate::fake_kata::pack_release(&build, &tarball)?;
+    Ok((tarball, sha))
 }
 
 /// Everything outside the node a box needs: the fake API server with a node carrying the startup
