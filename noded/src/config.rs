@@ -41,6 +41,36 @@ pub struct NodedConfig {
     pub kubernetes: KubernetesSection,
     #[serde(default)]
     pub observe: ObserveSection,
+    #[serde(default)]
+    pub kata: KataSection,
+}
+
+/// Kata's own VM factory template, which noded keeps built for every warm handler (`kata-qemu-warm`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KataSection {
+    /// Keep Kata's factory template built, current and checked for warm handlers.
+    pub manage_template: bool,
+    /// Seconds between health checks of the template (missing after a reboot, stale after a bake,
+    /// damaged); a failed build is retried sooner, with backoff.
+    pub template_check_seconds: u64,
+    /// Upper bound on one `kata-runtime factory init|destroy`.
+    pub factory_timeout_seconds: u64,
+    /// Mount namespace `kata-runtime factory` runs in. Kata's tools, QEMU and the template tmpfs
+    /// belong to the host, not to noded's image: with `hostPID: true` the host's is
+    /// `/proc/1/ns/mnt`. Unset = noded's own (a noded.service on the host).
+    pub factory_mount_namespace: Option<PathBuf>,
+}
+
+impl Default for KataSection {
+    fn default() -> Self {
+        Self {
+            manage_template: true,
+            template_check_seconds: 30,
+            factory_timeout_seconds: 120,
+            factory_mount_namespace: Some(PathBuf::from("/proc/1/ns/mnt")),
+        }
+    }
 }
 
 /// VM observation (`/proc` scan) and the VM-slot capacity model (docs/capacity.md).
@@ -262,6 +292,34 @@ impl NodedConfig {
             if h.trim().is_empty() {
                 return Err("probe.handlers: empty handler name".into());
             }
+            crate::names::check_label(h).map_err(|e| format!("probe.handlers: {e}"))?;
+        }
+        // Names become paths, QEMU options and Kubernetes names: refused here, not escaped later.
+        for (i, t) in self.templates.iter().enumerate() {
+            crate::names::check_label(&t.name).map_err(|e| format!("templates[{i}].name: {e}"))?;
+            crate::names::check_label(&t.runtime_handler)
+                .map_err(|e| format!("templates[{i}].runtime_handler: {e}"))?;
+            if self.templates[..i].iter().any(|o| o.name == t.name) {
+                return Err(format!("templates[{i}].name: {:?} is used twice", t.name));
+            }
+        }
+        if !self.kubernetes.node_name.is_empty() {
+            crate::names::check_subdomain(&self.kubernetes.node_name)
+                .map_err(|e| format!("kubernetes.node_name: {e}"))?;
+        }
+        if self.kata.template_check_seconds == 0 {
+            return Err("kata.template_check_seconds: must be at least 1".into());
+        }
+        if self.kata.factory_timeout_seconds == 0 {
+            return Err("kata.factory_timeout_seconds: must be at least 1".into());
+        }
+        if let Some(ns) = &self.kata.factory_mount_namespace
+            && !ns.is_absolute()
+        {
+            return Err(format!(
+                "kata.factory_mount_namespace: {} is not an absolute path",
+                ns.display()
+            ));
         }
         if self.kubernetes.enabled && self.kubernetes.startup_taint.trim().is_empty() {
             return Err("kubernetes.startup_taint: must not be empty".into());
@@ -297,6 +355,16 @@ impl NodedConfig {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    /// Runtime handlers served from Kata's factory template (`kata-qemu-warm`), whose template noded
+    /// keeps built.
+    pub fn warm_handlers(&self) -> Vec<crate::containerd::handler::KataHandler> {
+        crate::containerd::handler::parse_handlers(&self.containerd.runtimes)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|h| h.is_warm())
+            .collect()
     }
 
     /// Handlers that must pass a probe before the node is ready.

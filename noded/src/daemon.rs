@@ -257,6 +257,19 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
         Arc::clone(&observer),
         parts.publisher.as_ref().map(|p| p.handles.health.clone()),
     )));
+    // Kata's factory template for warm handlers: checked and (re)built in the background; a node
+    // without it still runs pods (cold), so it never delays the startup taint.
+    let keeper = crate::kata::keeper::KeeperSettings::from_config(config);
+    if config.kata.manage_template && !keeper.handlers.is_empty() {
+        let reporter = Arc::new(WarmReporter {
+            observer: Arc::clone(&observer),
+            notices: parts.publisher.as_ref().map(|p| p.handles.notices.clone()),
+            last_failure: Default::default(),
+        });
+        parts
+            .tasks
+            .push(tokio::spawn(crate::kata::keeper::run(keeper, reporter)));
+    }
     parts.vm = Some(start_vm_engine(config, &metrics, &observer).await?);
     Ok(())
 }
@@ -313,14 +326,29 @@ async fn probe_loop(
     loop {
         let mut all_ok = true;
         for handler in &handlers {
-            let outcome =
-                crate::containerd::probe::probe(&config.containerd.socket, handler, &opts).await;
+            let warm = observer.warm().is_warm(handler);
+            let (outcome, boot) = crate::containerd::probe::probe_inspecting(
+                &config.containerd.socket,
+                handler,
+                &opts,
+                // The proof that Kata uses the template: the probe's own VM restores from it.
+                |sandbox| warm.then(|| observer.sandbox_boot(sandbox)).flatten(),
+            )
+            .await;
+            if warm && outcome.ok {
+                let boot = boot.flatten();
+                info!(runtime_handler = %handler, boot = ?boot, "warm probe VM");
+                observer.warm().set_probe_boot(handler, boot);
+            }
             observer.record_probe_outcome(&outcome);
             all_ok &= outcome.ok;
             if let Some(h) = &health {
                 h.send_modify(|h| h.record(handler, outcome.ok, outcome.error.clone()));
             }
         }
+        // A warm template not yet proven by a clone probe is retried like a failed round (it does
+        // not make the node unready: cold pods run).
+        all_ok &= !observer.warm().awaiting_proof();
         // A failed round is retried with backoff, not after the full interval: a transient failure at
         // boot (containerd restarting, a config being rewritten) would otherwise keep a node tainted
         // for a whole interval (found by `perf nodeboot`'s fault run: 60 s instead of ~1 s).
@@ -332,7 +360,75 @@ async fn probe_loop(
             retry = (retry * 2).min(interval);
             w
         };
-        tokio::time::sleep(wait).await;
+        // A template that just became valid is proven right away, not after a full interval.
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = observer.warm().changed() => retry = PROBE_RETRY_FIRST,
+        }
+    }
+}
+
+/// The Kata template keeper's findings → the observer (condition, label), metrics and node Events.
+struct WarmReporter {
+    observer: Arc<Observer>,
+    notices: Option<tokio::sync::mpsc::Sender<crate::k8s::publisher::Notice>>,
+    /// Last failure reason per handler: a failure repeated by every retry is one Event, not many.
+    last_failure: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+impl crate::kata::keeper::TemplateReporter for WarmReporter {
+    fn checked(&self, handler: &str, check: &crate::kata::keeper::TemplateCheck) {
+        use crate::kata::EnsureAction;
+        use crate::kata::keeper::TemplateCheck;
+        let metrics = self.observer.metrics();
+        let (valid, rebuilt) = match check {
+            TemplateCheck::Valid { action } => (true, *action != EnsureAction::Kept),
+            TemplateCheck::Invalid { .. } => (false, false),
+        };
+        // Kata's factory keeps one template and no pre-forked clones: its pool is that template.
+        metrics.set_template_ready(handler, valid);
+        metrics.set_template_pool(handler, u64::from(valid), 1);
+        let notice = match check {
+            TemplateCheck::Valid { action } if rebuilt => {
+                metrics.record_template_build(crate::metrics::BuildOutcome::Ok);
+                Some(crate::k8s::publisher::Notice::TemplateRebuilt {
+                    template: handler.to_owned(),
+                    detail: format!("Kata VM template built ({action:?})"),
+                })
+            }
+            TemplateCheck::Valid { .. } => None,
+            TemplateCheck::Invalid { reason } => {
+                metrics.record_template_build(crate::metrics::BuildOutcome::Failed);
+                let repeated = self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(handler.to_owned(), reason.clone())
+                    .is_some_and(|last| &last == reason);
+                (!repeated).then(|| crate::k8s::publisher::Notice::TemplateFailed {
+                    template: handler.to_owned(),
+                    detail: reason.clone(),
+                })
+            }
+        };
+        if valid {
+            self.last_failure
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(handler);
+        }
+        self.observer.warm().set_template(
+            handler,
+            match check {
+                TemplateCheck::Valid { .. } => Ok(()),
+                TemplateCheck::Invalid { reason } => Err(reason.clone()),
+            },
+            rebuilt,
+        );
+        if let (Some(tx), Some(n)) = (&self.notices, notice) {
+            // Events are best effort: a full queue drops one rather than stalling the keeper.
+            let _ = tx.try_send(n);
+        }
     }
 }
 

@@ -248,3 +248,146 @@ fn factory_requires_the_warm_config() {
         .expect_err("plain qemu config has no template enabled");
     assert!(err.to_string().contains("enable_template"), "{err}");
 }
+
+#[test]
+fn a_damaged_template_is_rebuilt_never_kept() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let opts = warm_opts(&dir);
+    let warm = warm::derive(&layout, &opts).expect("derive");
+    let factory = KataFactory::new(layout, warm.path, &dir.path().join("data")).expect("factory");
+    assert_eq!(
+        factory.ensure().expect("build").action,
+        EnsureAction::BuiltMissing
+    );
+    let fp = factory.fingerprint().expect("fp");
+    assert_eq!(factory.state(&fp), TemplateState::Current);
+
+    // Same size, other bytes: the saved device state no longer matches what the build left.
+    let state = opts.template_path.join("state");
+    let len = std::fs::metadata(&state).expect("stat").len();
+    std::fs::write(&state, vec![b'x'; usize::try_from(len).expect("len")]).expect("corrupt");
+    match factory.state(&fp) {
+        TemplateState::Damaged(why) => assert!(why.contains("state"), "{why}"),
+        other => panic!("expected damaged, got {other:?}"),
+    }
+    let out = factory.ensure().expect("rebuild");
+    assert_eq!(out.action, EnsureAction::RebuiltDamaged);
+    assert_eq!(factory.state(&fp), TemplateState::Current);
+    assert_eq!(factory.counters.rebuilt_damaged.load(Ordering::Relaxed), 1);
+
+    // A truncated memory file is damage too.
+    std::fs::write(opts.template_path.join("memory"), b"short").expect("truncate");
+    assert!(matches!(factory.state(&fp), TemplateState::Damaged(w) if w.contains("memory")));
+    assert_eq!(kata.factory_calls(), ["init", "destroy", "init"]);
+}
+
+#[test]
+fn runtime_rs_kata_ctl_is_refused_with_one_line() {
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let warm = warm::derive(&layout, &warm_opts(&dir)).expect("derive");
+    // A runtime-rs-only release: kata-ctl, no kata-runtime.
+    std::fs::rename(
+        kata.root.join("bin/kata-runtime"),
+        kata.root.join("bin/kata-ctl"),
+    )
+    .expect("rename");
+    let factory = KataFactory::new(layout, warm.path, &dir.path().join("data")).expect("factory");
+    let err = factory.ensure().expect_err("kata-ctl must be refused");
+    assert!(matches!(err, KataError::RuntimeRsFactory(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("kata-ctl") && msg.contains("KATA_CONF_FILE"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(kata.factory_calls().is_empty(), "nothing was run");
+}
+
+#[test]
+fn a_hung_factory_tool_is_killed_after_the_timeout() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let warm = warm::derive(&layout, &warm_opts(&dir)).expect("derive");
+    let tool = kata.root.join("bin/kata-runtime");
+    // Answers --version (the fingerprint needs it) and hangs on `factory init`.
+    std::fs::write(
+        &tool,
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'kata-runtime  : 3.27.0'; exit 0; fi\nexec sleep 600\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let factory = KataFactory::new(layout, warm.path, &dir.path().join("data"))
+        .expect("factory")
+        .with_exec(noded::kata::FactoryExec {
+            timeout: std::time::Duration::from_millis(500),
+            mount_namespace: Some("/proc/self/ns/mnt".into()),
+        });
+    let started = std::time::Instant::now();
+    let err = factory.ensure().expect_err("hung tool");
+    assert!(err.to_string().contains("killed after"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
+fn warm_initrd_is_the_configs_or_katas_default_never_a_guess() {
+    let (dir, kata) = fake("3.27.0");
+    let assets = kata.root.join("share/kata-containers");
+    // A release ships a confidential initrd that sorts before everything else.
+    std::fs::write(assets.join("kata-cc-confidential.initrd"), b"cc").expect("write");
+    let layout = KataLayout::new(&kata.root);
+    let err = warm::derive(&layout, &warm_opts(&dir)).expect_err("two candidates, no default");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("several candidates") && msg.contains("kata-cc-confidential.initrd"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    // Kata's default name wins over both.
+    std::os::unix::fs::symlink(
+        "kata-ubuntu-noble.initrd",
+        assets.join(warm::DEFAULT_INITRD),
+    )
+    .expect("symlink");
+    let out = warm::derive(&layout, &warm_opts(&dir)).expect("default initrd");
+    assert_eq!(out.initrd, assets.join(warm::DEFAULT_INITRD));
+}
+
+#[test]
+fn keeper_check_builds_then_keeps_and_reports_failures_as_invalid() {
+    use noded::containerd::handler::KataHandler;
+    use noded::kata::keeper::{KeeperSettings, TemplateCheck, check_once};
+    let (dir, kata) = fake("3.27.0");
+    let layout = KataLayout::new(&kata.root);
+    let opts = warm_opts(&dir);
+    warm::derive(&layout, &opts).expect("derive");
+    let settings = KeeperSettings {
+        handlers: vec![KataHandler::QemuWarm],
+        kata_root: kata.root.clone(),
+        data_dir: dir.path().join("data"),
+        check_interval: std::time::Duration::from_secs(1),
+        exec: noded::kata::FactoryExec::default(),
+    };
+    assert_eq!(
+        check_once(&settings, KataHandler::QemuWarm),
+        TemplateCheck::Valid {
+            action: EnsureAction::BuiltMissing
+        }
+    );
+    assert_eq!(
+        check_once(&settings, KataHandler::QemuWarm),
+        TemplateCheck::Valid {
+            action: EnsureAction::Kept
+        }
+    );
+    std::fs::remove_dir_all(&opts.template_path).expect("reboot");
+    std::fs::write(kata.root.join("fail-init"), b"").expect("arm");
+    match check_once(&settings, KataHandler::QemuWarm) {
+        TemplateCheck::Invalid { reason } => {
+            assert!(reason.contains("failed to boot template VM"), "{reason}")
+        }
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}

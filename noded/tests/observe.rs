@@ -268,6 +268,7 @@ fn observer_on(root: &Path) -> Observer {
             name: "default".into(),
             runtime_handler: "kata-qemu-warm".into(),
         }],
+        warm_handlers: vec!["kata-qemu-warm".into()],
         template_dirs: vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
         capacity: Default::default(),
     };

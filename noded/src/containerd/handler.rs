@@ -39,6 +39,11 @@ impl KataHandler {
         }
     }
 
+    /// Served from Kata's VM factory template (clones), so noded keeps that template built.
+    pub fn is_warm(self) -> bool {
+        self == Self::QemuWarm
+    }
+
     /// What this handler's containerd runtime table must contain.
     pub fn spec(self, kata_root: &Path) -> HandlerSpec {
         HandlerSpec {

@@ -85,13 +85,29 @@ fn one_line(s: &str) -> String {
 
 /// Runs one probe sandbox with `handler` on the containerd at `socket`.
 pub async fn probe(socket: &Path, handler: &str, opts: &ProbeOptions) -> ProbeOutcome {
+    probe_inspecting(socket, handler, opts, |_| ()).await.0
+}
+
+/// Like [`probe`], and calls `inspect` with the sandbox id while the probe sandbox runs (before it is
+/// removed): how its VM booted can only be seen while it exists. `None` when the probe failed first.
+pub async fn probe_inspecting<T: Send>(
+    socket: &Path,
+    handler: &str,
+    opts: &ProbeOptions,
+    inspect: impl FnOnce(&str) -> T + Send,
+) -> (ProbeOutcome, Option<T>) {
     let span = tracing::info_span!("probe", runtime_handler = handler);
-    Box::pin(probe_inner(socket, handler, opts))
+    Box::pin(probe_inner(socket, handler, opts, inspect))
         .instrument(span)
         .await
 }
 
-async fn probe_inner(socket: &Path, handler: &str, opts: &ProbeOptions) -> ProbeOutcome {
+async fn probe_inner<T: Send>(
+    socket: &Path,
+    handler: &str,
+    opts: &ProbeOptions,
+    inspect: impl FnOnce(&str) -> T + Send,
+) -> (ProbeOutcome, Option<T>) {
     let mut pod = PodSpec::unique("noded-probe", handler);
     pod.host_network = opts.host_network;
     let probe_id = pod.uid.clone();
@@ -101,7 +117,7 @@ async fn probe_inner(socket: &Path, handler: &str, opts: &ProbeOptions) -> Probe
     let mut cri = match CriClient::connect(socket).await {
         Ok(c) => c,
         Err(e) => {
-            return ProbeOutcome {
+            let outcome = ProbeOutcome {
                 handler: handler.into(),
                 ok: false,
                 duration: start.elapsed(),
@@ -109,6 +125,7 @@ async fn probe_inner(socket: &Path, handler: &str, opts: &ProbeOptions) -> Probe
                 failed_at: Some(ProbeStage::Connect),
                 cleaned_up: true,
             };
+            return (outcome, None);
         }
     };
     let mut run_client = cri.clone();
@@ -121,9 +138,10 @@ async fn probe_inner(socket: &Path, handler: &str, opts: &ProbeOptions) -> Probe
         )),
     };
     let duration = start.elapsed();
+    let inspected = result.as_ref().ok().map(|sandbox| inspect(sandbox));
     let cleaned_up = Box::pin(cleanup(&mut cri, &probe_id, opts.cleanup_timeout)).await;
     let outcome = match result {
-        Ok(()) => ProbeOutcome {
+        Ok(_) => ProbeOutcome {
             handler: handler.into(),
             ok: true,
             duration,
@@ -145,14 +163,14 @@ async fn probe_inner(socket: &Path, handler: &str, opts: &ProbeOptions) -> Probe
     } else {
         warn!(error = ?outcome.error, stage = ?outcome.failed_at, "probe failed");
     }
-    outcome
+    (outcome, inspected)
 }
 
 async fn run_probe(
     cri: &mut CriClient,
     pod: &PodSpec,
     opts: &ProbeOptions,
-) -> Result<(), (ProbeStage, String)> {
+) -> Result<String, (ProbeStage, String)> {
     let t = opts.timeout;
     let msg = |e: CriError| e.containerd_message();
     let sandbox = cri
@@ -160,7 +178,7 @@ async fn run_probe(
         .await
         .map_err(|e| (ProbeStage::RunPodSandbox, msg(e)))?;
     let Some(image) = &opts.image else {
-        return Ok(());
+        return Ok(sandbox);
     };
     let command: Vec<&str> = opts.command.iter().map(String::as_str).collect();
     let container = cri
@@ -183,7 +201,7 @@ async fn run_probe(
             ),
         ));
     }
-    Ok(())
+    Ok(sandbox)
 }
 
 /// Stops and removes every sandbox of this probe (a failed RunPodSandbox can leave a NOTREADY one).

@@ -36,6 +36,7 @@ pub fn capacity_from_snapshots(snaps: &[HandlerSnapshot], warm_templates: u32) -
         slots_free: clamp(best.slots_free),
         boot_p50_ms,
         warm_templates,
+        warm_condition: None,
         vm_cost_bytes,
     })
 }
@@ -50,7 +51,11 @@ pub async fn feed_capacity(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let next = capacity_from_snapshots(&observer.handler_snapshots(), 0);
+        let next = capacity_from_snapshots(&observer.handler_snapshots(), observer.warm().proven())
+            .map(|c| Capacity {
+                warm_condition: observer.warm().condition(),
+                ..c
+            });
         if next.is_none() {
             continue;
         }

@@ -26,6 +26,8 @@ pub const LABEL_WARM_TEMPLATES: &str = "noded.io/warm-templates";
 /// Extended resource pods request to get a VM slot.
 pub const RESOURCE_VM_SLOTS: &str = "noded.io/vm-slots";
 pub const CONDITION_KATA_RUNTIME_READY: &str = "KataRuntimeReady";
+/// Kata's warm path works: the factory template is built and a probe sandbox was restored from it.
+pub const CONDITION_KATA_WARM_TEMPLATE_READY: &str = "KataWarmTemplateReady";
 /// Field manager for every write (server-side apply and patches).
 pub const FIELD_MANAGER: &str = "noded";
 /// Label Karpenter NodePools put on Kata nodes at birth; RuntimeClasses select on it.

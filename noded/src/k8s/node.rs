@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use super::{CONDITION_KATA_RUNTIME_READY, FIELD_MANAGER, RESOURCE_VM_SLOTS};
+use super::{FIELD_MANAGER, RESOURCE_VM_SLOTS};
 
 /// Effect of the startup taint (declared in the Karpenter NodePool's `startupTaints`).
 pub const STARTUP_TAINT_EFFECT: &str = "NoSchedule";
@@ -22,9 +22,10 @@ pub const JSON_PATCH: &str = "application/json-patch+json";
 pub const MERGE_PATCH: &str = "application/merge-patch+json";
 pub const STRATEGIC_MERGE_PATCH: &str = "application/strategic-merge-patch+json";
 
-/// Desired `KataRuntimeReady` condition.
+/// Desired node condition (`KataRuntimeReady`, `KataWarmTemplateReady`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredCondition {
+    pub type_: &'static str,
     pub ready: bool,
     pub reason: String,
     pub message: String,
@@ -99,7 +100,7 @@ pub fn condition_patch(node: &Node, desired: &DesiredCondition, now: &str) -> Op
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == CONDITION_KATA_RUNTIME_READY));
+        .and_then(|c| c.iter().find(|c| c.type_ == desired.type_));
     if let Some(c) = existing
         && c.status == status
         && c.reason.as_deref() == Some(desired.reason.as_str())
@@ -115,7 +116,7 @@ pub fn condition_patch(node: &Node, desired: &DesiredCondition, now: &str) -> Op
         _ => now.to_string(),
     };
     Some(json!({"status": {"conditions": [{
-        "type": CONDITION_KATA_RUNTIME_READY,
+        "type": desired.type_,
         "status": status,
         "reason": desired.reason,
         "message": desired.message,
@@ -267,12 +268,14 @@ mod tests {
             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}),
         );
         let d = DesiredCondition {
+            type_: super::super::CONDITION_KATA_RUNTIME_READY,
             ready: false,
             reason: "ProbeFailed".into(),
             message: "a".into(),
         };
         assert!(condition_patch(&n, &d, "2026-02-02T00:00:00Z").is_none());
         let d2 = DesiredCondition {
+            type_: super::super::CONDITION_KATA_RUNTIME_READY,
             message: "b".into(),
             ..d
         };
@@ -282,6 +285,7 @@ mod tests {
             "2026-01-01T00:00:00Z"
         );
         let d3 = DesiredCondition {
+            type_: super::super::CONDITION_KATA_RUNTIME_READY,
             ready: true,
             reason: "RuntimeProven".into(),
             message: "ok".into(),

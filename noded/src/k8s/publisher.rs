@@ -34,7 +34,10 @@ use super::signals::{
     LabelDecision, LabelGovernor, SchedulerLabels, default_overhead_mib, overhead_mib,
     overhead_moved,
 };
-use super::{K8sError, LABEL_KATA_READY, runtimeclass};
+use super::{
+    CONDITION_KATA_RUNTIME_READY, CONDITION_KATA_WARM_TEMPLATE_READY, K8sError, LABEL_KATA_READY,
+    runtimeclass,
+};
 use crate::config::NodedConfig;
 
 /// Latest probe result of one handler, plus how many failed in a row (counted by the sender so that
@@ -78,6 +81,8 @@ pub struct Capacity {
     /// Median sandbox boot; `None` until a VM booted on this node.
     pub boot_p50_ms: Option<u32>,
     pub warm_templates: u32,
+    /// The `KataWarmTemplateReady` condition; `None` when the node has no warm handler.
+    pub warm_condition: Option<crate::observe::warm::WarmCondition>,
     /// Measured host memory of one VM per runtime handler (private bytes of qemu + shim + virtiofsd);
     /// a handler is absent until one of its VMs was measured. Drives each RuntimeClass's overhead.
     pub vm_cost_bytes: BTreeMap<String, u64>,
@@ -89,6 +94,7 @@ pub enum Notice {
     ConfigApplied { detail: String },
     ContainerdRestarted { detail: String },
     TemplateRebuilt { template: String, detail: String },
+    TemplateFailed { template: String, detail: String },
 }
 
 /// Receiving ends, owned by the publisher task.
@@ -384,6 +390,12 @@ impl Publisher {
                 action: "Rebuild",
                 note: format!("template {template}: {detail}"),
             },
+            Notice::TemplateFailed { template, detail } => NodeEvent {
+                type_: EventType::Warning,
+                reason: "TemplateBuildFailed",
+                action: "Build",
+                note: format!("template {template}: {detail}; its pods boot cold meanwhile"),
+            },
         };
         self.queue_event(ev);
     }
@@ -551,6 +563,23 @@ impl Publisher {
                 .patch(true, STRATEGIC_MERGE_PATCH, &p, "status condition")
                 .await?;
         }
+        if let Some(w) = self
+            .capacity
+            .as_ref()
+            .and_then(|c| c.warm_condition.as_ref())
+        {
+            let cond = DesiredCondition {
+                type_: CONDITION_KATA_WARM_TEMPLATE_READY,
+                ready: w.ready,
+                reason: w.reason.to_owned(),
+                message: w.message.clone(),
+            };
+            if let Some(p) = node::condition_patch(&n, &cond, &now_rfc3339()) {
+                n = self
+                    .patch(true, STRATEGIC_MERGE_PATCH, &p, "warm template condition")
+                    .await?;
+            }
+        }
         if taint == Some(false) {
             self.patch_taint(n, false).await?;
         }
@@ -563,6 +592,7 @@ impl Publisher {
         match &self.readiness {
             Readiness::Unknown => None,
             Readiness::Ready => Some(DesiredCondition {
+                type_: CONDITION_KATA_RUNTIME_READY,
                 ready: true,
                 reason: "RuntimeProven".into(),
                 message: format!(
@@ -571,6 +601,7 @@ impl Publisher {
                 ),
             }),
             Readiness::NotReady { message, .. } => Some(DesiredCondition {
+                type_: CONDITION_KATA_RUNTIME_READY,
                 ready: false,
                 reason: "ProbeFailed".into(),
                 message: message.clone(),

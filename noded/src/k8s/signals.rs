@@ -101,17 +101,12 @@ impl LabelGovernor {
 
 /// Kata's own RuntimeClass default (kata-deploy ships `memory: 160Mi`) until a VM was measured.
 pub const DEFAULT_OVERHEAD_MIB: u64 = 160;
-/// Starting point for template-backed classes (`*-warm`): a clone shares the template's guest memory
-/// copy-on-write, so its host cost is far below a cold VM's. Same value as daemonset/runtimeclasses.yaml.
-pub const DEFAULT_WARM_OVERHEAD_MIB: u64 = 64;
-
-/// The overhead a RuntimeClass starts with before one of its VMs was measured.
-pub fn default_overhead_mib(runtime_class: &str) -> u64 {
-    if runtime_class.ends_with("-warm") {
-        DEFAULT_WARM_OVERHEAD_MIB
-    } else {
-        DEFAULT_OVERHEAD_MIB
-    }
+/// The overhead a RuntimeClass starts with before one of its VMs was measured: kata-deploy's value for
+/// every class, warm ones included. A warm pod boots cold whenever the template is missing (after a
+/// reboot, during a rebuild), and a cold VM costs far more than a clone: a lower prior would
+/// under-reserve exactly then. The measured clone cost replaces it once clones ran.
+pub fn default_overhead_mib(_runtime_class: &str) -> u64 {
+    DEFAULT_OVERHEAD_MIB
 }
 /// Bounds on the published memory overhead: a broken measurement must not make every Kata pod
 /// unschedulable (huge) or overcommit the node (tiny).

@@ -4,11 +4,14 @@
 //! is stale after a Kata upgrade or a change of kernel, initrd or config. When it is missing Kata does
 //! not fail: it silently cold-boots every sandbox. This adapter checks the template against a
 //! fingerprint recorded when it was built, rebuilds it through Kata's own tool (`kata-runtime factory
-//! init`, or `kata-ctl factory init` on runtime-rs releases) and reports every rebuild.
+//! init`; runtime-rs's `kata-ctl` is refused, see [`KataFactory::tool`]) and reports every rebuild.
 
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -37,6 +40,9 @@ pub enum TemplateState {
     Missing,
     /// Files exist but were built from another Kata/config/kernel/initrd, or were never recorded.
     Stale(String),
+    /// Files exist and were built from the right inputs, but are not what the build left (truncated,
+    /// rewritten): a clone of them would fail or, worse, boot a corrupted guest.
+    Damaged(String),
 }
 
 /// Why a build happened; also the `outcome`/reason a caller puts on its counters and events.
@@ -46,6 +52,7 @@ pub enum EnsureAction {
     Kept,
     BuiltMissing,
     RebuiltStale,
+    RebuiltDamaged,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,7 +68,27 @@ pub struct EnsureOutcome {
 pub struct FactoryCounters {
     pub built_missing: AtomicU64,
     pub rebuilt_stale: AtomicU64,
+    pub rebuilt_damaged: AtomicU64,
     pub failed: AtomicU64,
+}
+
+/// How `kata-runtime factory` is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FactoryExec {
+    /// A hung template VM must not hold the keeper forever: the tool is killed after this.
+    pub timeout: Duration,
+    /// Mount namespace to run the tool in (`/proc/1/ns/mnt`: the host's, from a `hostPID` pod).
+    /// `None`, or the namespace noded already runs in, = run it here.
+    pub mount_namespace: Option<PathBuf>,
+}
+
+impl Default for FactoryExec {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(120),
+            mount_namespace: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -72,6 +99,7 @@ pub struct KataFactory {
     template_path: PathBuf,
     /// Persistent record of the fingerprint the current template was built from.
     record: PathBuf,
+    exec: FactoryExec,
     pub counters: FactoryCounters,
 }
 
@@ -79,6 +107,35 @@ pub struct KataFactory {
 struct Record {
     template_path: PathBuf,
     fingerprint: Fingerprint,
+    /// What the build left, to tell a damaged template from a good one without reading the guest
+    /// memory (clones map it private, so nothing legitimately writes it after the build).
+    files: Option<BuiltFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BuiltFiles {
+    memory_bytes: u64,
+    memory_mtime_ns: i64,
+    state_bytes: u64,
+    state_sha256: String,
+}
+
+impl BuiltFiles {
+    fn read(dir: &Path) -> Result<Self, KataError> {
+        let meta =
+            |p: PathBuf| std::fs::metadata(&p).map_err(|source| KataError::Io { path: p, source });
+        let memory = meta(dir.join("memory"))?;
+        let state = meta(dir.join("state"))?;
+        Ok(Self {
+            memory_bytes: memory.len(),
+            memory_mtime_ns: memory
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(memory.mtime_nsec()),
+            state_bytes: state.len(),
+            state_sha256: sha256_file(&dir.join("state"))?,
+        })
+    }
 }
 
 impl KataFactory {
@@ -86,13 +143,26 @@ impl KataFactory {
     /// the template tmpfs, otherwise an upgrade across a reboot could not be told from a plain boot.
     pub fn new(layout: KataLayout, config: PathBuf, data_dir: &Path) -> Result<Self, KataError> {
         let template_path = template_path_of(&config)?;
+        // One record per warm config: two warm handlers must not vouch for each other's template.
+        let stem = config
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("configuration");
         Ok(Self {
             layout,
-            config,
             template_path,
-            record: data_dir.join("kata").join("factory-template.json"),
+            record: data_dir
+                .join("kata")
+                .join(format!("factory-template.{stem}.json")),
+            config,
+            exec: FactoryExec::default(),
             counters: FactoryCounters::default(),
         })
+    }
+
+    pub fn with_exec(mut self, exec: FactoryExec) -> Self {
+        self.exec = exec;
+        self
     }
 
     pub fn template_path(&self) -> &Path {
@@ -151,8 +221,17 @@ impl KataFactory {
                 self.template_path.display()
             )),
             Some(r) => match diff(&r.fingerprint, want) {
-                None => TemplateState::Current,
                 Some(what) => TemplateState::Stale(what),
+                None => match (r.files, BuiltFiles::read(&self.template_path)) {
+                    (None, _) => TemplateState::Stale(
+                        "recorded by an older noded without file checksums".into(),
+                    ),
+                    (Some(_), Err(e)) => TemplateState::Damaged(e.to_string()),
+                    (Some(built), Ok(now)) => match damage(&built, &now) {
+                        None => TemplateState::Current,
+                        Some(what) => TemplateState::Damaged(what),
+                    },
+                },
             },
         }
     }
@@ -162,10 +241,7 @@ impl KataFactory {
     pub fn ensure(&self) -> Result<EnsureOutcome, KataError> {
         let span = tracing::info_span!("kata_factory", template = %self.template_path.display());
         let _g = span.enter();
-        let tool = self
-            .layout
-            .factory_tool()
-            .ok_or_else(|| KataError::NoFactoryTool(self.layout.root().to_path_buf()))?;
+        let tool = self.tool()?;
         let fingerprint = self.fingerprint()?;
         let action = match self.state(&fingerprint) {
             TemplateState::Current => EnsureAction::Kept,
@@ -177,10 +253,13 @@ impl KataFactory {
             }
             TemplateState::Stale(why) => {
                 tracing::warn!(reason = %why, "Kata VM template stale: rebuilding it");
-                // Kata refuses `init` over an existing template; destroy first. A failing destroy
-                // (nothing mounted) is fine, `init` decides.
-                let _ = self.run(&tool, "destroy");
+                self.destroy_files(&tool);
                 EnsureAction::RebuiltStale
+            }
+            TemplateState::Damaged(why) => {
+                tracing::warn!(reason = %why, "Kata VM template damaged: rebuilding it");
+                self.destroy_files(&tool);
+                EnsureAction::RebuiltDamaged
             }
         };
         if action != EnsureAction::Kept {
@@ -190,6 +269,7 @@ impl KataFactory {
             }
             match action {
                 EnsureAction::BuiltMissing => &self.counters.built_missing,
+                EnsureAction::RebuiltDamaged => &self.counters.rebuilt_damaged,
                 _ => &self.counters.rebuilt_stale,
             }
             .fetch_add(1, Ordering::Relaxed);
@@ -202,9 +282,35 @@ impl KataFactory {
         })
     }
 
+    /// The tool that builds templates for this install. runtime-rs's `kata-ctl factory` reads its
+    /// own default configuration (`[hypervisor.qemu.factory]`) and ignores `KATA_CONF_FILE`, so a
+    /// template it built would not be the one the warm config describes: refused, not guessed.
+    fn tool(&self) -> Result<PathBuf, KataError> {
+        let tool = self
+            .layout
+            .factory_tool()
+            .ok_or_else(|| KataError::NoFactoryTool(self.layout.root().to_path_buf()))?;
+        if tool.file_name().is_some_and(|n| n == "kata-ctl") {
+            return Err(KataError::RuntimeRsFactory(tool));
+        }
+        Ok(tool)
+    }
+
+    /// Kata refuses `init` over an existing template: destroy first. A failing destroy (nothing
+    /// mounted) is fine, `init` decides; whatever files are left are removed so `init` starts clean.
+    fn destroy_files(&self, tool: &Path) {
+        let _ = std::fs::remove_file(&self.record);
+        if let Err(e) = self.run(tool, "destroy") {
+            tracing::debug!("factory destroy before rebuild: {e}");
+        }
+        for f in TEMPLATE_FILES {
+            let _ = std::fs::remove_file(self.template_path.join(f));
+        }
+    }
+
     /// Removes the template and the record (uninstall, or `noded template destroy`).
     pub fn destroy(&self) -> Result<(), KataError> {
-        if let Some(tool) = self.layout.factory_tool() {
+        if let Ok(tool) = self.tool() {
             self.run(&tool, "destroy")?;
         }
         match std::fs::remove_file(&self.record) {
@@ -233,6 +339,7 @@ impl KataFactory {
         let record = Record {
             template_path: self.template_path.clone(),
             fingerprint: fingerprint.clone(),
+            files: Some(BuiltFiles::read(&self.template_path)?),
         };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| KataError::InvalidConfig {
             path: self.record.clone(),
@@ -243,31 +350,125 @@ impl KataFactory {
         Ok(())
     }
 
-    /// `kata-runtime --config <cfg> factory <verb>`; `kata-ctl` takes the config from
-    /// `KATA_CONF_FILE` (runtime-rs) instead of a flag.
+    /// `kata-runtime --config <cfg> factory <verb>`, in the configured mount namespace, killed after
+    /// `exec.timeout`.
     fn run(&self, tool: &Path, verb: &str) -> Result<(), KataError> {
-        let mut cmd = Command::new(tool);
-        if tool.file_name().is_some_and(|n| n == "kata-ctl") {
-            cmd.env("KATA_CONF_FILE", &self.config);
-        } else {
-            cmd.arg("--config").arg(&self.config);
-        }
-        cmd.args(["factory", verb]);
-        let out = cmd.output().map_err(|source| KataError::Io {
+        let ns = foreign_mount_namespace(self.exec.mount_namespace.as_deref())?;
+        let Some(ns) = ns else {
+            return self.run_here(tool, verb);
+        };
+        // setns(CLONE_NEWNS) is refused to a thread that shares its filesystem context, i.e. to any
+        // thread of a multi-threaded noded. A thread of its own unshares that context, enters the
+        // namespace, forks the tool (which inherits it) and ends, taking the namespace with it:
+        // noded's other threads never leave their own.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    use nix::sched::{CloneFlags, setns, unshare};
+                    let enter = |e: nix::Error| KataError::Io {
+                        path: self.exec.mount_namespace.clone().unwrap_or_default(),
+                        source: std::io::Error::from(e),
+                    };
+                    unshare(CloneFlags::CLONE_FS).map_err(enter)?;
+                    setns(&ns, CloneFlags::CLONE_NEWNS).map_err(enter)?;
+                    nix::unistd::chdir("/").map_err(enter)?;
+                    self.run_here(tool, verb)
+                })
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(KataError::FactoryCommand {
+                        tool: tool.to_path_buf(),
+                        verb: verb.to_owned(),
+                        status: None,
+                        stderr: "the thread running it panicked".into(),
+                    })
+                })
+        })
+    }
+
+    fn run_here(&self, tool: &Path, verb: &str) -> Result<(), KataError> {
+        let io = |source| KataError::Io {
             path: tool.to_path_buf(),
             source,
-        })?;
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            return Err(KataError::FactoryCommand {
+        };
+        let mut child = Command::new(tool)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["factory", verb])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io)?;
+        // Drained on a thread: a chatty tool must not block on a full pipe while we wait for it.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = e.read_to_string(&mut s);
+                s
+            })
+        });
+        let deadline = Instant::now() + self.exec.timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().map_err(io)? {
+                break Some(st);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        match status {
+            Some(st) if st.success() => Ok(()),
+            Some(st) => Err(KataError::FactoryCommand {
                 tool: tool.to_path_buf(),
                 verb: verb.to_owned(),
-                status: out.status.code(),
+                status: st.code(),
                 stderr: crate::config::one_line(stderr.trim()),
-            });
+            }),
+            None => Err(KataError::FactoryCommand {
+                tool: tool.to_path_buf(),
+                verb: verb.to_owned(),
+                status: None,
+                stderr: format!("killed after {:?}", self.exec.timeout),
+            }),
         }
-        Ok(())
     }
+}
+
+/// The namespace file to enter, or `None` when it is the one noded runs in already (noded.service on
+/// the host, or a test): entering it again would need CAP_SYS_ADMIN for nothing.
+fn foreign_mount_namespace(ns: Option<&Path>) -> Result<Option<std::fs::File>, KataError> {
+    let Some(ns) = ns else { return Ok(None) };
+    let io = |source| KataError::Io {
+        path: ns.to_path_buf(),
+        source,
+    };
+    let target = std::fs::metadata(ns).map_err(io)?;
+    let own = std::fs::metadata("/proc/self/ns/mnt").map_err(io)?;
+    if (target.dev(), target.ino()) == (own.dev(), own.ino()) {
+        return Ok(None);
+    }
+    std::fs::File::open(ns).map(Some).map_err(io)
+}
+
+fn damage(built: &BuiltFiles, now: &BuiltFiles) -> Option<String> {
+    let mut what = Vec::new();
+    if built.memory_bytes != now.memory_bytes {
+        what.push(format!(
+            "memory is {} bytes, the build left {}",
+            now.memory_bytes, built.memory_bytes
+        ));
+    } else if built.memory_mtime_ns != now.memory_mtime_ns {
+        what.push("memory was written after the build".to_string());
+    }
+    if built.state_bytes != now.state_bytes || built.state_sha256 != now.state_sha256 {
+        what.push("state differs from what the build saved".to_string());
+    }
+    (!what.is_empty()).then(|| what.join(", "))
 }
 
 fn diff(have: &Fingerprint, want: &Fingerprint) -> Option<String> {

@@ -2,13 +2,16 @@
 //! configuration, and keeping Kata's own VM factory template present and current.
 
 pub mod factory;
+pub mod keeper;
 pub mod layout;
 pub mod warm;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use factory::{EnsureAction, EnsureOutcome, Fingerprint, KataFactory, TemplateState};
+pub use factory::{
+    EnsureAction, EnsureOutcome, FactoryExec, Fingerprint, KataFactory, TemplateState,
+};
 pub use layout::{Hypervisor, KataInstall, KataLayout};
 pub use warm::{WarmOptions, WarmOutcome, WarmSharedFs};
 
@@ -38,6 +41,10 @@ pub enum KataError {
         status: Option<i32>,
         stderr: String,
     },
+    #[error(
+        "{0}: this Kata install has only runtime-rs's kata-ctl, whose `factory` ignores the warm configuration (KATA_CONF_FILE); noded builds templates with the Go runtime's kata-runtime only"
+    )]
+    RuntimeRsFactory(PathBuf),
     #[error("`{tool} factory init` succeeded but left no template in {path} (memory + state)")]
     TemplateNotCreated { tool: PathBuf, path: PathBuf },
 }

@@ -14,6 +14,10 @@ use toml_edit::{DocumentMut, Item, Value};
 use super::layout::KataLayout;
 use super::{KataError, write_atomic};
 
+/// The name Kata's release gives its default initrd (a symlink to the versioned file). A release also
+/// ships e.g. `kata-ubuntu-noble-confidential.initrd`, which sorts first and is not for plain pods.
+pub const DEFAULT_INITRD: &str = "kata-containers-initrd.img";
+
 /// Kata's default; `kata-runtime factory init` mounts its own tmpfs there.
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
 
@@ -42,7 +46,8 @@ impl WarmSharedFs {
 pub struct WarmOptions {
     pub template_path: PathBuf,
     pub shared_fs: WarmSharedFs,
-    /// Initrd to boot; `None` = the source config's `initrd`, else the first `kata-*.initrd` found.
+    /// Initrd to boot; `None` = the source config's `initrd`, else Kata's default
+    /// ([`DEFAULT_INITRD`]), else the only initrd of the release (several = an error).
     pub initrd: Option<PathBuf>,
 }
 
@@ -93,12 +98,7 @@ pub fn render(
     let initrd = match (&opts.initrd, qemu.get("initrd").and_then(Item::as_str)) {
         (Some(p), _) => p.clone(),
         (None, Some(p)) if !p.is_empty() => PathBuf::from(p),
-        _ => find_initrd(layout).ok_or_else(|| {
-            invalid(format!(
-                "templating needs an initrd, and neither the config nor {} has one",
-                layout.assets_dir().display()
-            ))
-        })?,
+        _ => find_initrd(layout).map_err(invalid)?,
     };
     let kernel = qemu.get("kernel").and_then(Item::as_str).map(PathBuf::from);
 
@@ -157,19 +157,35 @@ pub fn derive(layout: &KataLayout, opts: &WarmOptions) -> Result<WarmOutcome, Ka
     })
 }
 
-fn find_initrd(layout: &KataLayout) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(layout.assets_dir())
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("kata-") && n.contains("initrd"))
+/// The source config names no initrd: Kata's default name, or the release's only initrd. Never a
+/// guess among several (the confidential one would boot every warm pod with the wrong guest).
+fn find_initrd(layout: &KataLayout) -> Result<PathBuf, String> {
+    let dir = layout.assets_dir();
+    let default = dir.join(DEFAULT_INITRD);
+    if default.exists() {
+        return Ok(default);
+    }
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("kata-") && n.contains("initrd"))
+                .collect()
         })
-        .collect();
+        .unwrap_or_default();
     found.sort();
-    found.into_iter().next()
+    match found.as_slice() {
+        [one] => Ok(dir.join(one)),
+        [] => Err(format!(
+            "templating needs an initrd, and neither the config nor {} has one",
+            dir.display()
+        )),
+        many => Err(format!(
+            "templating needs an initrd: the config names none, {} has no {DEFAULT_INITRD}, and several candidates ({}); set [hypervisor.qemu] initrd",
+            dir.display(),
+            many.join(", ")
+        )),
+    }
 }
 
 /// Replaces a value but keeps the comment/whitespace around it, so a diff against Kata's file shows

@@ -10,6 +10,7 @@ pub mod latency;
 pub mod memory;
 pub mod procscan;
 pub mod synthetic;
+pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -53,6 +54,8 @@ pub struct ObserverConfig {
     /// Handlers that must pass their probe for `/readyz`.
     pub probe_handlers: Vec<String>,
     pub templates: Vec<TemplateRef>,
+    /// Kata handlers served from Kata's own factory template (`kata-qemu-warm`).
+    pub warm_handlers: Vec<String>,
     /// Directories holding template memory files.
     pub template_dirs: Vec<PathBuf>,
     pub capacity: CapacityPolicy,
@@ -88,6 +91,11 @@ impl ObserverConfig {
             handlers,
             probe_handlers,
             templates,
+            warm_handlers: cfg
+                .warm_handlers()
+                .into_iter()
+                .map(|h| h.name().to_owned())
+                .collect(),
             // QEMU is given canonical paths (the engine canonicalizes run_dir), so compare with those.
             template_dirs: [
                 PathBuf::from(procscan::KATA_FACTORY_TEMPLATE_DIR),
@@ -115,12 +123,21 @@ impl ObserverConfig {
     pub fn metrics_scope(&self) -> MetricsScope {
         MetricsScope {
             handlers: self.handlers.clone(),
-            templates: self.templates.iter().map(|t| t.name.clone()).collect(),
+            // Kata's factory template of a warm handler is reported under the handler's name.
+            templates: self
+                .templates
+                .iter()
+                .map(|t| t.name.clone())
+                .chain(self.warm_handlers.iter().cloned())
+                .collect(),
         }
     }
 
+    /// Pods of this handler are meant to start as clones (noded's template or Kata's factory), so a
+    /// cold boot is a template miss.
     fn has_template(&self, handler: &str) -> bool {
         self.templates.iter().any(|t| t.runtime_handler == handler)
+            || self.warm_handlers.iter().any(|h| h == handler)
     }
 }
 
@@ -302,6 +319,7 @@ pub struct Observer {
     scanner: Scanner,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
+    warm: warm::WarmTemplates,
     /// Wakes the periodic loop early when a boot sample waits for classification.
     wake: tokio::sync::Notify,
 }
@@ -314,6 +332,7 @@ impl Observer {
             config.templates.iter().map(|t| t.name.clone()).collect(),
         );
         Observer {
+            warm: warm::WarmTemplates::new(config.warm_handlers.iter().cloned()),
             config,
             scanner,
             metrics,
@@ -328,6 +347,21 @@ impl Observer {
 
     pub fn config(&self) -> &ObserverConfig {
         &self.config
+    }
+
+    /// Kata's warm path per warm handler (template valid, probe restored from it).
+    pub fn warm(&self) -> &warm::WarmTemplates {
+        &self.warm
+    }
+
+    /// How the sandbox `id` booted, from a fresh `/proc` scan (blocking; a few ms). `None` when no
+    /// hypervisor of that sandbox is running.
+    pub fn sandbox_boot(&self, id: &str) -> Option<BootKind> {
+        let scan = self.scanner.scan().ok()?;
+        scan.sandboxes
+            .iter()
+            .find(|s| s.id == id)
+            .and_then(Sandbox::boot)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -527,8 +561,14 @@ impl Observer {
             .hypervisor
             .as_ref()
             .is_some_and(|h| h.role != VmRole::Cold);
-        if clone && let Some(t) = self.config.templates.first() {
-            return t.runtime_handler.clone();
+        if clone {
+            // A Kata clone belongs to a warm handler; a noded clone was named after its template above.
+            if let Some(h) = self.config.warm_handlers.first() {
+                return h.clone();
+            }
+            if let Some(t) = self.config.templates.first() {
+                return t.runtime_handler.clone();
+            }
         }
         let family = match sb.hypervisor.as_ref().map(|h| h.kind) {
             Some(ProcessKind::CloudHypervisor) => "clh",

@@ -718,6 +718,7 @@ pub fn capacity(total: u32, free: u32) -> noded::k8s::Capacity {
         slots_free: free,
         boot_p50_ms: Some(300),
         warm_templates: 1,
+        warm_condition: None,
         vm_cost_bytes: Default::default(),
     }
 }
