@@ -11,5 +11,6 @@ pub mod http;
 pub mod k8s;
 pub mod kata;
 pub mod metrics;
+pub mod names;
 pub mod observe;
 pub mod vm;
