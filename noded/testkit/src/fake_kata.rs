@@ -9,6 +9,11 @@
 //! Kata's `ConfigPath`. Inside testkit's own integration tests its path is
 //! `env!("CARGO_BIN_EXE_fake-kata-shim")`; other crates cannot name another package's binary, so
 //! [`shim_binary`] builds it once with cargo and returns its path.
+//!
+//! [`FakeKata::write_bootable`] makes a release that runs real VMs with Debian's QEMU (TCG):
+//! `bin/kata-runtime` is the compiled `fake-kata-runtime` (its `factory init` builds a real VM
+//! template on a tmpfs) and the shim boots one VM per sandbox, cloned from that template or cold
+//! (see [`crate::kata_guest`] and [`crate::shim::vm`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -145,10 +150,97 @@ impl FakeKata {
         let kata = Self::write(dir, installed_at, version);
         let dest = dir.join("bin/containerd-shim-kata-v2");
         std::fs::remove_file(&dest).expect("remove the recording shim");
-        std::fs::copy(shim, &dest)
-            .unwrap_or_else(|e| panic!("copy fake shim {}: {e}", shim.display()));
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        install_binary(shim, &dest);
         kata
+    }
+
+    /// A release that boots real VMs (root and Debian's `qemu-system-x86_64` needed):
+    /// - `share/kata-containers/vmlinux-<kernel version>` (a Debian kernel, PVH-bootable) with the
+    ///   `vmlinux.container` symlink; `kata-ubuntu-noble.initrd` (the busybox initramfs whose `/init`
+    ///   answers `ping`), `kata-containers-initrd.img` -> it (Kata's default initrd name), a decoy
+    ///   `kata-ubuntu-noble-confidential.initrd` (not bootable; sorts first, as in a real release) and
+    ///   `kata-containers.img`;
+    /// - `configuration-qemu.toml` as Kata ships it (`image = ...`, no `initrd`, templating off),
+    ///   with `default_memory = 256` so TCG clones stay cheap;
+    /// - `bin/qemu-system-x86_64` -> `/usr/bin/qemu-system-x86_64`;
+    /// - `bin/kata-runtime`: a copy of `runtime` (the compiled `fake-kata-runtime`,
+    ///   [`runtime_binary`]); `bin/containerd-shim-kata-v2`: a copy of `shim` ([`shim_binary`]);
+    /// - the `boots-vms` marker the shim checks before booting VMs.
+    ///
+    /// Calls are recorded in `calls.log` as with [`FakeKata::write`]; each sandbox VM adds a JSON line
+    /// ([`FakeKata::vm_calls`]). Panics if the guest assets cannot be built.
+    pub fn write_bootable(
+        dir: &Path,
+        installed_at: &Path,
+        version: &str,
+        shim: &Path,
+        runtime: &Path,
+    ) -> Self {
+        let kata = Self::write_with_shim(dir, installed_at, version, shim);
+        let guest = crate::kata_guest::guest_assets().unwrap_or_else(|e| panic!("{e:#}"));
+        let bin = dir.join("bin");
+        let assets = dir.join("share/kata-containers");
+        for f in [
+            bin.join("kata-runtime"),
+            bin.join("qemu-system-x86_64"),
+            assets.join("vmlinux-6.12.28-153"),
+            assets.join("vmlinux.container"),
+            assets.join("kata-ubuntu-noble.initrd"),
+            assets.join("kata-containers.img"),
+        ] {
+            std::fs::remove_file(&f).unwrap_or_else(|e| panic!("remove {}: {e}", f.display()));
+        }
+        install_binary(runtime, &bin.join("kata-runtime"));
+        std::os::unix::fs::symlink(QEMU_SYSTEM, bin.join("qemu-system-x86_64")).expect("symlink");
+        let kernel_version = guest
+            .kernel_package
+            .strip_prefix("linux-image-")
+            .unwrap_or(&guest.kernel_package);
+        let kernel_name = format!("vmlinux-{kernel_version}");
+        std::fs::copy(&guest.kernel, assets.join(&kernel_name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", guest.kernel.display()));
+        std::os::unix::fs::symlink(&kernel_name, assets.join("vmlinux.container"))
+            .expect("symlink");
+        std::fs::copy(&guest.initrd, assets.join("kata-ubuntu-noble.initrd"))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", guest.initrd.display()));
+        std::os::unix::fs::symlink(
+            "kata-ubuntu-noble.initrd",
+            assets.join(crate::kata_guest::DEFAULT_INITRD),
+        )
+        .expect("symlink");
+        std::fs::write(
+            assets.join("kata-ubuntu-noble-confidential.initrd"),
+            b"decoy: the confidential-guest initrd, not an initramfs this fake can boot\n",
+        )
+        .expect("write");
+        std::fs::write(assets.join("kata-containers.img"), b"image v1").expect("write");
+        let config = kata.qemu_config();
+        let text = std::fs::read_to_string(&config).expect("read config");
+        let text = text.replace("default_memory = 2048", "default_memory = 256");
+        std::fs::write(&config, text).expect("write config");
+        std::fs::write(dir.join(crate::shim::vm::BOOTABLE_MARKER), b"").expect("write marker");
+        kata
+    }
+
+    /// `share/defaults/kata-containers/configuration-qemu.toml`.
+    pub fn qemu_config(&self) -> PathBuf {
+        self.root
+            .join("share/defaults/kata-containers/configuration-qemu.toml")
+    }
+
+    /// Whether this release was written by [`FakeKata::write_bootable`].
+    pub fn is_bootable(&self) -> bool {
+        self.root.join(crate::shim::vm::BOOTABLE_MARKER).exists()
+    }
+
+    /// Every sandbox VM the shim started: `{"call":"vm","id":<sandbox id>,"boot":"template"|"cold"|
+    /// "failed","reason":<why>,"pid":<QEMU pid or null>}`.
+    pub fn vm_calls(&self) -> Vec<serde_json::Value> {
+        self.calls()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["call"] == "vm")
+            .collect()
     }
 
     /// The shim binary of this release.
@@ -193,16 +285,47 @@ impl FakeKata {
             .collect()
     }
 
-    /// What a Kata upgrade changes: the version the binaries report and the guest assets.
+    /// What a Kata upgrade changes: the version the binaries report and the guest assets. A bootable
+    /// release's initrd stays bootable: the initramfs plus an appended archive naming the version.
     pub fn upgrade(&self, version: &str) {
         std::fs::write(self.root.join("fake-version"), format!("{version}\n")).expect("write");
-        std::fs::write(
-            self.root
-                .join("share/kata-containers/kata-ubuntu-noble.initrd"),
-            format!("initrd {version}"),
-        )
-        .expect("write");
+        let initrd = self
+            .root
+            .join("share/kata-containers/kata-ubuntu-noble.initrd");
+        let bytes = if self.is_bootable() {
+            let guest = crate::kata_guest::guest_assets().unwrap_or_else(|e| panic!("{e:#}"));
+            let mut bytes = std::fs::read(&guest.initrd)
+                .unwrap_or_else(|e| panic!("read {}: {e}", guest.initrd.display()));
+            bytes.extend(crate::kata_guest::cpio_with_file(
+                "etc/kata-version",
+                format!("{version}\n").as_bytes(),
+            ));
+            bytes
+        } else {
+            format!("initrd {version}").into_bytes()
+        };
+        std::fs::write(&initrd, bytes).expect("write");
     }
+}
+
+/// The QEMU a bootable release's `bin/qemu-system-x86_64` links to.
+pub const QEMU_SYSTEM: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Copies a compiled binary into a release without its debug info (debug builds are ~300 MB, and
+/// releases are packed into tarballs); a plain copy where `strip` is missing.
+fn install_binary(src: &Path, dest: &Path) {
+    let stripped = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(dest)
+        .arg(src)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(src, dest)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dest.display()));
+    }
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
 
 fn exe(path: &Path, text: &str) {
@@ -214,6 +337,12 @@ fn exe(path: &Path, text: &str) {
 /// `env!("CARGO_BIN_EXE_fake-kata-shim")`); see [`crate::bins::testkit_bin`].
 pub fn shim_binary() -> Result<PathBuf> {
     crate::bins::testkit_bin("fake-kata-shim")
+}
+
+/// The compiled `fake-kata-runtime` (`bin/kata-runtime` of [`FakeKata::write_bootable`]), built like
+/// [`shim_binary`].
+pub fn runtime_binary() -> Result<PathBuf> {
+    crate::bins::testkit_bin("fake-kata-runtime")
 }
 
 /// Packs `build/opt` (a release tree written by [`FakeKata`]) into the gzipped tarball `out`, as Kata's

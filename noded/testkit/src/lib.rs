@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod dbus;
 pub mod fake_api;
 pub mod fake_kata;
+pub mod kata_guest;
 pub mod kubelet;
 pub mod nodebox;
 pub mod prometheus;

@@ -7,6 +7,8 @@
 //!   readable file; every Create is recorded in `<release>/calls.log` (one JSON line).
 //! - One shim process per pod: containers whose spec names another sandbox
 //!   (`io.kubernetes.cri.sandbox-id`) join that sandbox's shim, as Kata's do.
+//! - In a bootable release, the sandbox's Create starts a real QEMU VM (a template clone or a cold
+//!   boot, recorded in `calls.log`) that lives until the sandbox container is deleted ([`vm`]).
 //!
 //! The crate is pinned to 0.11, the last release serving the task v2 API with a bare address
 //! reply to `start`: containerd 1.6 and 1.7 speak only v2, 2.x accepts v2 as well.
@@ -14,6 +16,7 @@
 mod options;
 mod runc;
 mod task;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use containerd_shim::synchronous::util::write_address;
 use containerd_shim::util::timestamp;
 use containerd_shim::{Config, Error, ExitSignal, Flags, Shim, StartOpts, info, socket_address};
 
-pub use options::{RUNTIME_OPTIONS, RuntimeOptions, calls_log};
+pub use options::{RUNTIME_OPTIONS, RuntimeOptions, calls_log, release_root};
 
 /// The runtime id containerd knows Kata's shim by (`io.containerd.kata.v2`).
 pub const RUNTIME_ID: &str = "io.containerd.kata.v2";

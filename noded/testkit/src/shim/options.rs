@@ -51,8 +51,26 @@ pub fn check_config(path: &str) -> Result<(), String> {
 /// `<dir of the shim binary>/../calls.log`: the fake Kata release's root, where its recording
 /// scripts also log.
 pub fn calls_log() -> Option<PathBuf> {
+    Some(release_root()?.join("calls.log"))
+}
+
+/// `<dir of the shim binary>/..`: the fake Kata release the shim belongs to.
+pub fn release_root() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.parent()?.join("calls.log"))
+    Some(exe.parent()?.parent()?.to_path_buf())
+}
+
+/// One JSON line per sandbox VM: `{"call":"vm","id","boot":"template"|"cold"|"failed","reason","pid"}`.
+pub fn record_vm(id: &str, boot: &str, reason: &str, pid: Option<u32>) {
+    let Some(log) = calls_log() else { return };
+    let line = serde_json::json!({
+        "call": "vm",
+        "id": id,
+        "boot": boot,
+        "reason": reason,
+        "pid": pid,
+    });
+    append(&log, &line.to_string());
 }
 
 /// One JSON line per Create; best effort (a read-only release just records nothing).

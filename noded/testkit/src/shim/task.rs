@@ -25,6 +25,7 @@ use containerd_shim::{Context, ExitSignal, Task, TtrpcContext, TtrpcResult, erro
 
 use super::options;
 use super::runc::{Runc, Stdio3};
+use super::vm::Vms;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
@@ -57,6 +58,7 @@ struct Inner {
     stopped: Condvar,
     publisher: Mutex<RemotePublisher>,
     exit: Arc<ExitSignal>,
+    vms: Vms,
 }
 
 #[derive(Clone)]
@@ -78,6 +80,7 @@ impl TaskService {
             stopped: Condvar::new(),
             publisher: Mutex::new(publisher),
             exit,
+            vms: Vms::default(),
         });
         // Subscribed before the server serves, so no container's exit can be missed.
         match monitor_subscribe(Topic::All) {
@@ -168,6 +171,15 @@ impl Inner {
         checked?;
 
         let bundle = Path::new(&req.bundle);
+        // Kata starts the VM with the sandbox (pause) container; the pod's other containers join it.
+        let is_sandbox = super::sandbox_of(bundle).is_none_or(|s| s == req.id);
+        let booted_vm = match recorded_path {
+            Some(path) if is_sandbox && super::vm::enabled() => {
+                self.vms.boot(&req.id, path)?;
+                true
+            }
+            _ => false,
+        };
         let rootfs = bundle.join("rootfs");
         if !req.rootfs.is_empty() {
             std::fs::create_dir_all(&rootfs)
@@ -213,6 +225,9 @@ impl Inner {
             Err(e) => {
                 let _ = self.runc.run(&["delete", "--force", &req.id]);
                 unmount(&rootfs);
+                if booted_vm {
+                    self.vms.stop(&req.id);
+                }
                 Err(e)
             }
         }
@@ -382,6 +397,8 @@ impl Task for TaskService {
             .check(&["delete", "--force", &req.id])
             .map_err(|e| get_rpc_status(Code::UNKNOWN, e))?;
         unmount(&Path::new(&c.bundle).join("rootfs"));
+        // The sandbox's VM goes with its sandbox container (a no-op for other containers).
+        self.inner.vms.stop(&req.id);
         let (pid, exit_status) = (c.pid, c.exit_status);
         let exited_at = c.exited_at.clone().unwrap_or_else(now);
         table.containers.remove(&req.id);
@@ -454,6 +471,7 @@ impl Task for TaskService {
         // containers until the last one is gone.
         if self.inner.table().containers.is_empty() {
             info!("last container gone, shutting down");
+            self.inner.vms.stop_all();
             self.inner.exit.signal();
         }
         Ok(Empty::default())
