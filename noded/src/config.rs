@@ -56,9 +56,10 @@ pub struct KataSection {
     pub template_check_seconds: u64,
     /// Upper bound on one `kata-runtime factory init|destroy`.
     pub factory_timeout_seconds: u64,
-    /// Mount namespace `kata-runtime factory` runs in. Kata's tools, QEMU and the template tmpfs
-    /// belong to the host, not to noded's image: with `hostPID: true` the host's is
-    /// `/proc/1/ns/mnt`. Unset = noded's own (a noded.service on the host).
+    /// Mount namespace the template is checked and built in. Kata's tools, QEMU, the template tmpfs
+    /// and a re-baked `/opt/kata` are the host's, not what noded's image or its hostPath bind mounts
+    /// show: with `hostPID: true` the host's is `/proc/1/ns/mnt`. Unset = noded's own (a
+    /// noded.service on the host).
     pub factory_mount_namespace: Option<PathBuf>,
 }
 

@@ -323,7 +323,6 @@ fn a_hung_factory_tool_is_killed_after_the_timeout() {
         .expect("factory")
         .with_exec(noded::kata::FactoryExec {
             timeout: std::time::Duration::from_millis(500),
-            mount_namespace: Some("/proc/self/ns/mnt".into()),
         });
     let started = std::time::Instant::now();
     let err = factory.ensure().expect_err("hung tool");
@@ -369,6 +368,8 @@ fn keeper_check_builds_then_keeps_and_reports_failures_as_invalid() {
         data_dir: dir.path().join("data"),
         check_interval: std::time::Duration::from_secs(1),
         exec: noded::kata::FactoryExec::default(),
+        // Noded's own namespace: taken as "run here", no setns needed.
+        mount_namespace: Some("/proc/self/ns/mnt".into()),
     };
     assert_eq!(
         check_once(&settings, KataHandler::QemuWarm),
@@ -390,4 +391,59 @@ fn keeper_check_builds_then_keeps_and_reports_failures_as_invalid() {
         }
         other => panic!("expected invalid, got {other:?}"),
     }
+}
+
+/// The keeper runs in the host's mount namespace from inside the DaemonSet pod: paths and processes
+/// resolve there, noded's own threads stay where they are.
+#[test]
+fn in_mount_namespace_sees_and_runs_in_the_other_namespace() {
+    use std::io::BufRead;
+    if !testkit::require::require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    let script = format!(
+        "mount -t tmpfs none {m} && echo inside > {m}/f && echo ready && exec sleep 60",
+        m = mnt.display()
+    );
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let holder = Kill(holder);
+    assert_eq!(line.trim(), "ready");
+    let ns = std::path::PathBuf::from(format!("/proc/{}/ns/mnt", holder.0.id()));
+    let f = mnt.join("f");
+    assert!(!f.exists(), "the tmpfs is only in the other namespace");
+    let (read, ran) = noded::kata::in_mount_namespace(Some(&ns), || {
+        let read = std::fs::read_to_string(&f).map_err(|source| KataError::Io {
+            path: f.clone(),
+            source,
+        })?;
+        let out = std::process::Command::new("cat")
+            .arg(&f)
+            .output()
+            .map_err(|source| KataError::Io {
+                path: "cat".into(),
+                source,
+            })?;
+        Ok((read, String::from_utf8_lossy(&out.stdout).into_owned()))
+    })
+    .expect("enter");
+    assert_eq!((read.trim(), ran.trim()), ("inside", "inside"));
+    assert!(!f.exists(), "noded's own namespace is unchanged afterwards");
 }

@@ -77,16 +77,12 @@ pub struct FactoryCounters {
 pub struct FactoryExec {
     /// A hung template VM must not hold the keeper forever: the tool is killed after this.
     pub timeout: Duration,
-    /// Mount namespace to run the tool in (`/proc/1/ns/mnt`: the host's, from a `hostPID` pod).
-    /// `None`, or the namespace noded already runs in, = run it here.
-    pub mount_namespace: Option<PathBuf>,
 }
 
 impl Default for FactoryExec {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(120),
-            mount_namespace: None,
         }
     }
 }
@@ -350,43 +346,8 @@ impl KataFactory {
         Ok(())
     }
 
-    /// `kata-runtime --config <cfg> factory <verb>`, in the configured mount namespace, killed after
-    /// `exec.timeout`.
+    /// `kata-runtime --config <cfg> factory <verb>`, killed after `exec.timeout`.
     fn run(&self, tool: &Path, verb: &str) -> Result<(), KataError> {
-        let ns = foreign_mount_namespace(self.exec.mount_namespace.as_deref())?;
-        let Some(ns) = ns else {
-            return self.run_here(tool, verb);
-        };
-        // setns(CLONE_NEWNS) is refused to a thread that shares its filesystem context, i.e. to any
-        // thread of a multi-threaded noded. A thread of its own unshares that context, enters the
-        // namespace, forks the tool (which inherits it) and ends, taking the namespace with it:
-        // noded's other threads never leave their own.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    use nix::sched::{CloneFlags, setns, unshare};
-                    let enter = |e: nix::Error| KataError::Io {
-                        path: self.exec.mount_namespace.clone().unwrap_or_default(),
-                        source: std::io::Error::from(e),
-                    };
-                    unshare(CloneFlags::CLONE_FS).map_err(enter)?;
-                    setns(&ns, CloneFlags::CLONE_NEWNS).map_err(enter)?;
-                    nix::unistd::chdir("/").map_err(enter)?;
-                    self.run_here(tool, verb)
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(KataError::FactoryCommand {
-                        tool: tool.to_path_buf(),
-                        verb: verb.to_owned(),
-                        status: None,
-                        stderr: "the thread running it panicked".into(),
-                    })
-                })
-        })
-    }
-
-    fn run_here(&self, tool: &Path, verb: &str) -> Result<(), KataError> {
         let io = |source| KataError::Io {
             path: tool.to_path_buf(),
             source,
@@ -439,20 +400,51 @@ impl KataFactory {
     }
 }
 
-/// The namespace file to enter, or `None` when it is the one noded runs in already (noded.service on
-/// the host, or a test): entering it again would need CAP_SYS_ADMIN for nothing.
-fn foreign_mount_namespace(ns: Option<&Path>) -> Result<Option<std::fs::File>, KataError> {
-    let Some(ns) = ns else { return Ok(None) };
+/// Runs `f` with every path resolved in the mount namespace `ns` (e.g. `/proc/1/ns/mnt`: the host's,
+/// seen from a `hostPID` pod), and every process it starts in that namespace. Kata's tools, QEMU, the
+/// template tmpfs and a freshly baked `/opt/kata` are the host's: a pod's hostPath bind mount keeps
+/// showing the directory an `installer bake` has since replaced, and noded's image has no libc for a
+/// tool that is not static. `None`, or the namespace noded runs in already, = run `f` here.
+///
+/// setns(CLONE_NEWNS) is refused to a thread sharing its filesystem context, i.e. to every thread of
+/// a multi-threaded noded: a thread of its own unshares that context, enters, runs `f` and ends,
+/// taking the namespace with it. noded's other threads never leave their own.
+pub fn in_mount_namespace<T: Send>(
+    ns: Option<&Path>,
+    f: impl FnOnce() -> Result<T, KataError> + Send,
+) -> Result<T, KataError> {
+    let Some(path) = ns else { return f() };
     let io = |source| KataError::Io {
-        path: ns.to_path_buf(),
+        path: path.to_path_buf(),
         source,
     };
-    let target = std::fs::metadata(ns).map_err(io)?;
+    let target = std::fs::metadata(path).map_err(io)?;
     let own = std::fs::metadata("/proc/self/ns/mnt").map_err(io)?;
     if (target.dev(), target.ino()) == (own.dev(), own.ino()) {
-        return Ok(None);
+        return f();
     }
-    std::fs::File::open(ns).map(Some).map_err(io)
+    let file = std::fs::File::open(path).map_err(io)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                use nix::sched::{CloneFlags, setns, unshare};
+                let enter = |e: nix::Error| KataError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::from(e),
+                };
+                unshare(CloneFlags::CLONE_FS).map_err(enter)?;
+                setns(&file, CloneFlags::CLONE_NEWNS).map_err(enter)?;
+                nix::unistd::chdir("/").map_err(enter)?;
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(KataError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::other("the thread running in this namespace panicked"),
+                })
+            })
+    })
 }
 
 fn damage(built: &BuiltFiles, now: &BuiltFiles) -> Option<String> {

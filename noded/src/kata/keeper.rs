@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::KataError;
-use super::factory::{EnsureAction, FactoryExec, KataFactory};
+use super::factory::{EnsureAction, FactoryExec, KataFactory, in_mount_namespace};
 use super::layout::KataLayout;
 use crate::containerd::handler::KataHandler;
 
@@ -31,6 +31,8 @@ pub struct KeeperSettings {
     pub data_dir: PathBuf,
     pub check_interval: Duration,
     pub exec: FactoryExec,
+    /// Where Kata's files, tools and template live (see [`in_mount_namespace`]).
+    pub mount_namespace: Option<PathBuf>,
 }
 
 impl KeeperSettings {
@@ -42,8 +44,8 @@ impl KeeperSettings {
             check_interval: Duration::from_secs(cfg.kata.template_check_seconds.max(1)),
             exec: FactoryExec {
                 timeout: Duration::from_secs(cfg.kata.factory_timeout_seconds.max(1)),
-                mount_namespace: cfg.kata.factory_mount_namespace.clone(),
             },
+            mount_namespace: cfg.kata.factory_mount_namespace.clone(),
         }
     }
 }
@@ -105,11 +107,13 @@ pub fn next_wait(failures: u32, check_interval: Duration) -> Duration {
 
 /// One synchronous check (and build when needed) of `handler`'s template.
 pub fn check_once(settings: &KeeperSettings, handler: KataHandler) -> TemplateCheck {
-    let layout = KataLayout::new(&settings.kata_root);
-    let config = handler.spec(&settings.kata_root).config_path;
-    let result = KataFactory::new(layout, config, &settings.data_dir)
-        .map(|f| f.with_exec(settings.exec.clone()))
-        .and_then(|f| f.ensure());
+    let result = in_mount_namespace(settings.mount_namespace.as_deref(), || {
+        let layout = KataLayout::new(&settings.kata_root);
+        let config = handler.spec(&settings.kata_root).config_path;
+        KataFactory::new(layout, config, &settings.data_dir)?
+            .with_exec(settings.exec.clone())
+            .ensure()
+    });
     match result {
         Ok(outcome) => TemplateCheck::Valid {
             action: outcome.action,

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 pub use factory::{
     EnsureAction, EnsureOutcome, FactoryExec, Fingerprint, KataFactory, TemplateState,
+    in_mount_namespace,
 };
 pub use layout::{Hypervisor, KataInstall, KataLayout};
 pub use warm::{WarmOptions, WarmOutcome, WarmSharedFs};

@@ -124,6 +124,11 @@ impl NodeBox {
         &self.bins
     }
 
+    /// The box's mount namespace (what `/proc/1/ns/mnt` is on a real node).
+    pub fn mount_namespace(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.holder_pid()))
+    }
+
     fn holder_pid(&self) -> u32 {
         self.holder.id()
     }

@@ -82,6 +82,35 @@ pub fn kata_tarball(dir: &Path, version: &str) -> Result<(PathBuf, String)> {
     Ok((tarball, sha))
 }
 
+/// Like [`kata_tarball`], but the release boots real QEMU VMs ([`FakeKata::write_bootable`]): its
+/// `kata-runtime factory init` builds a real template and its shim boots each sandbox as a clone of it
+/// or cold.
+///
+/// [`FakeKata::write_bootable`]: crate::fake_kata::FakeKata::write_bootable
+pub fn bootable_kata_tarball(dir: &Path, version: &str) -> Result<(PathBuf, String)> {
+    let build = dir.join(format!("kata-build-{version}"));
+    let tree = build.join("opt/kata");
+    crate::fake_kata::FakeKata::write_bootable(
+        &tree,
+        Path::new("/opt/kata"),
+        version,
+        &crate::fake_kata::shim_binary()?,
+        &crate::fake_kata::runtime_binary()?,
+    );
+    let tarball = dir.join(format!("kata-static-{version}-amd64.tar.gz"));
+    let sha = crate::fake_kata::pack_release(&build, &tarball)?;
+    Ok((tarball, sha))
+}
+
+/// Which fake Kata release the box bakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KataRelease {
+    /// Sandboxes run with runc; no VM (fast).
+    Runc,
+    /// Sandboxes are real QEMU VMs, cloned from Kata's factory template when the config enables it.
+    Bootable,
+}
+
 /// Everything outside the node a box needs: the fake API server with a node carrying the startup
 /// taint, the stand-in systemd on a real D-Bus whose socket is the node's `/run/dbus/system_bus_socket`.
 pub struct Outside {
@@ -104,11 +133,23 @@ pub struct Booted {
 }
 
 pub async fn boot(series: Series, bins: Binaries, archive: &Path) -> Result<Booted> {
+    boot_with(series, bins, archive, KataRelease::Runc).await
+}
+
+pub async fn boot_with(
+    series: Series,
+    bins: Binaries,
+    archive: &Path,
+    kata: KataRelease,
+) -> Result<Booted> {
     let nodebox = NodeBox::new(series, bins)?;
     let dir = tempfile::Builder::new()
         .prefix("nodebox-outside-")
         .tempdir_in("/tmp")?;
-    let (tarball, sha) = kata_tarball(dir.path(), "3.99.0-box")?;
+    let (tarball, sha) = match kata {
+        KataRelease::Runc => kata_tarball(dir.path(), "3.99.0-box")?,
+        KataRelease::Bootable => bootable_kata_tarball(dir.path(), "3.99.0-box")?,
+    };
     let installer = installer_binary()?;
     // AMI bake: Kata release, units, noded.toml, per-handler shim links.
     nodebox.installer(
@@ -123,6 +164,9 @@ pub async fn boot(series: Series, bins: Binaries, archive: &Path) -> Result<Boot
             "never",
         ],
     )?;
+    // The box's "host" is the holder's mount namespace, not PID 1's: the DaemonSet pod (hostPID) must
+    // run Kata's factory tool there, where a node's noded.toml says `/proc/1/ns/mnt`.
+    point_kata_at_box(&nodebox)?;
     // Node boot: noded-boot.service before containerd.service.
     let boot_started = Instant::now();
     let boot_report = nodebox.installer(&nodebox.path("/usr/local/bin/installer"), &["boot"])?;
@@ -162,6 +206,22 @@ pub async fn boot(series: Series, bins: Binaries, archive: &Path) -> Result<Boot
         boot_report,
         boot_started,
     })
+}
+
+/// Appends the box's mount namespace as `kata.factory_mount_namespace` to the baked noded.toml (the
+/// only line of the baked node configuration a box changes; see [`boot`]). Idempotent.
+pub fn point_kata_at_box(nodebox: &NodeBox) -> Result<()> {
+    let path = nodebox.path("/etc/noded/noded.toml");
+    let mut text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    if !text.contains("factory_mount_namespace") {
+        text.push_str(&format!(
+            "\n# node-in-a-box: the box's host namespace is its holder's, not PID 1's\n[kata]\nfactory_mount_namespace = \"{}\"\n",
+            nodebox.mount_namespace().display()
+        ));
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// An OCI archive of the pause image the box's containerd config names (busybox-based, built here).
