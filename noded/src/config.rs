@@ -43,6 +43,81 @@ pub struct NodedConfig {
     pub observe: ObserveSection,
     #[serde(default)]
     pub kata: KataSection,
+    #[serde(default)]
+    pub guest: GuestSection,
+}
+
+/// Guest kernel + initramfs of noded's own `[[templates]]` (issue 11: nothing downloads on a node).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestSection {
+    /// Pinned kernel (`installer bake --guest-assets` writes it): used only while its sha256 matches
+    /// `kernel_sha256`; a missing or changed file leaves the templates not ready, never downloads.
+    pub kernel: Option<PathBuf>,
+    pub kernel_sha256: Option<String>,
+    pub initrd: Option<PathBuf>,
+    pub initrd_sha256: Option<String>,
+    /// Build the guest from Debian packages (`apt-get download`) when nothing is pinned. Unset: only
+    /// in local mode (`containerd.private = true`).
+    pub download: Option<bool>,
+    /// Upper bound on each apt-get/apt-cache/dpkg/xz run of a download; it is killed after that.
+    pub command_timeout_seconds: u64,
+}
+
+impl Default for GuestSection {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            kernel_sha256: None,
+            initrd: None,
+            initrd_sha256: None,
+            download: None,
+            command_timeout_seconds: 600,
+        }
+    }
+}
+
+impl GuestSection {
+    fn validate(&self) -> Result<(), String> {
+        let pins = [
+            ("kernel", &self.kernel, &self.kernel_sha256),
+            ("initrd", &self.initrd, &self.initrd_sha256),
+        ];
+        for (name, path, sha) in pins {
+            match (path, sha) {
+                (Some(p), Some(s)) => {
+                    if !p.is_absolute() {
+                        return Err(format!(
+                            "guest.{name}: {} is not an absolute path",
+                            p.display()
+                        ));
+                    }
+                    if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+                        return Err(format!(
+                            "guest.{name}_sha256: `{s}` is not 64 hexadecimal digits"
+                        ));
+                    }
+                }
+                (Some(_), None) => {
+                    return Err(format!("guest.{name}_sha256: required with guest.{name}"));
+                }
+                (None, Some(_)) => {
+                    return Err(format!("guest.{name}: required with guest.{name}_sha256"));
+                }
+                (None, None) => {}
+            }
+        }
+        if self.kernel.is_some() != self.initrd.is_some() {
+            return Err("guest: kernel and initrd are pinned together (both or neither)".into());
+        }
+        if self.kernel.is_some() && self.download == Some(true) {
+            return Err("guest.download: cannot be true with a pinned kernel/initrd".into());
+        }
+        if self.command_timeout_seconds == 0 {
+            return Err("guest.command_timeout_seconds: must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// Kata's own VM factory template, which noded keeps built for every warm handler (`kata-qemu-warm`).
@@ -322,6 +397,7 @@ impl NodedConfig {
                 ns.display()
             ));
         }
+        self.guest.validate()?;
         if self.kubernetes.enabled && self.kubernetes.startup_taint.trim().is_empty() {
             return Err("kubernetes.startup_taint: must not be empty".into());
         }
@@ -366,6 +442,11 @@ impl NodedConfig {
             .into_iter()
             .filter(|h| h.is_warm())
             .collect()
+    }
+
+    /// Whether noded may build the guest from Debian packages (see [`GuestSection::download`]).
+    pub fn guest_download(&self) -> bool {
+        self.guest.kernel.is_none() && self.guest.download.unwrap_or(self.containerd.private)
     }
 
     /// Handlers that must pass a probe before the node is ready.

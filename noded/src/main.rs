@@ -30,6 +30,13 @@ enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+    /// Build the guest kernel + initramfs from Debian packages into DIR for `installer bake --guest-assets`.
+    GuestAssets {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Show node status from a running daemon.
     Status {
         #[arg(long, default_value = "/run/noded/noded.sock")]
@@ -74,6 +81,7 @@ fn main() -> ExitCode {
             };
             noded::vm::cli::template(action, config.as_deref())
         }
+        Command::GuestAssets { out, config } => noded::vm::assets::cli(&out, config.as_deref()),
         Command::Status { socket, output } => noded::api::status_cli(&socket, output),
     };
     ExitCode::from(code)

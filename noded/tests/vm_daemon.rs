@@ -82,6 +82,9 @@ apply_on_start = false
 [probe]
 handlers = []
 
+[guest]
+download = true
+
 [[templates]]
 name = "d"
 memory_mib = 128

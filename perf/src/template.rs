@@ -56,6 +56,7 @@ fn options(args: &Args, run_dir: &Path, target: u32, mode: After) -> EngineOptio
         health_interval: Duration::from_secs(3600),
         accel: None,
         observer: None,
+        guest: noded::vm::engine::GuestSource::download(),
     }
 }
 

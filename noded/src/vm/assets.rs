@@ -12,10 +12,19 @@
 //! The initramfs `/init` mounts proc/sys/dev and answers line requests on the serial console (see
 //! [`crate::vm::guest`]); its counter lives in guest RAM, so a clone's answers continue the
 //! template's count instead of restarting — which is how a restored clone is told from a cold boot.
+//!
+//! Only local mode downloads. A node uses the files `installer bake --guest-assets` pinned into its
+//! image ([`verify_pinned`]); `noded guest-assets --out DIR` on a Debian build host produces them.
+//! Every command run here has a deadline and can be cancelled ([`Control`]): a shutdown during a
+//! download kills the command's whole process group instead of waiting for apt.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -57,6 +66,16 @@ pub enum AssetsError {
         "`{command}` failed: {detail} (guest assets come from Debian packages; check apt sources and network, run as root)"
     )]
     Command { command: String, detail: String },
+    #[error("`{command}` timed out after {after:?} and was killed (guest.command_timeout_seconds)")]
+    Timeout { command: String, after: Duration },
+    #[error("guest asset build cancelled (noded is shutting down)")]
+    Cancelled,
+    #[error("{path}: pinned guest {what}: {detail}; not downloading a replacement")]
+    Pinned {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
     #[error("apt metadata for {package}: {detail}")]
     Metadata { package: String, detail: String },
     #[error("{path}: not a usable kernel: {detail}")]
@@ -109,27 +128,171 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-fn run(cmd: &mut Command) -> Result<String, AssetsError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| AssetsError::Command {
-        command: shown.clone(),
+/// Deadline and cancellation for the commands a build runs.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Upper bound on one command (apt-get, apt-cache, dpkg, xz).
+    pub command_timeout: Duration,
+    cancel: Arc<AtomicBool>,
+}
+
+/// Default upper bound on one command: an `apt-get download` of a kernel package on a slow mirror.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Default for Control {
+    fn default() -> Self {
+        Self::new(DEFAULT_COMMAND_TIMEOUT)
+    }
+}
+
+impl Control {
+    pub fn new(command_timeout: Duration) -> Self {
+        Self {
+            command_timeout,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Stops the build: the running command's process group is killed within [`POLL`].
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), AssetsError> {
+        if self.is_cancelled() {
+            Err(AssetsError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A guard that cancels the build when dropped: held by the async caller, so dropping its future
+    /// (a shutdown racing startup) stops the blocking build too.
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+pub struct CancelOnDrop(Control);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// How often a running command is checked for its deadline and for cancellation.
+const POLL: Duration = Duration::from_millis(50);
+
+/// `program arg arg`, for messages (one line, no Debug quoting).
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(mut p) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    }
+    rx
+}
+
+/// Runs `cmd` in its own process group (apt-get forks its download methods) with stdin closed, and
+/// waits for it under `ctl`: on the deadline or a cancel the whole group is SIGKILLed and reaped.
+/// Returns stdout when `cmd` has no stdout of its own set (piped here), else empty.
+fn run_bounded(
+    cmd: &mut Command,
+    ctl: &Control,
+    capture_stdout: bool,
+) -> Result<String, AssetsError> {
+    ctl.check()?;
+    let command = shown(cmd);
+    if capture_stdout {
+        cmd.stdout(Stdio::piped());
+    }
+    cmd.stderr(Stdio::piped()).process_group(0);
+    let mut child = cmd.spawn().map_err(|e| AssetsError::Command {
+        command: command.clone(),
         detail: e.to_string(),
     })?;
-    if !out.status.success() {
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + ctl.command_timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => {
+                return Err(AssetsError::Command {
+                    command,
+                    detail: e.to_string(),
+                });
+            }
+        }
+        let stop = if ctl.is_cancelled() {
+            Some(AssetsError::Cancelled)
+        } else if Instant::now() >= deadline {
+            Some(AssetsError::Timeout {
+                command: command.clone(),
+                after: ctl.command_timeout,
+            })
+        } else {
+            None
+        };
+        if let Some(err) = stop {
+            // The leader is not reaped yet, so its pid still names this group and nothing else.
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait();
+            tracing::warn!(command = %command, error = %err, "guest asset command stopped");
+            return Err(err);
+        }
+        std::thread::sleep(POLL);
+    };
+    let err_text = stderr
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_default();
+    if !status.success() {
         return Err(AssetsError::Command {
-            command: shown,
+            command,
             detail: format!(
-                "{}: {}",
-                out.status,
-                crate::config::one_line(&String::from_utf8_lossy(&out.stderr))
+                "{status}: {}",
+                crate::config::one_line(&String::from_utf8_lossy(&err_text))
             ),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = stdout
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_default();
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
-fn apt_show(package: &str) -> Result<Vec<(String, String)>, AssetsError> {
-    let text = run(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
+fn run(cmd: &mut Command, ctl: &Control) -> Result<String, AssetsError> {
+    cmd.stdin(Stdio::null());
+    run_bounded(cmd, ctl, true)
+}
+
+fn apt_show(package: &str, ctl: &Control) -> Result<Vec<(String, String)>, AssetsError> {
+    let text = run(
+        Command::new("apt-cache").args(["show", "--no-all-versions", package]),
+        ctl,
+    )?;
     Ok(text
         .lines()
         .filter_map(|l| l.split_once(": "))
@@ -144,8 +307,8 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn resolve(package: &str) -> Result<AptPackage, AssetsError> {
-    let fields = apt_show(package)?;
+fn resolve(package: &str, ctl: &Control) -> Result<AptPackage, AssetsError> {
+    let fields = apt_show(package, ctl)?;
     let meta = |detail: &str| AssetsError::Metadata {
         package: package.into(),
         detail: detail.into(),
@@ -186,7 +349,7 @@ fn lists_stamp() -> String {
         .join("/")
 }
 
-fn resolve_all(cache: &Path) -> Result<Resolved, AssetsError> {
+fn resolve_all(cache: &Path, ctl: &Control) -> Result<Resolved, AssetsError> {
     let path = cache.join("resolved.json");
     let stamp = format!(
         "{}|{}",
@@ -202,19 +365,19 @@ fn resolve_all(cache: &Path) -> Result<Resolved, AssetsError> {
     }
     let r = Resolved {
         lists_stamp: stamp,
-        kernel: resolve_kernel()?,
-        busybox: resolve(BUSYBOX_PACKAGE)?,
+        kernel: resolve_kernel(ctl)?,
+        busybox: resolve(BUSYBOX_PACKAGE, ctl)?,
     };
     let _ = std::fs::write(&path, serde_json::to_vec(&r).unwrap_or_default());
     Ok(r)
 }
 
 /// The concrete kernel package the meta package currently points to.
-fn resolve_kernel() -> Result<AptPackage, AssetsError> {
+fn resolve_kernel(ctl: &Control) -> Result<AptPackage, AssetsError> {
     if let Ok(name) = std::env::var("NODED_GUEST_KERNEL_PACKAGE") {
-        return resolve(&name);
+        return resolve(&name, ctl);
     }
-    let fields = apt_show(KERNEL_META_PACKAGE)?;
+    let fields = apt_show(KERNEL_META_PACKAGE, ctl)?;
     let depends = field(&fields, "Depends").ok_or_else(|| AssetsError::Metadata {
         package: KERNEL_META_PACKAGE.into(),
         detail: "no Depends field".into(),
@@ -226,15 +389,22 @@ fn resolve_kernel() -> Result<AptPackage, AssetsError> {
             package: KERNEL_META_PACKAGE.into(),
             detail: format!("Depends `{depends}` names no linux-image package"),
         })?;
-    resolve(target)
+    resolve(target, ctl)
 }
 
 /// `apt-get download` into `dir`, verified against apt's sha256, then `dpkg -x` into `dir/root`.
-fn download_and_extract(pkg: &AptPackage, dir: &Path) -> Result<PathBuf, AssetsError> {
-    run(Command::new("apt-get")
-        .current_dir(dir)
-        .args(["download", "-q"])
-        .arg(format!("{}={}", pkg.name, pkg.version)))?;
+fn download_and_extract(
+    pkg: &AptPackage,
+    dir: &Path,
+    ctl: &Control,
+) -> Result<PathBuf, AssetsError> {
+    run(
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["download", "-q"])
+            .arg(format!("{}={}", pkg.name, pkg.version)),
+        ctl,
+    )?;
     let deb = std::fs::read_dir(dir)
         .map_err(io_err(dir))?
         .filter_map(Result::ok)
@@ -253,12 +423,12 @@ fn download_and_extract(pkg: &AptPackage, dir: &Path) -> Result<PathBuf, AssetsE
         });
     }
     let root = dir.join("root");
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root), ctl)?;
     Ok(root)
 }
 
 /// Extracts the uncompressed ELF `vmlinux` from a bzImage (boot protocol ≥ 2.08 payload fields).
-fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), AssetsError> {
+fn extract_vmlinux(bzimage: &Path, out: &Path, ctl: &Control) -> Result<(), AssetsError> {
     let data = std::fs::read(bzimage).map_err(io_err(bzimage))?;
     let bad = |detail: String| AssetsError::Kernel {
         path: bzimage.to_path_buf(),
@@ -293,18 +463,24 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), AssetsError> {
     std::fs::write(&compressed, payload).map_err(io_err(&compressed))?;
     let file = std::fs::File::open(&compressed).map_err(io_err(&compressed))?;
     let target = std::fs::File::create(out).map_err(io_err(out))?;
-    let status = Command::new(tool[0])
-        .args(&tool[1..])
-        .stdin(file)
-        .stdout(target)
-        .status()
-        .map_err(|e| AssetsError::Command {
-            command: tool.join(" "),
-            detail: e.to_string(),
-        })?;
+    // xz --single-stream may complain about the bzImage's trailing size field (non-zero exit): the
+    // ELF check below is what decides.
+    let status = match run_bounded(
+        Command::new(tool[0])
+            .args(&tool[1..])
+            .stdin(file)
+            .stdout(target),
+        ctl,
+        false,
+    ) {
+        Ok(_) => "exit 0".to_string(),
+        Err(AssetsError::Command { detail, .. }) => detail,
+        Err(e) => {
+            let _ = std::fs::remove_file(&compressed);
+            return Err(e);
+        }
+    };
     let _ = std::fs::remove_file(&compressed);
-    // xz --single-stream may still complain about the bzImage's trailing size field; the ELF check is
-    // what decides.
     let mut head = [0u8; 4];
     std::fs::File::open(out)
         .and_then(|mut f| f.read_exact(&mut head))
@@ -319,20 +495,29 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), AssetsError> {
 }
 
 /// An exclusive lock on the cache, so concurrent builders (daemon, CLI, tests) don't race.
-fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, AssetsError> {
+/// Polled (not a blocking flock) so a cancel also ends the wait for another builder.
+fn lock(dir: &Path, ctl: &Control) -> Result<nix::fcntl::Flock<std::fs::File>, AssetsError> {
     let path = dir.join(".lock");
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
-        AssetsError::Io {
-            path,
-            source: e.into(),
+    loop {
+        ctl.check()?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => f = back,
+            Err((_, e)) => {
+                return Err(AssetsError::Io {
+                    path,
+                    source: e.into(),
+                });
+            }
         }
-    })
+        std::thread::sleep(POLL);
+    }
 }
 
 fn short(sha: &str) -> &str {
@@ -356,6 +541,7 @@ fn cached_fallback(dir: &Path, prefix: &str) -> Option<PathBuf> {
 fn ensure_kernel(
     cache: &Path,
     resolved: &Result<Resolved, AssetsError>,
+    ctl: &Control,
 ) -> Result<(PathBuf, String), AssetsError> {
     let pkg = match resolved {
         Ok(r) => r.kernel.clone(),
@@ -378,7 +564,7 @@ fn ensure_kernel(
         .prefix(".kernel-build-")
         .tempdir_in(cache)
         .map_err(io_err(cache))?;
-    let root = download_and_extract(&pkg, work.path())?;
+    let root = download_and_extract(&pkg, work.path(), ctl)?;
     let boot = root.join("boot");
     let bzimage = std::fs::read_dir(&boot)
         .map_err(io_err(&boot))?
@@ -394,7 +580,7 @@ fn ensure_kernel(
         })?;
     let out = work.path().join("out");
     std::fs::create_dir(&out).map_err(io_err(&out))?;
-    extract_vmlinux(&bzimage, &out.join("vmlinux"))?;
+    extract_vmlinux(&bzimage, &out.join("vmlinux"), ctl)?;
     if let Some(config) = std::fs::read_dir(&boot)
         .map_err(io_err(&boot))?
         .filter_map(Result::ok)
@@ -416,6 +602,16 @@ fn ensure_kernel(
 }
 
 fn clone_err(e: &AssetsError) -> AssetsError {
+    match e {
+        AssetsError::Cancelled => return AssetsError::Cancelled,
+        AssetsError::Timeout { command, after } => {
+            return AssetsError::Timeout {
+                command: command.clone(),
+                after: *after,
+            };
+        }
+        _ => {}
+    }
     AssetsError::Metadata {
         package: KERNEL_META_PACKAGE.into(),
         detail: e.to_string(),
@@ -426,6 +622,7 @@ fn clone_err(e: &AssetsError) -> AssetsError {
 fn ensure_busybox(
     cache: &Path,
     resolved: &Result<Resolved, AssetsError>,
+    ctl: &Control,
 ) -> Result<PathBuf, AssetsError> {
     let pkg = match resolved {
         Ok(r) => r.busybox.clone(),
@@ -445,7 +642,7 @@ fn ensure_busybox(
         .prefix(".busybox-build-")
         .tempdir_in(cache)
         .map_err(io_err(cache))?;
-    let root = download_and_extract(&pkg, work.path())?;
+    let root = download_and_extract(&pkg, work.path(), ctl)?;
     let out = work.path().join("out");
     std::fs::create_dir(&out).map_err(io_err(&out))?;
     let bin = root.join("bin/busybox");
@@ -517,14 +714,24 @@ fn build_initrd(busybox: &[u8]) -> Vec<u8> {
     c.out
 }
 
-/// Builds (or reuses) the kernel and initramfs under `<data_dir>/guest`.
+/// Builds (or reuses) the kernel and initramfs under `<data_dir>/guest`, with the default deadline
+/// per command and no cancellation (the CLI, tests).
 pub fn ensure(data_dir: &Path) -> Result<GuestAssets, AssetsError> {
+    ensure_with(data_dir, &Control::default())
+}
+
+/// [`ensure`] under `ctl`: every apt-get/apt-cache/dpkg/xz run is bounded and cancellable.
+pub fn ensure_with(data_dir: &Path, ctl: &Control) -> Result<GuestAssets, AssetsError> {
     let cache = data_dir.join("guest");
     std::fs::create_dir_all(&cache).map_err(io_err(&cache))?;
-    let _lock = lock(&cache)?;
-    let resolved = resolve_all(&cache);
-    let (kernel, kernel_package) = ensure_kernel(&cache, &resolved)?;
-    let busybox_path = ensure_busybox(&cache, &resolved)?;
+    let _lock = lock(&cache, ctl)?;
+    let resolved = resolve_all(&cache, ctl);
+    // A cancel must not fall back to a cached build: it stops.
+    if let Err(e @ AssetsError::Cancelled) = &resolved {
+        return Err(clone_err(e));
+    }
+    let (kernel, kernel_package) = ensure_kernel(&cache, &resolved, ctl)?;
+    let busybox_path = ensure_busybox(&cache, &resolved, ctl)?;
     let busybox = std::fs::read(&busybox_path).map_err(io_err(&busybox_path))?;
     let mut key = Sha256::new();
     key.update(b"noded-initrd-v1\0");
@@ -557,6 +764,150 @@ pub fn ensure(data_dir: &Path) -> Result<GuestAssets, AssetsError> {
     })
 }
 
+/// A kernel + initrd pinned by sha256 (`[guest]` in noded.toml, written by `installer bake`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    pub kernel: PathBuf,
+    pub kernel_sha256: String,
+    pub initrd: PathBuf,
+    pub initrd_sha256: String,
+}
+
+fn verify_file(what: &'static str, path: &Path, want: &str) -> Result<String, AssetsError> {
+    let bad = |detail: String| AssetsError::Pinned {
+        what,
+        path: path.to_path_buf(),
+        detail,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let actual = sha256_file(path).map_err(|e| bad(e.to_string()))?;
+    if !actual.eq_ignore_ascii_case(want) {
+        return Err(bad(format!(
+            "sha256 {actual} does not match the pinned {want}"
+        )));
+    }
+    Ok(actual)
+}
+
+/// Checks the pinned files against their sha256. Never builds or downloads anything: a missing or
+/// changed file is an error naming it.
+pub fn verify_pinned(p: &Pinned) -> Result<GuestAssets, AssetsError> {
+    Ok(GuestAssets {
+        kernel_sha256: verify_file("kernel", &p.kernel, &p.kernel_sha256)?,
+        kernel: p.kernel.clone(),
+        kernel_package: String::new(),
+        initrd_sha256: verify_file("initrd", &p.initrd, &p.initrd_sha256)?,
+        initrd: p.initrd.clone(),
+    })
+}
+
+/// File names in a directory made by `noded guest-assets --out DIR` (what `installer bake
+/// --guest-assets DIR` takes).
+pub const EXPORT_KERNEL: &str = "vmlinux";
+pub const EXPORT_INITRD: &str = "initrd.cpio";
+pub const EXPORT_MANIFEST: &str = "guest-assets.json";
+
+/// `guest-assets.json`: what the directory holds and the sha256 bake verifies before installing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportManifest {
+    pub format: u32,
+    /// File name inside the directory.
+    pub kernel: String,
+    pub kernel_sha256: String,
+    /// The Debian package the kernel was extracted from (`name=version`), for the record.
+    #[serde(default)]
+    pub kernel_package: String,
+    pub initrd: String,
+    pub initrd_sha256: String,
+}
+
+fn copy_verified(from: &Path, to: &Path, sha: &str) -> Result<(), AssetsError> {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).map_err(io_err(from))?;
+    let actual = sha256_file(&tmp).map_err(io_err(&tmp))?;
+    if actual != sha {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AssetsError::Checksum {
+            file: from.to_path_buf(),
+            expected: sha.to_string(),
+            actual,
+        });
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, to).map_err(io_err(to))
+}
+
+/// Copies built assets into `out` with their manifest (written last: a directory with a manifest
+/// is complete).
+pub fn export(assets: &GuestAssets, out: &Path) -> Result<ExportManifest, AssetsError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let manifest = ExportManifest {
+        format: 1,
+        kernel: EXPORT_KERNEL.into(),
+        kernel_sha256: assets.kernel_sha256.clone(),
+        kernel_package: assets.kernel_package.clone(),
+        initrd: EXPORT_INITRD.into(),
+        initrd_sha256: assets.initrd_sha256.clone(),
+    };
+    let path = out.join(EXPORT_MANIFEST);
+    let _ = std::fs::remove_file(&path);
+    copy_verified(
+        &assets.kernel,
+        &out.join(EXPORT_KERNEL),
+        &assets.kernel_sha256,
+    )?;
+    copy_verified(
+        &assets.initrd,
+        &out.join(EXPORT_INITRD),
+        &assets.initrd_sha256,
+    )?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| AssetsError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(&path, json).map_err(io_err(&path))?;
+    Ok(manifest)
+}
+
+/// `noded guest-assets --out DIR`: builds the guest from Debian packages (a Debian build host; the
+/// node image builder has no apt) and writes it with its sha256 for `installer bake --guest-assets`.
+pub fn cli(out: &Path, config: Option<&Path>) -> u8 {
+    let cfg = match config {
+        Some(p) => crate::config::NodedConfig::load(p),
+        None => crate::config::NodedConfig::local_default(),
+    };
+    let mut cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("noded: {e}");
+            return crate::exit::ExitStatus::exit_code(&e);
+        }
+    };
+    if let Ok(cwd) = std::env::current_dir() {
+        cfg.resolve_relative(&cwd);
+    }
+    let ctl = Control::new(Duration::from_secs(cfg.guest.command_timeout_seconds));
+    match ensure_with(&cfg.daemon.data_dir, &ctl).and_then(|a| export(&a, out)) {
+        Ok(m) => {
+            println!("{}", serde_json::to_string(&m).unwrap_or_default());
+            crate::exit::OK
+        }
+        Err(e) => {
+            eprintln!(
+                "noded guest-assets: {}",
+                crate::config::one_line(&e.to_string())
+            );
+            crate::exit::RUNTIME_FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,5 +920,82 @@ mod tests {
         let text = String::from_utf8_lossy(&img);
         assert!(text.contains("TRAILER!!!"));
         assert!(text.contains("pong $arg $n"));
+    }
+
+    #[test]
+    fn a_command_past_its_deadline_is_killed_with_its_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("child.pid");
+        let ctl = Control::new(Duration::from_millis(300));
+        let started = Instant::now();
+        // The grandchild (`sleep`) is what apt's download methods are to apt-get.
+        let err = run(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("sleep 30 & echo $! > {}; wait", pidfile.display())),
+            &ctl,
+        )
+        .expect_err("must time out");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = err.to_string();
+        assert!(msg.contains("`sh -c sleep 30"), "{msg}");
+        assert!(msg.contains("timed out after 300ms"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("pid");
+        // Killed and, orphaned, reaped by init (or by this process as subreaper): gone soon.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+        {
+            assert!(Instant::now() < deadline, "grandchild {pid} survived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_cancel_stops_the_running_command() {
+        let ctl = Control::new(Duration::from_secs(60));
+        let c = ctl.clone();
+        let t = std::thread::spawn(move || run(Command::new("sleep").arg("30"), &c));
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        drop(ctl.cancel_on_drop());
+        let r = t.join().expect("join");
+        assert!(matches!(r, Err(AssetsError::Cancelled)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn pinned_files_must_match_their_sha256() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = dir.path().join("vmlinux");
+        let i = dir.path().join("initrd.cpio");
+        std::fs::write(&k, b"kernel").expect("write");
+        std::fs::write(&i, b"initrd").expect("write");
+        let pin = Pinned {
+            kernel: k.clone(),
+            kernel_sha256: sha256_file(&k).expect("hash"),
+            initrd: i.clone(),
+            initrd_sha256: sha256_file(&i).expect("hash"),
+        };
+        let a = verify_pinned(&pin).expect("matching pins");
+        assert_eq!(a.kernel, k);
+        std::fs::write(&i, b"tampered").expect("write");
+        let msg = verify_pinned(&pin).expect_err("tampered").to_string();
+        assert!(
+            msg.starts_with(&format!("{}: pinned guest initrd: sha256 ", i.display())),
+            "{msg}"
+        );
+        std::fs::remove_file(&k).expect("rm");
+        let msg = verify_pinned(&pin).expect_err("missing").to_string();
+        assert!(
+            msg.starts_with(&format!("{}: pinned guest kernel: ", k.display())),
+            "{msg}"
+        );
     }
 }

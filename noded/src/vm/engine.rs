@@ -42,14 +42,21 @@ pub enum EngineError {
     Pool(#[from] PoolError),
     #[error("NODED_ACCEL=`{0}` is neither kvm, tcg nor auto")]
     BadAccel(String),
+    #[error(
+        "template {name}: no guest kernel/initrd: pin them in [guest] (`installer bake --guest-assets`) or set the template's kernel and initrd; downloading is off outside local mode (guest.download)"
+    )]
+    NoGuest { name: String },
+    #[error("template {name} is not ready: {reason}")]
+    NotReady { name: String, reason: String },
 }
 
 impl crate::exit::ExitStatus for EngineError {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::UnknownTemplate(_) | Self::NoTemplates | Self::BadAccel(_) => {
-                crate::exit::BAD_INPUT
-            }
+            Self::UnknownTemplate(_)
+            | Self::NoTemplates
+            | Self::BadAccel(_)
+            | Self::NoGuest { .. } => crate::exit::BAD_INPUT,
             _ => crate::exit::RUNTIME_FAILURE,
         }
     }
@@ -65,6 +72,44 @@ pub struct EngineOptions {
     /// `None`: detect (KVM only if it really runs a guest). Env `NODED_ACCEL` overrides.
     pub accel: Option<Accel>,
     pub observer: Option<Arc<dyn PoolObserver>>,
+    /// Where templates without their own kernel/initrd get them.
+    pub guest: GuestSource,
+}
+
+/// The origin of the guest kernel + initramfs.
+#[derive(Debug, Clone)]
+pub enum GuestSource {
+    /// Files pinned by sha256 (`[guest]`, written by `installer bake`): checked, never replaced.
+    Pinned(assets::Pinned),
+    /// Built from Debian packages under `data_dir` (local mode), each command bounded by this.
+    Download { command_timeout: Duration },
+    /// Neither: only templates with an explicit kernel and initrd can start.
+    Off,
+}
+
+impl GuestSource {
+    /// Local mode's download, with the default per-command deadline (tests, the benchmark).
+    pub fn download() -> Self {
+        Self::Download {
+            command_timeout: assets::DEFAULT_COMMAND_TIMEOUT,
+        }
+    }
+
+    pub fn from_config(cfg: &NodedConfig) -> Self {
+        let g = &cfg.guest;
+        match (&g.kernel, &g.kernel_sha256, &g.initrd, &g.initrd_sha256) {
+            (Some(kernel), Some(ks), Some(initrd), Some(is)) => Self::Pinned(assets::Pinned {
+                kernel: kernel.clone(),
+                kernel_sha256: ks.to_ascii_lowercase(),
+                initrd: initrd.clone(),
+                initrd_sha256: is.to_ascii_lowercase(),
+            }),
+            _ if cfg.guest_download() => Self::Download {
+                command_timeout: Duration::from_secs(g.command_timeout_seconds.max(1)),
+            },
+            _ => Self::Off,
+        }
+    }
 }
 
 impl EngineOptions {
@@ -79,6 +124,7 @@ impl EngineOptions {
             health_interval: Duration::from_secs(300),
             accel: None,
             observer: None,
+            guest: GuestSource::from_config(cfg),
         }
     }
 }
@@ -88,6 +134,9 @@ type Task = tokio::task::JoinHandle<()>;
 pub struct Engine {
     layout: Layout,
     pools: BTreeMap<String, Pool>,
+    /// Templates whose inputs could not be resolved (pinned file changed, download failed): listed
+    /// as not ready with the reason; noded keeps running without them.
+    failed: BTreeMap<String, TemplateSnapshot>,
     tasks: Mutex<BTreeMap<String, Task>>,
     default: Option<String>,
     pub accel: Accel,
@@ -113,6 +162,8 @@ fn env_accel() -> Result<Option<Accel>, EngineError> {
 /// KVM probe, cached per host boot and kernel (the probe costs seconds where KVM does not work).
 async fn detect_accel(assets: &GuestAssets, data_dir: &Path, scratch: &Path) -> Accel {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    // Pinned assets leave `<data_dir>/guest` uncreated; the probe's answer is cached there.
+    let _ = std::fs::create_dir_all(data_dir.join("guest"));
     let cache = data_dir.join("guest").join(format!(
         "accel-{}-{}",
         boot_id.trim(),
@@ -140,25 +191,80 @@ async fn detect_accel(assets: &GuestAssets, data_dir: &Path, scratch: &Path) -> 
     accel
 }
 
-/// Resolves a template's spec: guest assets (built if needed), QEMU version, accelerator.
+/// The guest assets of `source`, off the async threads. Dropping the returned future (a shutdown
+/// racing startup) cancels a download: its running command's process group is killed.
+pub async fn guest_assets(
+    source: &GuestSource,
+    data_dir: &Path,
+) -> Result<GuestAssets, AssetsError> {
+    let source = source.clone();
+    let data_dir = data_dir.to_path_buf();
+    let ctl = match &source {
+        GuestSource::Download { command_timeout } => assets::Control::new(*command_timeout),
+        _ => assets::Control::default(),
+    };
+    let _cancel = ctl.cancel_on_drop();
+    tokio::task::spawn_blocking(move || match source {
+        GuestSource::Pinned(p) => assets::verify_pinned(&p),
+        GuestSource::Download { .. } => assets::ensure_with(&data_dir, &ctl),
+        GuestSource::Off => Err(AssetsError::Metadata {
+            package: "guest".into(),
+            detail: "nothing pinned and downloading is off".into(),
+        }),
+    })
+    .await
+    .map_err(|e| AssetsError::Command {
+        command: "guest asset build".into(),
+        detail: e.to_string(),
+    })?
+}
+
+/// Resolves a template's spec: guest assets (verified, or built if this mode may download), QEMU
+/// version, accelerator. A template with its own kernel and initrd uses nothing else.
 pub async fn resolve(
     opts: &EngineOptions,
     section: &TemplateSection,
     layout: &Layout,
 ) -> Result<(ResolvedTemplate, Accel, String), EngineError> {
-    let data_dir = opts.data_dir.clone();
-    let mut assets = tokio::task::spawn_blocking(move || assets::ensure(&data_dir))
-        .await
-        .map_err(|e| AssetsError::Command {
-            command: "guest asset build".into(),
-            detail: e.to_string(),
-        })??;
+    resolve_with(opts, section, layout, None).await
+}
+
+async fn resolve_with(
+    opts: &EngineOptions,
+    section: &TemplateSection,
+    layout: &Layout,
+    shared: Option<&Result<GuestAssets, String>>,
+) -> Result<(ResolvedTemplate, Accel, String), EngineError> {
     let hash = |p: &Path| {
         sha256_file(p).map_err(|source| EngineError::Input {
             name: section.name.clone(),
             path: p.to_path_buf(),
             source,
         })
+    };
+    let mut assets = match (&section.kernel, &section.initrd) {
+        (Some(k), Some(i)) => GuestAssets {
+            kernel: k.clone(),
+            kernel_sha256: hash(k)?,
+            kernel_package: String::new(),
+            initrd: i.clone(),
+            initrd_sha256: hash(i)?,
+        },
+        _ => match (shared, &opts.guest) {
+            (_, GuestSource::Off) => {
+                return Err(EngineError::NoGuest {
+                    name: section.name.clone(),
+                });
+            }
+            (Some(Ok(a)), _) => a.clone(),
+            (Some(Err(reason)), _) => {
+                return Err(EngineError::NotReady {
+                    name: section.name.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            (None, source) => guest_assets(source, &opts.data_dir).await?,
+        },
     };
     if let Some(k) = &section.kernel {
         assets.kernel_sha256 = hash(k)?;
@@ -220,10 +326,49 @@ impl Engine {
         }
         let mut pools = BTreeMap::new();
         let mut tasks = BTreeMap::new();
+        let mut failed = BTreeMap::new();
         let mut accel = Accel::Tcg;
         let mut qemu_version = String::new();
+        // Resolved once for every template that uses them: one download, one verification.
+        let mut shared: Option<Result<GuestAssets, String>> = None;
         for section in &opts.templates {
-            let (resolved, a, v) = resolve(&opts, section, &layout).await?;
+            if shared.is_none()
+                && (section.kernel.is_none() || section.initrd.is_none())
+                && !matches!(opts.guest, GuestSource::Off)
+            {
+                shared = Some(
+                    guest_assets(&opts.guest, &opts.data_dir)
+                        .await
+                        .map_err(|e| crate::config::one_line(&e.to_string())),
+                );
+            }
+            let (resolved, a, v) = match resolve_with(&opts, section, &layout, shared.as_ref())
+                .await
+            {
+                Ok(r) => r,
+                // Without QEMU no template can run: the engine as a whole is off.
+                Err(e @ (EngineError::Qemu(_) | EngineError::BadAccel(_))) => return Err(e),
+                Err(e) => {
+                    let reason = match e {
+                        EngineError::NotReady { reason, .. } => reason,
+                        other => crate::config::one_line(&other.to_string()),
+                    };
+                    tracing::error!(template = %section.name, reason = %reason, "template not ready");
+                    failed.insert(
+                        section.name.clone(),
+                        TemplateSnapshot {
+                            name: section.name.clone(),
+                            runtime_handler: section.runtime_handler.clone(),
+                            ready: false,
+                            pool_target: section.pool_target,
+                            last_damage: reason,
+                            template_dir: layout.template_dir(&section.name),
+                            ..TemplateSnapshot::default()
+                        },
+                    );
+                    continue;
+                }
+            };
             accel = a;
             qemu_version = v;
             let cfg = PoolConfig {
@@ -248,6 +393,7 @@ impl Engine {
             layout,
             default: opts.templates.first().map(|t| t.name.clone()),
             pools,
+            failed,
             tasks: Mutex::new(tasks),
             accel,
             reaped,
@@ -265,6 +411,12 @@ impl Engine {
         } else {
             template
         };
+        if let Some(f) = self.failed.get(name) {
+            return Err(EngineError::NotReady {
+                name: name.into(),
+                reason: f.last_damage.clone(),
+            });
+        }
         self.pools
             .get(name)
             .ok_or_else(|| EngineError::UnknownTemplate(name.into()))
@@ -284,12 +436,20 @@ impl Engine {
         Err(EngineError::UnknownVm(vm_id.into()))
     }
 
+    /// Every configured template, the ones that could not start included (not ready, with the
+    /// reason in `last_damage`).
     pub fn snapshot(&self) -> Vec<TemplateSnapshot> {
-        self.pools.values().map(Pool::snapshot).collect()
+        let mut all: Vec<TemplateSnapshot> = self.pools.values().map(Pool::snapshot).collect();
+        all.extend(self.failed.values().cloned());
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// Waits until every pool has its template and is full.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        if !self.failed.is_empty() {
+            return false;
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         for pool in self.pools.values() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

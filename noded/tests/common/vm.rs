@@ -77,6 +77,7 @@ impl VmHarness {
             health_interval: Duration::from_secs(3600),
             accel: None,
             observer: None,
+            guest: noded::vm::engine::GuestSource::download(),
         }
     }
 
