@@ -326,7 +326,7 @@ async fn sandboxes_clone_the_template_or_boot_cold() {
     let log = || ctrd.log_tail(30);
 
     // Templating config with a template: a clone.
-    let warm_pod = run_pod(&mut cri, KataHandler::QemuWarm, log).await;
+    let warm_pod = Box::pin(run_pod(&mut cri, KataHandler::QemuWarm, log)).await;
     let (record, clone_pid, argv, role) = vm_of(&kata, &warm_pod, &template);
     eprintln!("warm sandbox VM: {record}");
     assert_eq!(record["boot"], "template", "{record}");
@@ -339,7 +339,7 @@ async fn sandboxes_clone_the_template_or_boot_cold() {
     assert_eq!(role, VmRole::Clone);
 
     // Kata's shipped config (no templating): cold, while the clone still runs.
-    let cold_pod = run_pod(&mut cri, KataHandler::Qemu, log).await;
+    let cold_pod = Box::pin(run_pod(&mut cri, KataHandler::Qemu, log)).await;
     let (record, cold_pid, argv, role) = vm_of(&kata, &cold_pod, &template);
     eprintln!("plain sandbox VM: {record}");
     assert_eq!(record["boot"], "cold", "{record}");
@@ -360,7 +360,7 @@ async fn sandboxes_clone_the_template_or_boot_cold() {
     // A damaged device state: the clone fails to restore and the sandbox boots cold instead.
     std::fs::write(template.join("state"), b"QEVM garbage, not a device state")
         .expect("corrupt state");
-    let damaged_pod = run_pod(&mut cri, KataHandler::QemuWarm, log).await;
+    let damaged_pod = Box::pin(run_pod(&mut cri, KataHandler::QemuWarm, log)).await;
     let (record, pid, argv, role) = vm_of(&kata, &damaged_pod, &template);
     eprintln!("sandbox VM on a damaged template: {record}");
     assert_eq!(record["boot"], "cold", "{record}");

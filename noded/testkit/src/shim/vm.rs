@@ -73,8 +73,11 @@ impl Vms {
                 match kata_guest::restore_clone(&mut vm, &cfg).await {
                     Ok(counter) => Ok((vm.pid, counter)),
                     Err(e) => {
+                        // A state QEMU cannot load makes it exit: give it a moment to say why.
+                        kata_guest::wait_gone(vm.pid, Duration::from_millis(500));
+                        let said = vm.log();
                         stop_pid(vm.pid, &dir);
-                        Err(e.context(format!("QEMU: {}", vm.log())))
+                        Err(e.context(format!("QEMU said: {said}")))
                     }
                 }
             });
