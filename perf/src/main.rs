@@ -2,6 +2,7 @@
 //! compared (clone vs cold boot, ...) run side by side in one invocation because the machines are noisy.
 
 mod apply;
+mod kata_warm;
 mod metrics;
 mod nodeboot;
 mod ready;
@@ -29,6 +30,9 @@ enum Bench {
     Ready(ready::Args),
     /// Node-in-a-box: installer boot → DaemonSet pod → taint lifted, per containerd series; fault run.
     Nodeboot(nodeboot::Args),
+    /// Node-in-a-box with the bootable fake Kata: warm (template clone) vs cold pod sandbox start
+    /// through CRI, and the template rebuild after a reboot.
+    KataWarm(kata_warm::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Bench::Metrics(a) => metrics::run(&a),
         Bench::Ready(a) => ready::run(&a),
         Bench::Nodeboot(a) => nodeboot::run(&a),
+        Bench::KataWarm(a) => kata_warm::run(&a),
     }
 }

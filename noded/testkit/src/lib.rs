@@ -14,4 +14,5 @@ pub mod nodebox;
 pub mod prometheus;
 pub mod require;
 pub mod scenario;
+pub mod scrape;
 pub mod shim;

@@ -224,6 +224,36 @@ pub fn point_kata_at_box(nodebox: &NodeBox) -> Result<()> {
     Ok(())
 }
 
+/// Sets `kata.template_check_seconds` in the box's noded.toml (before the DaemonSet pod starts), so a
+/// test or benchmark sees the keeper react in seconds instead of a node's 30 s.
+pub fn set_kata_check_seconds(nodebox: &NodeBox, seconds: u64) -> Result<()> {
+    point_kata_at_box(nodebox)?;
+    let path = nodebox.path("/etc/noded/noded.toml");
+    let text = std::fs::read_to_string(&path)?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("template_check_seconds"))
+        .collect();
+    let text = kept.join("\n").replace(
+        "[kata]",
+        &format!("[kata]\ntemplate_check_seconds = {seconds}"),
+    );
+    std::fs::write(&path, text + "\n")?;
+    Ok(())
+}
+
+/// Empties Kata's factory template as a reboot does (its tmpfs is unmounted).
+pub fn wipe_kata_template(nodebox: &NodeBox) -> Result<()> {
+    let out = nodebox.run("umount", &["/run/vc/vm/template"])?;
+    if !out.status.success() {
+        bail!(
+            "umount /run/vc/vm/template: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// An OCI archive of the pause image the box's containerd config names (busybox-based, built here).
 async fn pause_archive(dir: &Path) -> Result<PathBuf> {
     let path = dir.join("pause.oci.tar");

@@ -4,14 +4,16 @@
 //! the warm path with its probe, and count real pods' boots as hits and misses — through a reboot
 //! (tmpfs wiped), a build failure, a damaged template and a new Kata release baked on the node.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use noded::containerd::cri::{CriClient, PodSpec};
 use testkit::containerd::{Series, require};
 use testkit::fake_kata::FakeKata;
-use testkit::scenario::{Booted, KataRelease, boot_with, image_archive, point_kata_at_box};
+use testkit::scenario::{
+    Booted, KataRelease, boot_with, image_archive, set_kata_check_seconds, wipe_kata_template,
+};
+use testkit::scrape::{grep, metric};
 
 const WARM: &str = "kata-qemu-warm";
 const COLD: &str = "kata-qemu";
@@ -76,26 +78,13 @@ fn kata(b: &Booted) -> FakeKata {
     }
 }
 
-/// Shorter checks than a node's 30 s, so each phase converges in seconds; everything else is baked.
-fn speed_up_checks(b: &Booted) -> anyhow::Result<()> {
-    point_kata_at_box(&b.nodebox)?;
-    let path = b.nodebox.path("/etc/noded/noded.toml");
-    let text = std::fs::read_to_string(&path)?;
-    if !text.contains("template_check_seconds") {
-        std::fs::write(
-            &path,
-            text.replace("[kata]\n", "[kata]\ntemplate_check_seconds = 2\n"),
-        )?;
-    }
-    Ok(())
-}
-
 async fn warm_path(
     b: &Booted,
     slot: &mut Option<testkit::kubelet::PodRunner>,
 ) -> anyhow::Result<()> {
     let api = &b.outside.api;
-    speed_up_checks(b)?;
+    // Shorter checks than a node's 30 s, so each phase converges in seconds; everything else is baked.
+    set_kata_check_seconds(&b.nodebox, 2)?;
     let pod = slot.insert(b.pod(None)?);
     pod.start().await?;
     b.wait_taint_lifted(TIMEOUT).await?;
@@ -158,7 +147,7 @@ async fn warm_path(
 
     // 3. Reboot: the template tmpfs is gone. noded rebuilds it and the next warm pod is a hit again.
     let builds = built_ok(&scrape()?);
-    wipe_template(b)?;
+    wipe_kata_template(&b.nodebox)?;
     wait_metric("noded_template_builds_total", OK, builds + 1.0).await?;
     wait_for(
         TIMEOUT,
@@ -179,7 +168,7 @@ async fn warm_path(
     // 4. The build fails (broken Kata): the node says so, warm pods still run — cold, as misses.
     let fail = b.nodebox.path("/opt/kata/fail-init");
     std::fs::write(&fail, b"")?;
-    wipe_template(b)?;
+    wipe_kata_template(&b.nodebox)?;
     wait_for(
         TIMEOUT,
         "KataWarmTemplateReady=False/TemplateNotBuilt",
@@ -246,7 +235,7 @@ async fn warm_path(
             "never",
         ],
     )?;
-    speed_up_checks(b)?;
+    set_kata_check_seconds(&b.nodebox, 2)?;
     wait_for(TIMEOUT, "template rebuilt for Kata 3.99.1-box", || {
         record_version(b).is_ok_and(|v| v == "3.99.1-box")
     })
@@ -255,17 +244,6 @@ async fn warm_path(
     ensure!(
         boot == "template",
         "warm pod after the upgrade booted {boot}"
-    );
-    Ok(())
-}
-
-/// Unmounts the template tmpfs as a reboot empties it.
-fn wipe_template(b: &Booted) -> anyhow::Result<()> {
-    let out = b.nodebox.run("umount", &["/run/vc/vm/template"])?;
-    ensure!(
-        out.status.success(),
-        "umount: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
@@ -331,14 +309,8 @@ async fn wait_metric(name: &str, labels: &[(&str, &str)], at_least: f64) -> anyh
     anyhow::bail!("{name}{labels:?} never reached {at_least}: {last}")
 }
 
-/// The pod's /metrics (hostNetwork: the node's port 9464, from the manifest).
 fn scrape() -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect("127.0.0.1:9464")?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
+    testkit::scrape::scrape(testkit::scrape::NODE_METRICS)
 }
 
 const OK: &[(&str, &str)] = &[("outcome", "ok")];
@@ -349,33 +321,4 @@ fn built_ok(text: &str) -> f64 {
 
 fn counter(text: &str, name: &str) -> f64 {
     metric(text, name, &[]).unwrap_or(0.0)
-}
-
-/// The sample `name{…}` whose labels include every pair of `labels` (summed when several match).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if !labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        {
-            continue;
-        }
-        let value: f64 = rest.rsplit(' ').next()?.parse().ok()?;
-        found = Some(found.unwrap_or(0.0) + value);
-    }
-    found
-}
-
-fn grep(text: &str, name: &str) -> String {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .collect::<Vec<_>>()
-        .join(" | ")
 }

@@ -1,0 +1,69 @@
+//! Reads a noded `/metrics` endpoint the way a quick check does (one GET, Prometheus text) and picks
+//! samples out of it. For a real scraper see [`crate::prometheus`].
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::Result;
+
+/// The DaemonSet pod's `/metrics` on the node (hostNetwork: port 9464, from the manifest).
+pub const NODE_METRICS: &str = "127.0.0.1:9464";
+
+/// One `GET /metrics` on `addr`; the whole response (headers included) as text.
+pub fn scrape(addr: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The sum of the samples `name{…}` whose labels include every pair of `labels`; `None` if none.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        let Some(value) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
+            continue;
+        };
+        found = Some(found.unwrap_or(0.0) + value);
+    }
+    found
+}
+
+/// Every sample line of `name`, joined (for error messages).
+pub fn grep(text: &str, name: &str) -> String {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_and_sums_labelled_samples() {
+        let text = "# HELP x\nnoded_b_total{outcome=\"ok\"} 2\nnoded_b_total{outcome=\"failed\"} 1\nnoded_b_total_x 9\nnoded_c 4\n";
+        assert_eq!(metric(text, "noded_b_total", &[]), Some(3.0));
+        assert_eq!(
+            metric(text, "noded_b_total", &[("outcome", "ok")]),
+            Some(2.0)
+        );
+        assert_eq!(metric(text, "noded_c", &[]), Some(4.0));
+        assert_eq!(metric(text, "noded_d", &[]), None);
+    }
+}
