@@ -46,8 +46,11 @@ source "amazon-ebs" "al2023_eks" {
 build {
   sources = ["source.amazon-ebs.al2023_eks"]
 
+  # The file provisioner uploads as the SSH user, so this upload dir is that user's: private (0700,
+  # created fresh, never an existing path), and treated as untrusted input by bake.sh, which copies
+  # what it needs into a root-owned directory before running anything as root.
   provisioner "shell" {
-    inline = ["mkdir -p ${local.staging_dir}"]
+    inline = ["rm -rf ${local.staging_dir} && mkdir -m 0700 ${local.staging_dir}"]
   }
 
   # installer, noded and (unless kata_tarball is a URL) the Kata release.

@@ -1,28 +1,58 @@
 #!/usr/bin/env bash
 # Runs on the Packer build instance (root). All installation logic is `installer bake`; this script
 # only fetches the tarball when it is a URL and cleans up after itself.
+#
+# $STAGING is the upload dir of the SSH user (ec2-user), not root's: nothing in it is executed or
+# read as root in place. The binaries and the tarball are copied into a fresh root-owned 0700 dir
+# first, so that user (or anything running as it) cannot swap them while root uses them. The
+# installer itself opens the tarball once, refuses anything but a regular file, and hashes what it
+# unpacks.
 set -euo pipefail
+umask 077
 
 : "${STAGING:?}" "${KATA_TARBALL:?}" "${KATA_SHA256:?}"
-cd "$STAGING"
-chmod 0755 installer noded
+if [ -L "$STAGING" ] || [ ! -d "$STAGING" ]; then
+    echo "bake.sh: $STAGING must be a directory (not a symlink)" >&2
+    exit 2
+fi
+work="$(mktemp -d /root/noded-bake.XXXXXXXX)"
+trap 'rm -rf "$work" "$STAGING"' EXIT
+chmod 0700 "$work"
+
+# cp --no-dereference + a regular-file check: a planted symlink or FIFO is refused, not followed.
+take() {
+    local from="$STAGING/$1" to="$work/$2" mode="$3"
+    if [ -L "$from" ] || [ ! -f "$from" ]; then
+        echo "bake.sh: $from must be a regular file" >&2
+        exit 2
+    fi
+    cp --no-dereference --no-preserve=all "$from" "$to"
+    chown root:root "$to"
+    chmod "$mode" "$to"
+}
+take installer installer 0700
+take noded noded 0755
 
 case "$KATA_TARBALL" in
   https://*)
-    tarball="$STAGING/kata-static.tar"
+    tarball="$work/kata-static.tar"
     curl --fail --silent --show-error --location --retry 3 -o "$tarball" "$KATA_TARBALL"
     ;;
+  */* | .*)
+    echo "bake.sh: KATA_TARBALL must be a file name inside the upload dir or an https:// URL" >&2
+    exit 2
+    ;;
   *)
-    tarball="$STAGING/$KATA_TARBALL"
+    take "$KATA_TARBALL" kata-static.tar 0600
+    tarball="$work/kata-static.tar"
     ;;
 esac
 
-# Verifies the sha256 before extracting; exit 2 (and nothing installed) on a bad tarball.
+# Hashes while unpacking into a private staging dir; exit 2 (and nothing installed) on a bad tarball.
+cd "$work"
 ./installer bake --kata-tarball "$tarball" --sha256 "$KATA_SHA256" --noded-binary ./noded --mode kubernetes
 
 # Informational on the build instance: prints the table into the Packer log. Blockers here (e.g. the
 # containerd config nodeadm writes only at node boot) are expected and must not fail the bake.
 /usr/local/bin/installer check || true
-
 cd /
-rm -rf "$STAGING"

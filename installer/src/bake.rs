@@ -1,37 +1,28 @@
 //! `installer bake`: puts a verified Kata release, noded, its units and config into an image.
 
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use noded::kata::{KataLayout, WarmOptions, warm};
 use serde::Serialize;
 
+use crate::archive::{self, ArchiveError, Limits};
 use crate::assets::{self, Mode};
 use crate::host;
 use crate::manifest::{Entry, KataRecord, Kind, Ledger, ManifestError, Phase};
-use crate::root::{IoError, Root, sha256_file};
+use crate::root::{IoError, Root};
+
+/// Staging directories beside the Kata root: `<parent>/.kata-staging-XXXXXX`.
+pub const STAGING_PREFIX: &str = ".kata-staging-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
     #[error("--sha256 must be 64 hexadecimal digits, got `{0}`")]
     BadDigest(String),
-    #[error("{path}: cannot read the Kata tarball: {source}")]
-    Tarball {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path}: sha256 mismatch: expected {expected}, file has {actual}; nothing was installed"
-    )]
-    HashMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error(
-        "{path}: not a complete tar archive (truncated or damaged?): {message}; nothing was installed"
-    )]
-    Extract { path: PathBuf, message: String },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
     #[error("{path}: not a Kata static release: {message}; nothing was installed")]
     NotKata { path: PathBuf, message: String },
     #[error("{path}: cannot read the noded binary: {source}")]
@@ -50,10 +41,8 @@ pub enum BakeError {
 impl noded::exit::ExitStatus for BakeError {
     fn exit_code(&self) -> u8 {
         match self {
+            Self::Archive(e) if e.is_bad_input() => noded::exit::BAD_INPUT,
             Self::BadDigest(_)
-            | Self::Tarball { .. }
-            | Self::HashMismatch { .. }
-            | Self::Extract { .. }
             | Self::NotKata { .. }
             | Self::NodedBinary { .. }
             | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
@@ -75,9 +64,16 @@ pub struct BakeOptions {
     /// Kata static release (`kata-static-<version>-amd64.tar.xz`, or .tar/.tar.gz/.tar.zst).
     #[arg(long)]
     pub kata_tarball: PathBuf,
-    /// Expected sha256 of the tarball; checked before anything is extracted.
+    /// Expected sha256 of the tarball. The file is hashed while it is unpacked into a private
+    /// staging directory; nothing is moved into place unless the whole file matched.
     #[arg(long)]
     pub sha256: String,
+    /// Largest single file the tarball may unpack (bytes actually written).
+    #[arg(long, default_value_t = Limits::default().max_file_bytes)]
+    pub max_file_bytes: u64,
+    /// Largest total the tarball may unpack (a decompression bomb stops here).
+    #[arg(long, default_value_t = Limits::default().max_total_bytes)]
+    pub max_total_bytes: u64,
     /// The noded binary to install as /usr/local/bin/noded.
     #[arg(long)]
     pub noded_binary: Option<PathBuf>,
@@ -89,6 +85,16 @@ pub struct BakeOptions {
     /// default: from the installed containerd's version.
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
     pub containerd_config_version: Option<u32>,
+}
+
+impl BakeOptions {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_file_bytes: self.max_file_bytes,
+            max_total_bytes: self.max_total_bytes,
+            ..Limits::default()
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -121,10 +127,15 @@ pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
         .kata
         .as_ref()
         .is_some_and(|k| k.tarball_sha256 == digest)
-        && root.path(assets::KATA_ROOT).is_dir();
-    if !kata_current {
-        verify_tarball(&o.kata_tarball, &digest)?;
-        if root.path(assets::KATA_ROOT).exists()
+        && root
+            .path(assets::KATA_ROOT)
+            .symlink_metadata()
+            .is_ok_and(|m| m.is_dir());
+    // Opened once, here: this descriptor is the only reader of the tarball (see archive.rs).
+    let tarball = if kata_current {
+        None
+    } else {
+        if root.path(assets::KATA_ROOT).symlink_metadata().is_ok()
             && ledger.entry(Path::new(assets::KATA_ROOT)).is_none()
         {
             return Err(ManifestError::Foreign {
@@ -132,12 +143,13 @@ pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
             }
             .into());
         }
-    }
+        Some(archive::open_regular(&o.kata_tarball)?)
+    };
     match bake_steps(
         &mut ledger,
         o,
         &digest,
-        kata_current,
+        tarball.as_ref(),
         noded_bytes.as_deref(),
     ) {
         Ok(report) => Ok(report),
@@ -154,18 +166,18 @@ fn bake_steps(
     ledger: &mut Ledger,
     o: &BakeOptions,
     digest: &str,
-    kata_current: bool,
+    tarball: Option<&File>,
     noded_bytes: Option<&[u8]>,
 ) -> Result<BakeReport, BakeError> {
     let root = ledger.root.clone();
     let mut report = BakeReport {
         kata_version: None,
-        kata_changed: !kata_current,
+        kata_changed: tarball.is_some(),
         written: Vec::new(),
         unchanged: Vec::new(),
     };
-    if !kata_current {
-        install_kata(ledger, &o.kata_tarball, digest)?;
+    if let Some(file) = tarball {
+        install_kata(ledger, file, o, digest)?;
     }
     let layout = KataLayout::new(root.path(assets::KATA_ROOT));
     report.kata_version = layout.version();
@@ -262,24 +274,15 @@ fn bake_steps(
     Ok(report)
 }
 
-fn verify_tarball(path: &Path, digest: &str) -> Result<(), BakeError> {
-    let actual = sha256_file(path).map_err(|e| BakeError::Tarball {
-        path: path.to_path_buf(),
-        source: e.source,
-    })?;
-    if actual != digest {
-        return Err(BakeError::HashMismatch {
-            path: path.to_path_buf(),
-            expected: digest.to_owned(),
-            actual,
-        });
-    }
-    Ok(())
-}
-
-/// Extracts into a staging directory beside the destination, validates the layout there, and only
-/// then renames it into place (an exchange when upgrading), so `/opt/kata` is never half-written.
-fn install_kata(ledger: &mut Ledger, tarball: &Path, digest: &str) -> Result<(), BakeError> {
+/// Hashes and unpacks the tarball from one descriptor in one pass into a private staging directory
+/// beside the destination, validates the layout there, and only then renames it into place (an
+/// exchange when upgrading), so `/opt/kata` is never half-written nor anything but the pinned bytes.
+fn install_kata(
+    ledger: &mut Ledger,
+    tarball: &File,
+    o: &BakeOptions,
+    digest: &str,
+) -> Result<(), BakeError> {
     let root = ledger.root.clone();
     let dest = root.path(assets::KATA_ROOT);
     let parent_node = Path::new(assets::KATA_ROOT)
@@ -287,43 +290,29 @@ fn install_kata(ledger: &mut Ledger, tarball: &Path, digest: &str) -> Result<(),
         .unwrap_or(Path::new("/"));
     ledger.ensure_dir(parent_node)?;
     let parent = root.path(parent_node);
+    // 0700 and created by us: no other user can plant or swap anything below it while we unpack.
     let staging = tempfile::Builder::new()
-        .prefix(".kata-staging-")
+        .prefix(STAGING_PREFIX)
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&parent)
         .map_err(IoError::at(&parent))?;
-    // GNU tar detects gzip/xz/zstd itself and exits non-zero on a truncated archive.
-    let out = Command::new("tar")
-        .arg("-xf")
-        .arg(tarball)
-        .arg("-C")
-        .arg(staging.path())
-        .arg("--no-same-owner")
-        .output()
-        .map_err(IoError::at(Path::new("tar")))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let message = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(BakeError::Extract {
-            path: tarball.to_path_buf(),
-            message,
-        });
-    }
-    let staged = [
-        staging.path().join("opt/kata"),
-        staging.path().to_path_buf(),
-    ]
-    .into_iter()
-    .find(|p| p.join(noded::kata::layout::SHIM).exists())
-    .unwrap_or_else(|| staging.path().join("opt/kata"));
+    let extracted = archive::extract_verified(
+        &o.kata_tarball,
+        tarball,
+        digest,
+        staging.path(),
+        &o.limits(),
+    )?;
+    tracing::info!(
+        files = extracted.files,
+        bytes = extracted.bytes,
+        "Kata release verified and unpacked"
+    );
+    let staged = extracted.kata_root;
     let install = KataLayout::new(&staged)
         .inspect()
         .map_err(|e| BakeError::NotKata {
-            path: tarball.to_path_buf(),
+            path: o.kata_tarball.clone(),
             message: e
                 .to_string()
                 .replace(&staging.path().display().to_string(), "<tarball>"),
@@ -346,12 +335,16 @@ fn install_kata(ledger: &mut Ledger, tarball: &Path, digest: &str) -> Result<(),
         .any(|h| h.binary_present || h.binary.as_deref().is_some_and(staged_vmm))
     {
         return Err(BakeError::NotKata {
-            path: tarball.to_path_buf(),
+            path: o.kata_tarball.clone(),
             message: "no hypervisor binary named by any configuration-*.toml is in the tarball"
                 .into(),
         });
     }
-    if dest.exists() {
+    // The renamed tree must survive a power cut as written: flush the staged bytes first.
+    let staging_fd = File::open(staging.path()).map_err(IoError::at(staging.path()))?;
+    nix::unistd::syncfs(&staging_fd)
+        .map_err(|e| IoError::at(staging.path())(std::io::Error::from(e)))?;
+    if dest.symlink_metadata().is_ok() {
         // Upgrade: swap atomically so a running node never sees no /opt/kata.
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,

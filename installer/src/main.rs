@@ -1,6 +1,7 @@
 //! `installer`: bakes noded + Kata into a node image, prepares containerd at boot, checks a node,
 //! and uninstalls exactly what it installed. Every subcommand works on `--root DIR` (default `/`).
 
+mod archive;
 mod assets;
 mod bake;
 mod boot;
