@@ -55,6 +55,11 @@ impl StatusProvider for Engine {
                 hits: s.hits,
                 misses: s.misses,
                 memory_bytes: s.memory_bytes,
+                not_ready_reason: if s.ready {
+                    String::new()
+                } else {
+                    s.last_damage
+                },
             });
         }
     }
@@ -250,6 +255,9 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
             t.misses,
             t.memory_bytes >> 20
         ));
+        if !t.not_ready_reason.is_empty() {
+            out.push_str(&format!("  {}: {}\n", t.name, t.not_ready_reason));
+        }
     }
     if !s.handlers.is_empty() {
         out.push('\n');
@@ -268,6 +276,7 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "name": t.name, "ready": t.ready, "fingerprint": t.fingerprint,
                 "pool_ready": t.pool_ready, "pool_target": t.pool_target, "builds": t.builds,
                 "hits": t.hits, "misses": t.misses, "memory_bytes": t.memory_bytes,
+                "not_ready_reason": t.not_ready_reason,
             })
         })
         .collect();
