@@ -92,6 +92,11 @@ fn kustomize_output_validates_strictly_and_a_broken_field_fails() {
         "runtimeclass/kata-qemu",
         "runtimeclass/kata-qemu-warm",
         "clusterrole/noded",
+        "role/noded-events",
+        "validatingadmissionpolicy/noded-own-node",
+        "validatingadmissionpolicybinding/noded-own-node",
+        "validatingadmissionpolicy/noded-runtimeclasses",
+        "validatingadmissionpolicybinding/noded-runtimeclasses",
         "configmap/noded-grafana-dashboard",
     ] {
         assert!(
@@ -116,10 +121,23 @@ fn daemonset_has_the_contracted_shape() {
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
             .unwrap_or_else(|| panic!("{kind}/{name} missing"))
     };
+    // Everything in noded-system except the events Role + RoleBinding, which live where noded posts.
+    for d in docs
+        .iter()
+        .filter(|d| d["metadata"]["namespace"].is_string())
+    {
+        let events = d["metadata"]["name"] == "noded-events"
+            && (d["kind"] == "Role" || d["kind"] == "RoleBinding");
+        let want = if events { "default" } else { "noded-system" };
+        assert_eq!(d["metadata"]["namespace"], want, "{}", d["metadata"]);
+    }
     assert!(
         docs.iter()
-            .filter(|d| d["metadata"]["namespace"].is_string())
-            .all(|d| d["metadata"]["namespace"] == "noded-system")
+            .filter(|d| d["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("admissionregistration.k8s.io/")))
+            .all(|d| d["metadata"]["namespace"].is_null()),
+        "admission policies are cluster-scoped"
     );
     let ds = find("DaemonSet", "noded");
     let pod = &ds["spec"]["template"]["spec"];
@@ -331,4 +349,66 @@ fn karpenter_examples_declare_startup_taint_label_taint_and_baked_ami() {
     )
     .expect("packer");
     assert!(packer.contains("\"noded.io/kata\"") && packer.contains("\"noded.io/k8s\""));
+}
+
+/// The RBAC is exactly what noded/src/k8s calls (the fake API's recorded requests in
+/// noded/tests/k8s_publisher.rs): no list/watch, RuntimeClasses by name, events only in `default`.
+#[test]
+fn rbac_grants_exactly_what_noded_calls() {
+    if !tools() {
+        return;
+    }
+    let docs = yaml_docs(&kustomize(&daemonset_dir()));
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+    };
+    let handlers: Vec<&str> = noded::containerd::handler::KataHandler::ALL
+        .iter()
+        .map(|h| h.name())
+        .collect();
+    assert_eq!(
+        find("ClusterRole", "noded")["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+            {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"],
+             "resourceNames": handlers, "verbs": ["patch", "create"]},
+        ])
+    );
+    let events = noded::k8s::events::EVENT_NAMESPACE;
+    let role = find("Role", "noded-events");
+    assert_eq!(role["metadata"]["namespace"], events);
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}])
+    );
+    let sa = find("ServiceAccount", "noded");
+    let ds = find("DaemonSet", "noded");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["serviceAccountName"],
+        "noded"
+    );
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": "noded",
+        "namespace": sa["metadata"]["namespace"]}]);
+    assert_eq!(find("ClusterRoleBinding", "noded")["subjects"], subject);
+    let rb = find("RoleBinding", "noded-events");
+    assert_eq!(rb["metadata"]["namespace"], events);
+    assert_eq!(rb["subjects"], subject);
+    // Each policy is bound, denies, and matches the service account the DaemonSet runs as.
+    for policy in ["noded-own-node", "noded-runtimeclasses"] {
+        let p = find("ValidatingAdmissionPolicy", policy);
+        assert_eq!(p["spec"]["failurePolicy"], "Fail");
+        let cond = p["spec"]["matchConditions"][0]["expression"]
+            .as_str()
+            .expect("matchCondition");
+        assert!(
+            cond.contains("'system:serviceaccount:'") && cond.contains("':noded')"),
+            "{cond}"
+        );
+        let b = find("ValidatingAdmissionPolicyBinding", policy);
+        assert_eq!(b["spec"]["policyName"], policy);
+        assert_eq!(b["spec"]["validationActions"], serde_json::json!(["Deny"]));
+    }
 }
