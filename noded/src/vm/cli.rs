@@ -77,14 +77,26 @@ async fn run(action: TemplateAction, cfg: &NodedConfig) -> u8 {
         eprintln!("no [[templates]] configured");
         return exit::BAD_INPUT;
     }
+    // Loading checked the names already; a config built in code (tests, the benchmark) has not been
+    // loaded, and a name is about to become a path that gets unmounted and removed.
+    for (i, section) in cfg.templates.iter().enumerate() {
+        if let Err(e) = crate::names::check_label(&section.name) {
+            eprintln!("templates[{i}].name: {e}");
+            return exit::BAD_INPUT;
+        }
+    }
     let mut code = exit::OK;
     for section in &cfg.templates {
         let dir = layout.template_dir(&section.name);
         match action {
-            TemplateAction::Destroy => {
-                template::destroy_dir(&dir);
-                println!("{}: destroyed", section.name);
-            }
+            TemplateAction::Destroy => match layout.destroy_template(&section.name) {
+                Ok(true) => println!("{}: destroyed", section.name),
+                Ok(false) => println!("{}: nothing to destroy", section.name),
+                Err(e) => {
+                    eprintln!("{}: {e}", section.name);
+                    code = exit::RUNTIME_FAILURE;
+                }
+            },
             TemplateAction::Build | TemplateAction::Status => {
                 let resolved = match resolve(&opts, section, &layout).await {
                     Ok((r, _, _)) => r,

@@ -260,28 +260,119 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     )
 }
 
-/// Lazily unmounts everything at or below `dir` and removes it.
+/// Lazily unmounts everything at or below `dir` and removes it. A symlink at `dir` is removed as a
+/// link: nothing it points at is unmounted, chmod'ed or deleted.
 pub fn destroy_dir(dir: &Path) {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot stat");
+            return;
+        }
+    };
+    if !meta.is_dir() {
+        if let Err(e) = std::fs::remove_file(dir) {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot remove");
+        }
+        return;
+    }
     for m in mounts_under(dir) {
-        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+        // NOFOLLOW: a symlink swapped in below `dir` must not redirect the unmount elsewhere.
+        let flags = nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+        if let Err(e) = nix::mount::umount2(&m, flags) {
             tracing::warn!(mount = %m.display(), error = %e, "cannot unmount");
         }
     }
-    if dir.exists() {
-        let _ = make_writable(dir);
-        if let Err(e) = std::fs::remove_dir_all(dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove");
-        }
+    let _ = make_writable(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove");
     }
 }
 
+/// Lets a non-root run remove read-only directories. Only real directories, through a descriptor
+/// opened with O_NOFOLLOW: a symlink planted in the tree never gets its target chmod'ed.
 fn make_writable(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    chmod_dir_nofollow(dir, 0o700)?;
     for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+        let e = e?;
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = chmod_dir_nofollow(&e.path(), 0o700);
+        }
     }
     Ok(())
+}
+
+fn chmod_dir_nofollow(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Why `noded template destroy` refused to remove a template directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DestroyError {
+    #[error("template name: {0}")]
+    Name(#[from] crate::names::NameError),
+    #[error("{path}: {why}; refusing to destroy anything outside {templates}")]
+    Outside {
+        path: PathBuf,
+        templates: PathBuf,
+        why: &'static str,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Layout {
+    /// Destroys template `name`: its directory must be a real directory directly inside this
+    /// layout's own templates directory (no `..`, no absolute name, no symlink at either level).
+    /// Returns whether there was anything to destroy.
+    pub fn destroy_template(&self, name: &str) -> Result<bool, DestroyError> {
+        crate::names::check_label(name)?;
+        let templates = self.templates_dir();
+        let outside = |path: &Path, why| DestroyError::Outside {
+            path: path.to_path_buf(),
+            templates: templates.clone(),
+            why,
+        };
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DestroyError::Io { path, source }
+        };
+        match std::fs::symlink_metadata(&templates) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(&templates)(e)),
+            Ok(m) if !m.is_dir() => {
+                return Err(outside(&templates, "is a symlink or not a directory"));
+            }
+            Ok(_) => {}
+        }
+        let dir = templates.join(name);
+        match std::fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(&dir)(e)),
+            Ok(m) if !m.is_dir() => return Err(outside(&dir, "is a symlink or not a directory")),
+            Ok(_) => {}
+        }
+        // The lstat checks above see the last component only; the resolved paths prove the whole
+        // chain (a symlinked parent in between) stays put.
+        let real_templates = std::fs::canonicalize(&templates).map_err(io(&templates))?;
+        let real = std::fs::canonicalize(&dir).map_err(io(&dir))?;
+        if real.parent() != Some(real_templates.as_path())
+            || real.file_name() != Some(std::ffi::OsStr::new(name))
+        {
+            return Err(outside(&dir, "resolves outside the templates directory"));
+        }
+        destroy_dir(&real);
+        Ok(true)
+    }
 }
 
 /// Reads and checks a template. `deep` also hashes the memory file (hundreds of MiB: done at build,
