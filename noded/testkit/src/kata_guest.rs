@@ -508,3 +508,65 @@ pub fn is_mountpoint(path: &Path) -> bool {
         // mountinfo escapes spaces and the like as octal.
         .any(|m| m.replace("\\040", " ") == want)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<QemuConfig, BadConfig> {
+        QemuConfig::parse(Path::new("/k/configuration-qemu.toml"), text)
+    }
+
+    #[test]
+    fn kata_shipped_config_boots_from_its_image_without_templating() {
+        let text = crate::fake_kata::QEMU_CONFIG.replace("@ROOT@", "/opt/kata");
+        let cfg = parse(&text).expect("parse");
+        assert_eq!(cfg.qemu, Path::new("/opt/kata/bin/qemu-system-x86_64"));
+        assert_eq!(cfg.memory_mib, 2048);
+        assert_eq!(cfg.machine_type, "q35");
+        assert!(!cfg.enable_template);
+        assert_eq!(cfg.template_path, Path::new(DEFAULT_TEMPLATE_PATH));
+        assert_eq!(cfg.initrd, None);
+        assert_eq!(
+            cfg.boot_initrd().expect("initrd"),
+            Path::new("/opt/kata/share/kata-containers/kata-containers-initrd.img")
+        );
+    }
+
+    #[test]
+    fn templating_keys_are_read_and_bad_values_name_the_field() {
+        let cfg = parse(
+            "[hypervisor.qemu]\npath = \"/q\"\nkernel = \"/k\"\ninitrd = \"/i\"\ndefault_memory = 256\n\
+             [factory]\nenable_template = true\ntemplate_path = \"/t\"\n",
+        )
+        .expect("parse");
+        assert!(cfg.enable_template);
+        assert_eq!(cfg.state_file(), Path::new("/t/state"));
+        assert_eq!(cfg.boot_initrd().expect("initrd"), Path::new("/i"));
+        let args = cfg.machine_args().expect("args");
+        assert!(args.contains(&"256M".to_owned()), "{args:?}");
+
+        let err =
+            parse("[hypervisor.qemu]\npath = \"/q\"\nkernel = \"/k\"\ndefault_memory = \"lots\"\n")
+                .expect_err("bad memory");
+        assert!(
+            err.0.contains("/k/configuration-qemu.toml") && err.0.contains("default_memory"),
+            "{err}"
+        );
+        let err = parse("[hypervisor.qemu]\npath = \"/q\"\n").expect_err("no kernel");
+        assert!(err.0.contains("kernel"), "{err}");
+        let err = parse("[hypervisor.clh]\npath = \"/c\"\n").expect_err("no qemu");
+        assert!(err.0.contains("[hypervisor.qemu]"), "{err}");
+        let err = parse("[hypervisor.qemu]\npath = \"/q\"\nkernel = \"/k\"\n[factory]\nenable_template = \"yes\"\n")
+            .expect_err("bad bool");
+        assert!(err.0.contains("enable_template"), "{err}");
+    }
+
+    #[test]
+    fn cpio_appendix_is_a_4_aligned_newc_archive() {
+        let c = cpio_with_file("etc/kata-version", b"3.99.0\n");
+        assert!(c.starts_with(b"070701"));
+        assert_eq!(c.len() % 4, 0);
+        assert!(String::from_utf8_lossy(&c).contains("TRAILER!!!"));
+    }
+}

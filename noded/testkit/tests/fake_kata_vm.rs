@@ -197,6 +197,22 @@ fn factory_init_builds_a_template_on_a_tmpfs_and_destroy_unmounts_it() {
         "vm factory is off"
     );
 
+    // An upgraded release's initrd has other bytes (a new template fingerprint) and still boots.
+    let initrd = kata
+        .root
+        .join("share/kata-containers/kata-containers-initrd.img");
+    let before = std::fs::read(&initrd).expect("initrd");
+    kata.upgrade("3.19.0");
+    assert_ne!(before, std::fs::read(&initrd).expect("initrd"));
+    let out = runtime(&kata, &warm, "init");
+    assert!(
+        out.status.success(),
+        "factory init after upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = runtime(&kata, &warm, "destroy");
+    assert!(out.status.success(), "{out:?}");
+
     std::fs::write(kata.root.join("fail-init"), b"").expect("fail-init");
     let out = runtime(&kata, &warm, "init");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -205,7 +221,7 @@ fn factory_init_builds_a_template_on_a_tmpfs_and_destroy_unmounts_it() {
     assert_eq!(
         kata.factory_calls(),
         [
-            "init", "init", "status", "init", "destroy", "status", "init"
+            "init", "init", "status", "init", "destroy", "status", "init", "destroy", "init"
         ]
     );
 }
