@@ -1,7 +1,7 @@
 //! `installer bake`: puts a verified Kata release, noded, its units and config into an image.
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,6 +36,8 @@ pub enum BakeError {
     Io(#[from] IoError),
     #[error(transparent)]
     Kata(#[from] noded::kata::KataError),
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
 }
 
 impl noded::exit::ExitStatus for BakeError {
@@ -45,6 +47,7 @@ impl noded::exit::ExitStatus for BakeError {
             Self::BadDigest(_)
             | Self::NotKata { .. }
             | Self::NodedBinary { .. }
+            | Self::Guest(_)
             | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
             _ => noded::exit::RUNTIME_FAILURE,
         }
@@ -85,6 +88,11 @@ pub struct BakeOptions {
     /// default: from the installed containerd's version.
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=3))]
     pub containerd_config_version: Option<u32>,
+    /// Guest kernel + initramfs for noded's template pool: a directory `noded guest-assets --out DIR`
+    /// wrote (vmlinux, initrd.cpio, guest-assets.json with their sha256). Installed under
+    /// /opt/noded/guest and pinned in noded.toml; without it the node has no template pool.
+    #[arg(long)]
+    pub guest_assets: Option<PathBuf>,
 }
 
 impl BakeOptions {
@@ -120,6 +128,10 @@ pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
             })
         })
         .transpose()?;
+    // Verified before the first write (and again, from its own read, when installed).
+    if let Some(dir) = &o.guest_assets {
+        crate::guest::load(dir)?;
+    }
     let mut ledger = Ledger::open(root)?;
     // Everything fallible about the inputs is checked before the first write.
     let kata_current = ledger
@@ -207,7 +219,8 @@ fn bake_steps(
         assets::modules_conf().into_bytes(),
         0o644,
     ));
-    let toml = assets::noded_toml(o.mode);
+    let guest = bake_guest(ledger, o, &mut report)?;
+    let toml = assets::noded_toml(o.mode, guest.as_ref());
     // The file must load in noded itself; a template bug would otherwise surface on a booted node.
     noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml)
         .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
@@ -271,7 +284,26 @@ fn bake_steps(
             report.unchanged.push(link);
         }
     }
+    // Recorded only once everything is in place: a failed bake keeps the previous record.
+    ledger.manifest.guest = guest;
+    ledger.save()?;
     Ok(report)
+}
+
+/// `--guest-assets`: the pinned guest of noded's template pool (see guest.rs).
+fn bake_guest(
+    ledger: &mut Ledger,
+    o: &BakeOptions,
+    report: &mut BakeReport,
+) -> Result<Option<crate::guest::GuestRecord>, BakeError> {
+    let Some(dir) = &o.guest_assets else {
+        return Ok(None);
+    };
+    let assets = crate::guest::load(dir)?;
+    let (record, written, unchanged) = crate::guest::install(ledger, &assets)?;
+    report.written.extend(written);
+    report.unchanged.extend(unchanged);
+    Ok(Some(record))
 }
 
 /// Hashes and unpacks the tarball from one descriptor in one pass into a private staging directory
@@ -289,13 +321,17 @@ fn install_kata(
         .parent()
         .unwrap_or(Path::new("/"));
     ledger.ensure_dir(parent_node)?;
-    let parent = root.path(parent_node);
+    // Announced before it exists, so a killed run's staging dir is known to the next run.
+    let staging_node = parent_node.join(format!(
+        "{STAGING_PREFIX}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    ledger.announce_tree(Path::new(assets::KATA_ROOT), &staging_node, digest)?;
     // 0700 and created by us: no other user can plant or swap anything below it while we unpack.
-    let staging = tempfile::Builder::new()
-        .prefix(STAGING_PREFIX)
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(&parent)
-        .map_err(IoError::at(&parent))?;
+    let staging = Staging::create(root.path(&staging_node))?;
     let extracted = archive::extract_verified(
         &o.kata_tarball,
         tarball,
@@ -344,6 +380,10 @@ fn install_kata(
     let staging_fd = File::open(staging.path()).map_err(IoError::at(staging.path()))?;
     nix::unistd::syncfs(&staging_fd)
         .map_err(|e| IoError::at(staging.path())(std::io::Error::from(e)))?;
+    let ino = std::fs::symlink_metadata(&staged)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .map_err(IoError::at(&staged))?;
+    ledger.tree_about_to_move(Path::new(assets::KATA_ROOT), ino)?;
     if dest.symlink_metadata().is_ok() {
         // Upgrade: swap atomically so a running node never sees no /opt/kata.
         nix::fcntl::renameat2(
@@ -354,25 +394,55 @@ fn install_kata(
             nix::fcntl::RenameFlags::RENAME_EXCHANGE,
         )
         .map_err(|e| IoError::at(&dest)(std::io::Error::from(e)))?;
-        // `staged` now holds the previous release; the TempDir drop removes it.
+        // `staged` now holds the previous release; removed with the staging dir below.
     } else {
         std::fs::rename(&staged, &dest).map_err(IoError::at(&dest))?;
     }
+    if let Some(p) = dest.parent() {
+        crate::root::fsync_dir(p)?;
+    }
+    ledger.tree_installed(
+        Entry {
+            path: PathBuf::from(assets::KATA_ROOT),
+            kind: Kind::Tree,
+            phase: Phase::Bake,
+            sha256: Some(digest.to_owned()),
+            backup: None,
+        },
+        KataRecord {
+            tarball_sha256: digest.to_owned(),
+            version: install.version,
+            root: PathBuf::from(assets::KATA_ROOT),
+        },
+    )?;
     drop(staging);
-    ledger.record(Entry {
-        path: PathBuf::from(assets::KATA_ROOT),
-        kind: Kind::Tree,
-        phase: Phase::Bake,
-        sha256: Some(digest.to_owned()),
-        backup: None,
-    });
-    ledger.manifest.kata = Some(KataRecord {
-        tarball_sha256: digest.to_owned(),
-        version: install.version,
-        root: PathBuf::from(assets::KATA_ROOT),
-    });
-    ledger.save()?;
     Ok(())
+}
+
+/// The private staging dir; removed on every exit path of a live run (a killed run's is removed
+/// by the next one, see `manifest::sweep`).
+struct Staging(PathBuf);
+
+impl Staging {
+    fn create(path: PathBuf) -> Result<Self, IoError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(IoError::at(&path))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = crate::root::remove_if_exists(&self.0) {
+            tracing::warn!(problem = %e, "staging dir left behind");
+        }
+    }
 }
 
 /// 3 for containerd 2.x, 2 otherwise (also when no containerd is found: the AL2023 images for

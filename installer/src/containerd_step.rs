@@ -70,11 +70,13 @@ pub fn apply(ledger: &mut Ledger, config: &NodedConfig) -> Result<Applied, Strin
         containerd_binary: binary(ledger),
         socket: None,
     };
+    // Recorded before the apply (intent first): a boot killed mid-apply is still reverted by
+    // uninstall; reverting a config noded never touched is a no-op.
+    ledger.manifest.containerd_applied = Some(config.containerd.config.clone());
+    ledger.save().map_err(|e| e.to_string())?;
     let report = runtime()?
         .block_on(apply::apply(&req, &Restart::Never))
         .map_err(|e| e.to_string())?;
-    ledger.manifest.containerd_applied = Some(config.containerd.config.clone());
-    ledger.save().map_err(|e| e.to_string())?;
     Ok(Applied {
         config: req.config,
         changed: report.changed,

@@ -1,15 +1,24 @@
 //! The record of everything bake and boot wrote, so uninstall removes exactly that and restores what
-//! was there before. Saved after every step: a bake that dies half-way can still be uninstalled.
+//! was there before. Intent first: every write is announced in the manifest's intent log (saved,
+//! fsync'd) before it touches the disk, and recorded as an entry after; the next run (under the
+//! same root lock) finishes or undoes whatever a killed run left announced, so a kill -9 at any step
+//! converges: a re-run bake succeeds, and uninstall removes exactly what was written.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::root::{IoError, Root, remove_if_exists, sha256_bytes, sha256_file, write_atomic};
+use crate::root::{
+    IoError, Root, fsync_dir, remove_if_exists, sha256_bytes, sha256_file, temp_path, write_atomic,
+};
 
 pub const INSTALLER_DIR: &str = "/var/lib/noded/installer";
 const MANIFEST: &str = "manifest.json";
 const FORMAT: u32 = 1;
+/// Beside the installer dir's topmost new ancestor: the dir chain is built here and renamed into
+/// place with the first manifest in it (`-new`), or renamed here and then deleted (`-old`).
+const INSTALLER_NEW: &str = ".noded-installer-new";
+const INSTALLER_OLD: &str = ".noded-installer-old";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -21,6 +30,8 @@ pub enum ManifestError {
         "{path} exists and was not installed by `installer bake`; move it away or uninstall it first"
     )]
     Foreign { path: PathBuf },
+    #[error("{path}: another installer is working on this root")]
+    Busy { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +86,39 @@ pub struct Manifest {
     /// Set once boot applied the containerd config through noded's library.
     #[serde(default)]
     pub containerd_applied: Option<PathBuf>,
+    /// The guest kernel + initrd bake pinned for noded's template pool (`--guest-assets`); their
+    /// files are entries too, so uninstall removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::guest::GuestRecord>,
+    /// Writes announced but not yet recorded as entries (see [`Intent`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intents: Vec<Intent>,
+}
+
+/// A write about to happen. Saved before the write, removed when its entry is recorded; one left
+/// over means the run died in between, and [`Ledger::open`] settles it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Intent {
+    /// A file (re)written at `path`; `backup` is where the original is (or will be) copied first.
+    File {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<PathBuf>,
+    },
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+    },
+    /// A tree unpacked in `staging` and renamed to `path`. `staged_ino` is set (and saved) just
+    /// before the rename: `path` having that inode afterwards means the rename happened.
+    Tree {
+        path: PathBuf,
+        staging: PathBuf,
+        sha256: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        staged_ino: Option<u64>,
+    },
 }
 
 /// The manifest bound to a root, with the operations that keep it truthful.
@@ -84,6 +128,11 @@ pub struct Ledger {
     pub manifest: Manifest,
     /// Entries/dirs present before this run, so a failed run can undo only its own work.
     mark: (usize, usize),
+    /// Whether a manifest was on disk when opened.
+    pub loaded: bool,
+    /// flock on the root directory, held for the whole run: what a previous run left (staging
+    /// dirs, temp names, intents) is then known to be from a dead process.
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Ledger {
@@ -91,26 +140,42 @@ impl Ledger {
         root.path(INSTALLER_DIR).join(MANIFEST)
     }
 
-    /// Loads the manifest, or an empty one when nothing was installed yet. Writes nothing.
+    /// Locks the root, settles what a killed run left behind, and loads the manifest (or an empty
+    /// one when nothing was installed yet).
     pub fn open(root: &Root) -> Result<Self, ManifestError> {
+        let lock = lock_root(root)?;
+        sweep(root);
         let path = Self::path(root);
-        let manifest = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ManifestError::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest {
-                format: FORMAT,
-                ..Manifest::default()
-            },
+        let (manifest, loaded) = match std::fs::read(&path) {
+            Ok(bytes) => (
+                serde_json::from_slice(&bytes).map_err(|e| ManifestError::Corrupt {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?,
+                true,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                Manifest {
+                    format: FORMAT,
+                    ..Manifest::default()
+                },
+                false,
+            ),
             Err(e) => return Err(IoError::at(&path)(e).into()),
         };
-        let mark = (manifest.entries.len(), manifest.created_dirs.len());
-        Ok(Self {
+        let mut ledger = Self {
             root: root.clone(),
             manifest,
-            mark,
-        })
+            mark: (0, 0),
+            loaded,
+            _lock: lock,
+        };
+        ledger.settle_intents()?;
+        ledger.mark = (
+            ledger.manifest.entries.len(),
+            ledger.manifest.created_dirs.len(),
+        );
+        Ok(ledger)
     }
 
     pub fn exists(root: &Root) -> bool {
@@ -118,7 +183,7 @@ impl Ledger {
     }
 
     pub fn save(&mut self) -> Result<(), ManifestError> {
-        self.ensure_dir(Path::new(INSTALLER_DIR))?;
+        self.ensure_installer_dir()?;
         let json =
             serde_json::to_vec_pretty(&self.manifest).map_err(|e| ManifestError::Corrupt {
                 path: Self::path(&self.root),
@@ -143,10 +208,20 @@ impl Ledger {
             missing.push(d.to_path_buf());
             cur = d.parent();
         }
-        for d in missing.into_iter().rev() {
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.reverse();
+        // Recorded before created: a dir the run never got to make is a harmless NotFound later.
+        self.manifest.created_dirs.extend(missing.iter().cloned());
+        self.save()?;
+        for d in missing {
             let real = self.root.path(&d);
-            std::fs::create_dir(&real).map_err(IoError::at(&real))?;
-            self.manifest.created_dirs.push(d);
+            match std::fs::create_dir(&real) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && real.is_dir() => {}
+                Err(e) => return Err(IoError::at(&real)(e).into()),
+            }
         }
         Ok(())
     }
@@ -171,11 +246,19 @@ impl Ledger {
         if let Some(parent) = node_path.parent() {
             self.ensure_dir(parent)?;
         }
-        let backup = if self.entry(node_path).is_none() && real.symlink_metadata().is_ok() {
-            Some(self.backup(node_path)?)
+        let take_backup = self.entry(node_path).is_none() && real.symlink_metadata().is_ok();
+        let backup = if take_backup {
+            Some(backup_path(node_path))
         } else {
             self.entry(node_path).and_then(|e| e.backup.clone())
         };
+        self.announce(Intent::File {
+            path: node_path.to_path_buf(),
+            backup: backup.clone(),
+        })?;
+        if take_backup {
+            self.backup(node_path)?;
+        }
         write_atomic(&real, bytes, mode)?;
         self.record(Entry {
             path: node_path.to_path_buf(),
@@ -184,6 +267,7 @@ impl Ledger {
             sha256: Some(sha),
             backup,
         });
+        self.settled(node_path);
         self.save()?;
         Ok(true)
     }
@@ -208,7 +292,14 @@ impl Ledger {
         if let Some(parent) = node_path.parent() {
             self.ensure_dir(parent)?;
         }
+        self.announce(Intent::Symlink {
+            path: node_path.to_path_buf(),
+            target: target.to_path_buf(),
+        })?;
         std::os::unix::fs::symlink(target, &real).map_err(IoError::at(&real))?;
+        if let Some(dir) = real.parent() {
+            fsync_dir(dir)?;
+        }
         self.record(Entry {
             path: node_path.to_path_buf(),
             kind: Kind::Symlink,
@@ -216,6 +307,7 @@ impl Ledger {
             sha256: None,
             backup: None,
         });
+        self.settled(node_path);
         self.save()?;
         Ok(true)
     }
@@ -237,11 +329,7 @@ impl Ledger {
     }
 
     fn backup(&mut self, node_path: &Path) -> Result<PathBuf, ManifestError> {
-        let name: String = node_path
-            .to_string_lossy()
-            .trim_start_matches('/')
-            .replace('/', "__");
-        let node_backup = Path::new(INSTALLER_DIR).join("backups").join(name);
+        let node_backup = backup_path(node_path);
         self.ensure_dir(node_backup.parent().unwrap_or(Path::new(INSTALLER_DIR)))?;
         let from = self.root.path(node_path);
         let to = self.root.path(&node_backup);
@@ -256,76 +344,124 @@ impl Ledger {
 
     /// Undo everything this run added (a bake that failed half-way).
     pub fn rollback_run(&mut self) -> Vec<String> {
-        let fresh = self.mark == (0, 0);
-        let entries: Vec<Entry> = self.manifest.entries.drain(self.mark.0..).collect();
-        let dirs: Vec<PathBuf> = self.manifest.created_dirs.drain(self.mark.1..).collect();
-        let mut problems = self.undo(entries.iter().rev(), std::iter::empty());
-        if fresh {
-            let installer = self.root.path(INSTALLER_DIR);
-            for f in [MANIFEST, "backups"] {
-                if let Err(e) = remove_if_exists(&installer.join(f)) {
-                    problems.push(e.to_string());
-                }
-            }
-        } else if let Err(e) = self.save() {
+        let fresh = self.mark == (0, 0) && !self.loaded;
+        let mut problems = Vec::new();
+        // Intents of this run (an error between announce and record): settle them like a crash.
+        if let Err(e) = self.settle_intents() {
             problems.push(e.to_string());
         }
-        problems.extend(self.undo(std::iter::empty(), dirs.iter().rev()));
+        while self.manifest.entries.len() > self.mark.0 {
+            problems.extend(self.undo_last_entry());
+        }
+        problems.extend(self.remove_dirs_after(self.mark.1));
+        if fresh {
+            problems.extend(self.dispose_installer_dir());
+        }
         problems
     }
 
     /// Removes the entries of one phase (or all) and then the directories that became empty.
-    /// Returns problems that did not stop the removal (modified files, non-empty dirs).
+    /// One entry at a time, saved after each: a kill -9 half-way leaves a manifest that lists
+    /// exactly what is still installed. Returns problems that did not stop the removal.
     pub fn remove(&mut self, phase: Option<Phase>) -> Vec<String> {
-        let (gone, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.manifest.entries)
-            .into_iter()
-            .partition(|e| phase.is_none_or(|p| e.phase == p));
-        self.manifest.entries = keep;
-        let dirs = if phase.is_none() {
-            std::mem::take(&mut self.manifest.created_dirs)
-        } else {
-            Vec::new()
+        let mut problems = Vec::new();
+        if let Err(e) = self.settle_intents() {
+            problems.push(e.to_string());
+        }
+        let Some(phase) = phase else {
+            while !self.manifest.entries.is_empty() {
+                problems.extend(self.undo_last_entry());
+            }
+            // Dirs are removed at the very end; the installer's own chain (which holds the
+            // manifest) goes last of all, in one rename.
+            problems.extend(self.remove_dirs_after(0));
+            problems.extend(self.dispose_installer_dir());
+            return problems;
         };
-        // Dirs are removed at the very end: the manifest itself lives in one of them.
-        let mut problems = self.undo(gone.iter().rev(), std::iter::empty());
-        if phase.is_none() {
-            let installer = self.root.path(INSTALLER_DIR);
-            for f in [MANIFEST, "backups"] {
-                if let Err(e) = remove_if_exists(&installer.join(f)) {
-                    problems.push(e.to_string());
+        let mut i = self.manifest.entries.len();
+        while i > 0 {
+            i -= 1;
+            if self.manifest.entries[i].phase == phase {
+                let e = self.manifest.entries.remove(i);
+                problems.extend(self.undo_entry(&e));
+                if let Err(err) = self.save() {
+                    problems.push(err.to_string());
                 }
             }
-            problems.extend(self.undo(std::iter::empty(), dirs.iter().rev()));
-        } else if let Err(e) = self.save() {
-            problems.push(e.to_string());
         }
         problems
     }
 
-    fn undo<'a>(
-        &self,
-        entries: impl Iterator<Item = &'a Entry>,
-        dirs: impl Iterator<Item = &'a PathBuf>,
-    ) -> Vec<String> {
+    fn undo_last_entry(&mut self) -> Vec<String> {
+        let Some(e) = self.manifest.entries.pop() else {
+            return Vec::new();
+        };
+        let mut problems = self.undo_entry(&e);
+        if let Err(err) = self.save() {
+            problems.push(err.to_string());
+        }
+        problems
+    }
+
+    /// Removes (if empty) the dirs created after `mark`, newest first, except the installer's
+    /// own chain, which is kept in front of them for [`Self::dispose_installer_dir`].
+    fn remove_dirs_after(&mut self, mark: usize) -> Vec<String> {
         let mut problems = Vec::new();
-        for e in entries {
-            let real = self.root.path(&e.path);
-            if e.kind == Kind::File
-                && let Some(want) = &e.sha256
-                && sha256_file(&real).is_ok_and(|s| &s != want)
-            {
-                problems.push(format!(
-                    "{}: changed since install; removed anyway",
-                    real.display()
-                ));
-            }
-            if let Err(err) = remove_if_exists(&real) {
-                problems.push(err.to_string());
-                continue;
-            }
-            if let Some(b) = &e.backup {
+        let tail = self
+            .manifest
+            .created_dirs
+            .split_off(mark.min(self.manifest.created_dirs.len()));
+        let (chain, others): (Vec<PathBuf>, Vec<PathBuf>) = tail
+            .into_iter()
+            .partition(|d| self.is_installer_chain(Some(d)));
+        let floor = self.manifest.created_dirs.len() + chain.len();
+        self.manifest.created_dirs.extend(chain);
+        self.manifest.created_dirs.extend(others);
+        while self.manifest.created_dirs.len() > floor {
+            problems.extend(self.undo_last_dir());
+        }
+        problems
+    }
+
+    fn undo_last_dir(&mut self) -> Vec<String> {
+        let Some(d) = self.manifest.created_dirs.pop() else {
+            return Vec::new();
+        };
+        let mut problems = Vec::new();
+        let real = self.root.path(&d);
+        match std::fs::remove_dir(&real) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("{}: left in place: {e}", real.display())),
+        }
+        if let Err(err) = self.save() {
+            problems.push(err.to_string());
+        }
+        problems
+    }
+
+    /// Puts one path back as it was before the installer: the original restored from its backup
+    /// by one rename (no remove first, so a kill -9 never loses it), or our file removed. A
+    /// missing backup means the original is already back in place (a run killed after the rename).
+    fn undo_entry(&self, e: &Entry) -> Vec<String> {
+        let mut problems = Vec::new();
+        let real = self.root.path(&e.path);
+        if e.kind == Kind::File
+            && let Some(want) = &e.sha256
+            && sha256_file(&real).is_ok_and(|s| &s != want)
+            && e.backup.as_ref().is_none_or(|b| self.root.path(b).exists())
+        {
+            problems.push(format!(
+                "{}: changed since install; removed anyway",
+                real.display()
+            ));
+        }
+        match &e.backup {
+            Some(b) => {
                 let from = self.root.path(b);
-                if let Err(err) = std::fs::rename(&from, &real) {
+                if from.symlink_metadata().is_ok()
+                    && let Err(err) = std::fs::rename(&from, &real)
+                {
                     problems.push(format!(
                         "{}: cannot restore the original from {}: {err}",
                         real.display(),
@@ -333,15 +469,323 @@ impl Ledger {
                     ));
                 }
             }
-        }
-        for d in dirs {
-            let real = self.root.path(d);
-            match std::fs::remove_dir(&real) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => problems.push(format!("{}: left in place: {e}", real.display())),
+            None => {
+                if let Err(err) = remove_if_exists(&real) {
+                    problems.push(err.to_string());
+                }
             }
         }
+        if let Some(dir) = real.parent() {
+            let _ = fsync_dir(dir);
+        }
         problems
+    }
+
+    /// Announces a write: saved (fsync'd) before anything touches the disk.
+    fn announce(&mut self, intent: Intent) -> Result<(), ManifestError> {
+        self.manifest.intents.push(intent);
+        self.save()
+    }
+
+    /// The write at `node_path` is recorded as an entry: its intent is done (saved by the caller).
+    fn settled(&mut self, node_path: &Path) {
+        self.manifest.intents.retain(|i| i.path() != node_path);
+    }
+
+    /// Announces the Kata tree install (`staging` is not created yet).
+    pub fn announce_tree(
+        &mut self,
+        node_path: &Path,
+        staging: &Path,
+        sha256: &str,
+    ) -> Result<(), ManifestError> {
+        self.announce(Intent::Tree {
+            path: node_path.to_path_buf(),
+            staging: staging.to_path_buf(),
+            sha256: sha256.to_owned(),
+            staged_ino: None,
+        })
+    }
+
+    /// Saves the inode of the verified staged tree just before it is renamed into place.
+    pub fn tree_about_to_move(&mut self, node_path: &Path, ino: u64) -> Result<(), ManifestError> {
+        for i in &mut self.manifest.intents {
+            if let Intent::Tree {
+                path, staged_ino, ..
+            } = i
+                && path == node_path
+            {
+                *staged_ino = Some(ino);
+            }
+        }
+        self.save()
+    }
+
+    /// The tree is in place: its entry and Kata record replace the intent, in one save.
+    pub fn tree_installed(&mut self, entry: Entry, kata: KataRecord) -> Result<(), ManifestError> {
+        let path = entry.path.clone();
+        self.record(entry);
+        self.manifest.kata = Some(kata);
+        self.settled(&path);
+        self.save()
+    }
+
+    /// Finishes or undoes each intent a killed run left: a tree whose rename happened is recorded
+    /// (roll forward, it was verified before the rename); anything else is put back as it was.
+    fn settle_intents(&mut self) -> Result<(), ManifestError> {
+        if self.manifest.intents.is_empty() {
+            return Ok(());
+        }
+        while let Some(intent) = self.manifest.intents.pop() {
+            match intent {
+                Intent::File { path, backup } => {
+                    let real = self.root.path(&path);
+                    remove_if_exists(&temp_path(&real))?;
+                    self.manifest.entries.retain(|e| e.path != path);
+                    match backup {
+                        // The original was copied before being overwritten: put it back.
+                        Some(b) if self.root.path(&b).symlink_metadata().is_ok() => {
+                            let from = self.root.path(&b);
+                            std::fs::rename(&from, &real).map_err(IoError::at(&real))?;
+                        }
+                        // No copy yet, so no overwrite yet: the original is untouched.
+                        Some(b) => {
+                            remove_if_exists(&temp_path(&self.root.path(&b)))?;
+                        }
+                        None => {
+                            // Ours (new, or an update of our own file): removed; the re-run
+                            // writes it again.
+                            remove_if_exists(&real)?;
+                        }
+                    }
+                }
+                Intent::Symlink { path, target } => {
+                    let real = self.root.path(&path);
+                    if std::fs::read_link(&real).is_ok_and(|t| t == target)
+                        && self.entry(&path).is_none()
+                    {
+                        remove_if_exists(&real)?;
+                    }
+                }
+                Intent::Tree {
+                    path,
+                    staging,
+                    sha256,
+                    staged_ino,
+                } => {
+                    let real = self.root.path(&path);
+                    let moved = staged_ino.is_some_and(|ino| {
+                        std::fs::symlink_metadata(&real).is_ok_and(|m| {
+                            std::os::unix::fs::MetadataExt::ino(&m) == ino && m.is_dir()
+                        })
+                    });
+                    if moved {
+                        self.record(Entry {
+                            path: path.clone(),
+                            kind: Kind::Tree,
+                            phase: Phase::Bake,
+                            sha256: Some(sha256.clone()),
+                            backup: None,
+                        });
+                        self.manifest.kata = Some(KataRecord {
+                            tarball_sha256: sha256,
+                            version: noded::kata::KataLayout::new(&real).version(),
+                            root: path,
+                        });
+                    }
+                    // Holds the new tree (not moved) or the previous release (exchanged).
+                    remove_if_exists(&self.root.path(&staging))?;
+                }
+            }
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// `d` is the installer dir or one of its ancestors (the chain that holds the manifest).
+    fn is_installer_chain(&self, d: Option<&PathBuf>) -> bool {
+        d.is_some_and(|d| Path::new(INSTALLER_DIR).starts_with(d))
+    }
+
+    /// Creates the installer dir and its missing ancestors all at once: built under a fixed temp
+    /// name with the first manifest (which records them) inside, then renamed into place. A kill
+    /// before the rename leaves only the temp name, which the next run removes.
+    fn ensure_installer_dir(&mut self) -> Result<(), ManifestError> {
+        let mut missing = Vec::new();
+        let mut cur = Some(Path::new(INSTALLER_DIR));
+        while let Some(d) = cur {
+            if d == Path::new("/") || self.root.path(d).is_dir() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            cur = d.parent();
+        }
+        let Some(top) = missing.last().cloned() else {
+            return Ok(());
+        };
+        missing.reverse();
+        let parent = self.root.path(top.parent().unwrap_or(Path::new("/")));
+        let tmp = parent.join(INSTALLER_NEW);
+        remove_if_exists(&tmp)?;
+        for d in &missing {
+            let rel = d.strip_prefix(&top).unwrap_or(Path::new(""));
+            let real = tmp.join(rel);
+            std::fs::create_dir(&real).map_err(IoError::at(&real))?;
+        }
+        self.manifest.created_dirs.extend(missing.iter().cloned());
+        let json =
+            serde_json::to_vec_pretty(&self.manifest).map_err(|e| ManifestError::Corrupt {
+                path: Self::path(&self.root),
+                message: e.to_string(),
+            })?;
+        let inside = tmp
+            .join(
+                Path::new(INSTALLER_DIR)
+                    .strip_prefix(&top)
+                    .unwrap_or(Path::new("")),
+            )
+            .join(MANIFEST);
+        write_atomic(&inside, &json, 0o600)?;
+        let dest = self.root.path(&top);
+        std::fs::rename(&tmp, &dest).map_err(IoError::at(&dest))?;
+        fsync_dir(&parent)?;
+        Ok(())
+    }
+
+    /// Removes the manifest and the installer dirs the installer created: the topmost of them
+    /// that holds nothing else is renamed to a fixed temp name (one atomic step that makes the
+    /// manifest disappear) and deleted; ancestors holding other things stay (reported).
+    fn dispose_installer_dir(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let installer = self.root.path(INSTALLER_DIR);
+        // Backups are all restored by now; what is left in there is ours.
+        if let Err(e) = remove_if_exists(&installer.join("backups")) {
+            problems.push(e.to_string());
+        }
+        let chain: Vec<PathBuf> = self
+            .manifest
+            .created_dirs
+            .iter()
+            .filter(|d| self.is_installer_chain(Some(d)))
+            .cloned()
+            .collect();
+        // Topmost created chain dir whose only content is the rest of the chain.
+        let removable = chain
+            .iter()
+            .filter(|d| {
+                let mut cur = d.to_path_buf();
+                loop {
+                    if cur == Path::new(INSTALLER_DIR) {
+                        return true;
+                    }
+                    let Ok(list) = std::fs::read_dir(self.root.path(&cur)) else {
+                        return false;
+                    };
+                    let names: Vec<_> =
+                        list.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+                    let Some(next) = Path::new(INSTALLER_DIR)
+                        .strip_prefix(&cur)
+                        .ok()
+                        .and_then(|r| r.components().next())
+                    else {
+                        return false;
+                    };
+                    if names.len() != 1 || names[0] != next.as_os_str() {
+                        return false;
+                    }
+                    cur = cur.join(next);
+                }
+            })
+            .min_by_key(|d| d.components().count())
+            .cloned();
+        match removable {
+            Some(top) => {
+                let real = self.root.path(&top);
+                let parent = real.parent().unwrap_or(Path::new("/")).to_path_buf();
+                let trash = parent.join(INSTALLER_OLD);
+                let r = remove_if_exists(&trash)
+                    .and_then(|_| std::fs::rename(&real, &trash).map_err(IoError::at(&real)))
+                    .and_then(|()| fsync_dir(&parent))
+                    .and_then(|()| remove_if_exists(&trash).map(|_| ()));
+                if let Err(e) = r {
+                    problems.push(e.to_string());
+                }
+                for d in chain
+                    .iter()
+                    .rev()
+                    .filter(|d| top.starts_with(d) && **d != top)
+                {
+                    let real = self.root.path(d);
+                    if let Err(e) = std::fs::remove_dir(&real)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        problems.push(format!("{}: left in place: {e}", real.display()));
+                    }
+                }
+            }
+            None => {
+                // The installer dir was there before us: only our file goes.
+                if let Err(e) = remove_if_exists(&installer.join(MANIFEST)) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+        self.manifest.created_dirs.retain(|d| !chain.contains(d));
+        problems
+    }
+}
+
+impl Intent {
+    fn path(&self) -> &Path {
+        match self {
+            Self::File { path, .. } | Self::Symlink { path, .. } | Self::Tree { path, .. } => path,
+        }
+    }
+}
+
+fn backup_path(node_path: &Path) -> PathBuf {
+    let name: String = node_path
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .replace('/', "__");
+    Path::new(INSTALLER_DIR).join("backups").join(name)
+}
+
+/// An exclusive flock on the root directory itself: nothing is written for it, and the kernel
+/// drops it when the holder dies (kill -9 included).
+fn lock_root(root: &Root) -> Result<nix::fcntl::Flock<std::fs::File>, ManifestError> {
+    let dir = root.path("/");
+    let f = std::fs::File::open(&dir).map_err(IoError::at(&dir))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(ManifestError::Busy { path: dir }),
+        Err((_, e)) => Err(IoError::at(&dir)(e.into()).into()),
+    }
+}
+
+/// Under the lock, these fixed temp names can only be a dead run's: the installer dir chain half
+/// built or half removed, and Kata staging dirs.
+fn sweep(root: &Root) {
+    let mut cur = Some(Path::new(INSTALLER_DIR));
+    while let Some(d) = cur {
+        for name in [INSTALLER_NEW, INSTALLER_OLD] {
+            let _ = remove_if_exists(&root.path(d).join(name));
+        }
+        cur = d.parent();
+    }
+    let kata_parent = root.path(
+        Path::new(crate::assets::KATA_ROOT)
+            .parent()
+            .unwrap_or(Path::new("/")),
+    );
+    if let Ok(list) = std::fs::read_dir(&kata_parent) {
+        for e in list.filter_map(|e| e.ok()) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(crate::bake::STAGING_PREFIX)
+            {
+                let _ = remove_if_exists(&e.path());
+            }
+        }
     }
 }

@@ -56,24 +56,45 @@ pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// temp file beside the target + fsync + rename: a crash leaves the old file or the new one.
+/// The temp name [`write_atomic`] uses beside `path`: fixed, so a run killed between writing and
+/// renaming leaves a name the next run knows and removes (a random name would leak forever).
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.installer-new"))
+}
+
+/// temp file beside the target + fsync + rename + fsync of the directory: a crash (or kill -9)
+/// leaves the old file or the new one, never a mix, and the rename itself is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".installer-")
-        .tempfile_in(dir)
-        .map_err(IoError::at(path))?;
-    tmp.write_all(bytes).map_err(IoError::at(path))?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(IoError::at(path))?;
-    tmp.as_file().sync_all().map_err(IoError::at(path))?;
-    tmp.persist(path).map_err(|e| IoError {
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    Ok(())
+    let tmp = temp_path(path);
+    remove_if_exists(&tmp)?;
+    // O_EXCL|O_NOFOLLOW: never write through something planted under the temp name.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&tmp)
+        .map_err(IoError::at(&tmp))?;
+    f.write_all(bytes).map_err(IoError::at(&tmp))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(IoError::at(&tmp))?;
+    f.sync_all().map_err(IoError::at(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(IoError::at(path))?;
+    fsync_dir(dir)
+}
+
+/// Makes renames/creations/removals inside `dir` durable.
+pub fn fsync_dir(dir: &Path) -> Result<(), IoError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(IoError::at(dir))
 }
 
 pub fn remove_if_exists(path: &Path) -> Result<bool, IoError> {

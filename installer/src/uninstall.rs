@@ -37,7 +37,10 @@ pub struct UninstallReport {
 }
 
 pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallError> {
-    if !Ledger::exists(root) {
+    // Opening locks the root and settles what a killed bake/boot/uninstall left (its staging dirs,
+    // half-written files, a half-removed installer dir), also when no manifest remains.
+    let mut ledger = Ledger::open(root)?;
+    if !ledger.loaded {
         return Ok(UninstallReport {
             installed: false,
             containerd_reverted: false,
@@ -46,7 +49,6 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
             warnings: Vec::new(),
         });
     }
-    let mut ledger = Ledger::open(root)?;
     let config = NodedConfig::load(&root.path(assets::NODED_TOML)).ok();
     // containerd first: if its revert fails, Kata (which its config points at) must stay.
     let containerd_reverted = crate::containerd_step::revert(&mut ledger, config.as_ref())
