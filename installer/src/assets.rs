@@ -97,9 +97,10 @@ pub enum Mode {
     Standalone,
 }
 
-pub fn noded_toml(mode: Mode) -> String {
+/// noded.toml; with a baked guest (`--guest-assets`), its pin and a template pool that uses it.
+pub fn noded_toml(mode: Mode, guest: Option<&crate::guest::GuestRecord>) -> String {
     let k8s = mode == Mode::Kubernetes;
-    format!(
+    let mut s = format!(
         "# Written by `installer bake` (noded); removed by `installer uninstall`.\n\
 # Read by `installer boot` (noded-boot.service) and by `noded run` (DaemonSet or noded.service).\n\
 [daemon]\n\
@@ -122,7 +123,33 @@ apply_on_start = true\n\
 [kubernetes]\n\
 enabled = {k8s}\n\
 startup_taint = \"noded.io/runtime-not-ready\"\n"
-    )
+    );
+    if let Some(g) = guest {
+        s.push_str(&format!(
+            "\n\
+# Baked by `installer bake --guest-assets`: noded boots exactly these files (sha256 checked at start;\n\
+# a missing or changed file leaves the template not ready). A node never downloads a guest.\n\
+[guest]\n\
+kernel = \"{}\"\n\
+kernel_sha256 = \"{}\"\n\
+initrd = \"{}\"\n\
+initrd_sha256 = \"{}\"\n\
+download = false\n\
+\n\
+[[templates]]\n\
+name = \"default\"\n\
+runtime_handler = \"kata-qemu-warm\"\n\
+memory_mib = 256\n\
+vcpus = 1\n\
+pool_target = 2\n\
+pool_memory_budget_mib = 512\n",
+            g.kernel.display(),
+            g.kernel_sha256,
+            g.initrd.display(),
+            g.initrd_sha256
+        ));
+    }
+    s
 }
 
 /// Plugin id of CRI runtimes for a containerd config version (2: containerd 1.x, 3: containerd 2.x).

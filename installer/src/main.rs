@@ -7,6 +7,7 @@ mod bake;
 mod boot;
 mod check;
 mod containerd_step;
+mod guest;
 mod host;
 mod manifest;
 mod root;
