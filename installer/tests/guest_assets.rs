@@ -207,6 +207,8 @@ fn fake_guest_dir(dir: &Path) -> ExportManifest {
     m
 }
 
+type Damage = Box<dyn Fn(&Path)>;
+
 #[test]
 fn a_damaged_guest_dir_is_refused_before_anything_is_written() {
     let node = Node::new();
@@ -215,7 +217,7 @@ fn a_damaged_guest_dir_is_refused_before_anything_is_written() {
     let before = snapshot(&root);
     let dir = node.dir.path().join("guest");
     let dir_arg = dir.display().to_string();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, String)> = vec![
+    let cases: Vec<(&str, Damage, String)> = vec![
         (
             "initrd changed after export",
             Box::new(|d: &Path| std::fs::write(d.join("initrd.cpio"), b"070701 other").expect("w")),
