@@ -162,7 +162,7 @@ impl FakeKata {
     ///   `kata-containers.img`;
     /// - `configuration-qemu.toml` as Kata ships it (`image = ...`, no `initrd`, templating off),
     ///   with `default_memory = 256` so TCG clones stay cheap;
-    /// - `bin/qemu-system-x86_64` -> `/usr/bin/qemu-system-x86_64`;
+    /// - `bin/qemu-system-x86_64`: a script exec'ing Debian's QEMU ([`QEMU_WRAPPER`]);
     /// - `bin/kata-runtime`: a copy of `runtime` (the compiled `fake-kata-runtime`,
     ///   [`runtime_binary`]); `bin/containerd-shim-kata-v2`: a copy of `shim` ([`shim_binary`]);
     /// - the `boots-vms` marker the shim checks before booting VMs.
@@ -191,7 +191,7 @@ impl FakeKata {
             std::fs::remove_file(&f).unwrap_or_else(|e| panic!("remove {}: {e}", f.display()));
         }
         install_binary(runtime, &bin.join("kata-runtime"));
-        std::os::unix::fs::symlink(QEMU_SYSTEM, bin.join("qemu-system-x86_64")).expect("symlink");
+        exe(&bin.join("qemu-system-x86_64"), QEMU_WRAPPER);
         let kernel_version = guest
             .kernel_package
             .strip_prefix("linux-image-")
@@ -308,8 +308,16 @@ impl FakeKata {
     }
 }
 
-/// The QEMU a bootable release's `bin/qemu-system-x86_64` links to.
+/// The QEMU a bootable release's `bin/qemu-system-x86_64` runs.
 pub const QEMU_SYSTEM: &str = "/usr/bin/qemu-system-x86_64";
+
+/// `bin/qemu-system-x86_64` of a bootable release. Not a symlink: installers refuse links out of the
+/// Kata root. Not a copy: Debian's QEMU finds its accelerator modules and firmware relative to its
+/// own location. `exec -a` keeps the release's path as argv[0], so the process's command line reads
+/// like a real release's QEMU (`/opt/kata/bin/qemu-system-x86_64 ...`).
+pub const QEMU_WRAPPER: &str = r#"#!/bin/bash
+exec -a "$0" /usr/bin/qemu-system-x86_64 "$@"
+"#;
 
 /// Copies a compiled binary into a release without its debug info (debug builds are ~300 MB, and
 /// releases are packed into tarballs); a plain copy where `strip` is missing.

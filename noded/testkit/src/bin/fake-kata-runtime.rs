@@ -184,8 +184,13 @@ async fn build(cfg: &QemuConfig) -> Result<()> {
         Err(e) => Err(e),
     };
     if let Some(mut c) = child {
-        // QEMU quits by itself after a save; a failed one is killed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // After a save QEMU quits by itself (given a few seconds); after a failure it is killed.
+        let deadline = std::time::Instant::now()
+            + if result.is_ok() {
+                Duration::from_secs(5)
+            } else {
+                Duration::ZERO
+            };
         while c.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
