@@ -513,7 +513,7 @@ fn get_mut<'a>(mut v: &'a mut Value, tokens: &[String]) -> Option<&'a mut Value>
 }
 
 /// RFC 6902 (test, add, replace, remove) — what the API server does with application/json-patch+json.
-fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), (u16, String)> {
+pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), (u16, String)> {
     let ops = ops
         .as_array()
         .ok_or((400, "json patch must be an array".to_string()))?;
@@ -586,7 +586,7 @@ fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), (u16, String)> {
 }
 
 /// RFC 7386.
-fn merge_patch(target: &mut Value, patch: &Value) {
+pub fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(p) = patch else {
         *target = patch.clone();
         return;
@@ -607,7 +607,7 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// Strategic merge as the API server does it for what noded sends: lists named `conditions` merge by
 /// `type`, everything else like a merge patch.
-fn strategic_merge(target: &mut Value, patch: &Value) {
+pub fn strategic_merge(target: &mut Value, patch: &Value) {
     let (Value::Object(t), Value::Object(p)) = (&mut *target, patch) else {
         merge_patch(target, patch);
         return;
