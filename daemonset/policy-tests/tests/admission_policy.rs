@@ -14,7 +14,7 @@ const NODE_NAME_KEY: &str = "authentication.kubernetes.io/node-name";
 const OTHER_NODE: &str = "kata-node-2";
 
 fn policy_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset/admission-policy.yaml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../admission-policy.yaml")
 }
 
 fn policies() -> PolicySet {
