@@ -66,6 +66,7 @@ build {
       "STAGING=${local.staging_dir}",
       "KATA_TARBALL=${var.kata_tarball}",
       "KATA_SHA256=${var.kata_sha256}",
+      "GUEST_ASSETS=${var.guest_assets}",
     ]
   }
 

@@ -61,3 +61,9 @@ variable "noded_version" {
   default     = "dev"
   description = "noded artifact version (recorded in AMI tags)."
 }
+
+variable "guest_assets" {
+  type        = string
+  default     = ""
+  description = "Directory name inside artifacts_dir written by `noded guest-assets --out` on a Debian host (vmlinux, initrd.cpio, guest-assets.json): baked and pinned by sha256 for noded's own template pool. Empty: no pool on the node."
+}

@@ -48,9 +48,31 @@ case "$KATA_TARBALL" in
     ;;
 esac
 
-# Hashes while unpacking into a private staging dir; exit 2 (and nothing installed) on a bad tarball.
+# The guest of noded's own template pool, built on a Debian host by `noded guest-assets --out DIR`
+# (this AL2023 builder has no apt, and a node never downloads one): installed and pinned by sha256.
+guest_args=()
+if [ -n "${GUEST_ASSETS:-}" ]; then
+    case "$GUEST_ASSETS" in
+      */* | .*)
+        echo "bake.sh: GUEST_ASSETS must be a directory name inside the upload dir" >&2
+        exit 2
+        ;;
+    esac
+    if [ -L "$STAGING/$GUEST_ASSETS" ] || [ ! -d "$STAGING/$GUEST_ASSETS" ]; then
+        echo "bake.sh: $STAGING/$GUEST_ASSETS must be a directory (not a symlink)" >&2
+        exit 2
+    fi
+    mkdir -m 0700 "$work/guest"
+    for f in vmlinux initrd.cpio guest-assets.json; do
+        take "$GUEST_ASSETS/$f" "guest/$f" 0600
+    done
+    guest_args=(--guest-assets "$work/guest")
+fi
+
+# Hashes while unpacking into a private staging dir; exit 2 (and nothing installed) on a bad tarball
+# or guest directory.
 cd "$work"
-./installer bake --kata-tarball "$tarball" --sha256 "$KATA_SHA256" --noded-binary ./noded --mode kubernetes
+./installer bake --kata-tarball "$tarball" --sha256 "$KATA_SHA256" --noded-binary ./noded --mode kubernetes "${guest_args[@]}"
 
 # Informational on the build instance: prints the table into the Packer log. Blockers here (e.g. the
 # containerd config nodeadm writes only at node boot) are expected and must not fail the bake.
