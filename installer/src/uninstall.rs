@@ -1,7 +1,7 @@
 //! `installer uninstall`: removes exactly what bake and boot wrote, restores what was there before,
 //! and reverts containerd's config to its original bytes through noded's library.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use noded::config::NodedConfig;
 use noded::kata::{KataFactory, KataLayout};
@@ -19,12 +19,73 @@ pub enum UninstallError {
     Containerd(String),
     #[error("uninstall incomplete: {0}")]
     Incomplete(String),
+    #[error("{0}; --purge refused, nothing removed")]
+    UnsafePurge(String),
 }
 
 impl noded::exit::ExitStatus for UninstallError {
     fn exit_code(&self) -> u8 {
-        noded::exit::RUNTIME_FAILURE
+        match self {
+            Self::UnsafePurge(_) => noded::exit::BAD_INPUT,
+            _ => noded::exit::RUNTIME_FAILURE,
+        }
     }
+}
+
+/// What `--purge` may remove: noded's own state directories at their fixed places, rebased onto the
+/// root, each a real directory reached without a symlink. A noded.toml pointing `data_dir` or
+/// `run_dir` anywhere else (`/`, `/etc`, a parent of the root's system dirs) is refused as a whole,
+/// before anything is removed.
+fn purge_targets(root: &Root, config: &NodedConfig) -> Result<Vec<PathBuf>, UninstallError> {
+    let own = noded::config::DaemonSection::default();
+    let file = root.path(assets::NODED_TOML);
+    let refuse = |msg: String| UninstallError::UnsafePurge(format!("{}: {msg}", file.display()));
+    let mut out = Vec::new();
+    for (field, dir, allowed) in [
+        ("daemon.data_dir", &config.daemon.data_dir, &own.data_dir),
+        ("daemon.run_dir", &config.daemon.run_dir, &own.run_dir),
+    ] {
+        // Compared as written: `..`, `.` or a trailing trick never makes a path equal to ours.
+        let lexically_ours = dir
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+            && dir == allowed;
+        if !lexically_ours {
+            return Err(refuse(format!(
+                "{field} = {:?} is not noded's own directory (purge removes only {} and {})",
+                dir.display().to_string(),
+                own.data_dir.display(),
+                own.run_dir.display()
+            )));
+        }
+        if let Some(real) = real_dir_under(root, dir).map_err(refuse)? {
+            out.push(real);
+        }
+    }
+    Ok(out)
+}
+
+/// `node_path` under the root, walked one component at a time with lstat: None when it does not
+/// exist, an error when any component is a symlink or the end is not a directory.
+fn real_dir_under(root: &Root, node_path: &Path) -> Result<Option<PathBuf>, String> {
+    let base = root.path("/");
+    let mut p = std::fs::canonicalize(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+    for c in node_path.components() {
+        let Component::Normal(name) = c else {
+            continue;
+        };
+        p.push(name);
+        match std::fs::symlink_metadata(&p) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", p.display())),
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!("{} is a symlink", p.display()));
+            }
+            Ok(m) if !m.is_dir() => return Err(format!("{} is not a directory", p.display())),
+            Ok(_) => {}
+        }
+    }
+    Ok(Some(p))
 }
 
 #[derive(Debug, Serialize)]
@@ -50,6 +111,10 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
         });
     }
     let config = NodedConfig::load(&root.path(assets::NODED_TOML)).ok();
+    let purge_dirs = match (&config, purge) {
+        (Some(c), true) => purge_targets(root, c)?,
+        _ => Vec::new(),
+    };
     // containerd first: if its revert fails, Kata (which its config points at) must stay.
     let containerd_reverted = crate::containerd_step::revert(&mut ledger, config.as_ref())
         .map_err(UninstallError::Containerd)?;
@@ -76,14 +141,11 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
     let removed_entries = ledger.manifest.entries.len();
     let problems = ledger.remove(None);
     let mut purged = Vec::new();
-    if purge && let Some(c) = &config {
-        for dir in [&c.daemon.data_dir, &c.daemon.run_dir] {
-            let real = root.path(dir);
-            match remove_if_exists(&real) {
-                Ok(true) => purged.push(real),
-                Ok(false) => {}
-                Err(e) => warnings.push(e.to_string()),
-            }
+    for real in purge_dirs {
+        match remove_if_exists(&real) {
+            Ok(true) => purged.push(real),
+            Ok(false) => {}
+            Err(e) => warnings.push(e.to_string()),
         }
     }
     let (soft, hard): (Vec<String>, Vec<String>) = problems
