@@ -383,3 +383,31 @@ fn processes_vanishing_mid_scan_are_skipped_not_errors() {
     let after = Scanner::new("/proc", vec![], vec![]).scan().expect("scan");
     assert!(!after.sandboxes.iter().any(|s| s.id.contains(&tag)));
 }
+
+/// A Kata VM is on /proc before containerd's task event names its handler: a cold VM seen first and
+/// attributed later is still counted against the handler containerd names (a miss of the warm one),
+/// not against a guessed cold handler.
+#[test]
+fn a_cold_vm_seen_before_its_boot_sample_is_a_miss_of_the_handler_containerd_names() {
+    let node = SyntheticNode::default();
+    let tree = synthetic_tree(&node);
+    let obs = observer_on(tree.path());
+    let misses = |obs: &Observer| {
+        let text = openmetrics_to_prometheus_text(&obs.metrics().encode().expect("encode"));
+        text.lines()
+            .find_map(|l| l.strip_prefix("noded_template_misses_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("misses sample")
+    };
+    obs.observe_now().expect("first scan: handler unknown");
+    assert_eq!(misses(&obs), 0.0);
+    obs.record_boot("kata-qemu-warm", &synthetic::sandbox_id(1), 3.5);
+    obs.observe_now().expect("second scan: containerd named it");
+    assert_eq!(misses(&obs), 1.0);
+    // The other cold VMs never got a boot sample: after the wait, the guess (kata-qemu, no template)
+    // decides, and none of them is a miss.
+    for _ in 0..3 {
+        obs.observe_now().expect("scan");
+    }
+    assert_eq!(misses(&obs), 1.0);
+}

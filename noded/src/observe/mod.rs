@@ -305,6 +305,8 @@ struct State {
     live: HashMap<String, BootKind>,
     /// Sandboxes already counted as template hit or miss.
     counted: BTreeSet<String>,
+    /// Scans that saw a not yet counted Kata sandbox whose handler was still unknown.
+    unattributed_scans: HashMap<String, u8>,
     /// Handler of a sandbox, learnt from boot samples (containerd events name it; /proc does not).
     sandbox_handlers: HashMap<String, String>,
     boots: HashMap<String, VecDeque<f64>>,
@@ -610,15 +612,28 @@ impl Observer {
             // noded's own engine counts its hits and misses when it hands a VM out (a pre-forked
             // clone waiting in the pool is not a hit yet); Kata's VMs are only known from /proc.
             if sb.origin == Origin::Kata && !st.counted.contains(&sb.id) {
-                match kind {
-                    BootKind::Template => self.metrics.record_template_hit(),
-                    BootKind::Cold if self.config.has_template(&handler) => {
-                        tracing::info!(sandbox = %sb.id, runtime_handler = %handler, "VM booted cold although a template is configured");
-                        self.metrics.record_template_miss();
+                // A Kata VM exists (booting) before containerd's task event names its handler, and a
+                // re-exec'd shim's argv does not name it either: a miss decided on a guessed handler
+                // is wrong (a warm pod's cold boot would be taken for a cold-handler pod). A cold VM
+                // waits a few scans for the boot sample; only then the guess decides. A clone is a
+                // hit whatever its handler.
+                let known = kind == BootKind::Template
+                    || st.sandbox_handlers.contains_key(&sb.id)
+                    || sb.handler_hint.is_some();
+                let seen = st.unattributed_scans.entry(sb.id.clone()).or_insert(0);
+                *seen = seen.saturating_add(1);
+                if known || *seen > PENDING_SCANS {
+                    match kind {
+                        BootKind::Template => self.metrics.record_template_hit(),
+                        BootKind::Cold if self.config.has_template(&handler) => {
+                            tracing::info!(sandbox = %sb.id, runtime_handler = %handler, "VM booted cold although a template is configured");
+                            self.metrics.record_template_miss();
+                        }
+                        BootKind::Cold => {}
                     }
-                    BootKind::Cold => {}
+                    st.counted.insert(sb.id.clone());
+                    st.unattributed_scans.remove(&sb.id);
                 }
-                st.counted.insert(sb.id.clone());
             }
         }
         let vms_all: u64 = figures.values().map(|f| f.vms_template + f.vms_cold).sum();
@@ -633,6 +648,7 @@ impl Observer {
         }
         // Forget sandboxes that are gone, so the sets stay as large as the node's VM count.
         st.counted.retain(|id| live.contains_key(id));
+        st.unattributed_scans.retain(|id, _| live.contains_key(id));
         let pending = std::mem::take(&mut st.pending);
         for mut p in pending {
             if let Some(kind) = live.get(&p.sandbox_id).copied() {
