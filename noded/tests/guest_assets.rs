@@ -518,3 +518,55 @@ fn a_command_past_its_timeout_is_one_line_naming_it() {
     );
     assert!(!dir.path().join("out/guest-assets.json").exists());
 }
+
+#[test]
+fn a_bad_guest_section_exits_2_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sha = "a".repeat(64);
+    for (extra, field) in [
+        (
+            "[guest]\nkernel = \"/k\"\ninitrd = \"/i\"\ninitrd_sha256 = \"SHA\"\n",
+            "guest.kernel_sha256",
+        ),
+        (
+            "[guest]\nkernel = \"/k\"\nkernel_sha256 = \"xyz\"\ninitrd = \"/i\"\ninitrd_sha256 = \"SHA\"\n",
+            "guest.kernel_sha256",
+        ),
+        (
+            "[guest]\nkernel = \"k\"\nkernel_sha256 = \"SHA\"\ninitrd = \"/i\"\ninitrd_sha256 = \"SHA\"\n",
+            "guest.kernel",
+        ),
+        (
+            "[guest]\nkernel = \"/k\"\nkernel_sha256 = \"SHA\"\n",
+            "guest",
+        ),
+        (
+            "[guest]\nkernel = \"/k\"\nkernel_sha256 = \"SHA\"\ninitrd = \"/i\"\ninitrd_sha256 = \"SHA\"\ndownload = true\n",
+            "guest.download",
+        ),
+        (
+            "[guest]\ncommand_timeout_seconds = 0\n",
+            "guest.command_timeout_seconds",
+        ),
+    ] {
+        let config = node_config(
+            dir.path(),
+            "bad.toml",
+            &dir.path().join("data"),
+            &extra.replace("SHA", &sha),
+        );
+        let out = Command::new(noded_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("noded run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}: {field}", config.display())),
+            "{extra}: {stderr}"
+        );
+        assert!(!dir.path().join("data").exists(), "nothing created");
+    }
+}
