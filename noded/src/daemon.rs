@@ -209,7 +209,14 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
     let listener = crate::http::bind(config.daemon.metrics_listen)
         .await
         .map_err(|e| DaemonError::Component(e.to_string()))?;
-    let serve = crate::http::serve(listener, Arc::clone(&observer), std::future::pending());
+    // /healthz turns 503 naming any of these long-running tasks that ends (returns, panics).
+    let health = crate::http::Health::new();
+    let serve = crate::http::serve_router(
+        listener,
+        crate::http::router_with_health(Arc::clone(&observer), health.clone()),
+        crate::http::Limits::default(),
+        std::future::pending(),
+    );
     parts.http = Some(tokio::spawn(async move {
         if let Err(e) = serve.await {
             error!("metrics server: {e}");
@@ -226,17 +233,17 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
             .await
             .map_err(|e| DaemonError::Component(e.to_string()))?;
         if config.containerd.apply_on_start && config.containerd.reconcile_seconds > 0 {
-            parts.tasks.push(tokio::spawn(reconcile_loop(
-                config.clone(),
-                Arc::clone(&metrics),
-            )));
+            parts.tasks.push(health.spawn(
+                "containerd-reconcile",
+                reconcile_loop(config.clone(), Arc::clone(&metrics)),
+            ));
         }
     }
     // Boot samples trigger an extra scan between the periodic ones.
     let interval = Duration::from_secs(config.observe.interval_seconds.max(1));
     parts
         .tasks
-        .push(tokio::spawn(Arc::clone(&observer).run(interval)));
+        .push(health.spawn("observer", Arc::clone(&observer).run(interval)));
     // Its own task: an unreachable API server never blocks metrics or health. The probe loop records
     // outcomes into `publisher.handles.health`.
     if config.kubernetes.enabled {
@@ -248,15 +255,19 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
     // Boot latency from containerd's events, and the periodic probe sandbox per handler (readiness).
     let (boot_events, boot_samples) =
         crate::observe::latency::spawn(config.containerd.socket.clone());
-    parts.tasks.push(boot_events);
-    parts.tasks.push(tokio::spawn(
+    parts.tasks.push(health.watch("boot-events", boot_events));
+    parts.tasks.push(health.spawn(
+        "boot-samples",
         Arc::clone(&observer).consume_boot_samples(boot_samples),
     ));
-    parts.tasks.push(tokio::spawn(probe_loop(
-        config.clone(),
-        Arc::clone(&observer),
-        parts.publisher.as_ref().map(|p| p.handles.health.clone()),
-    )));
+    parts.tasks.push(health.spawn(
+        "probe-loop",
+        probe_loop(
+            config.clone(),
+            Arc::clone(&observer),
+            parts.publisher.as_ref().map(|p| p.handles.health.clone()),
+        ),
+    ));
     // Kata's factory template for warm handlers: checked and (re)built in the background; a node
     // without it still runs pods (cold), so it never delays the startup taint.
     let keeper = crate::kata::keeper::KeeperSettings::from_config(config);
@@ -266,9 +277,10 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
             notices: parts.publisher.as_ref().map(|p| p.handles.notices.clone()),
             last_failure: Default::default(),
         });
-        parts
-            .tasks
-            .push(tokio::spawn(crate::kata::keeper::run(keeper, reporter)));
+        parts.tasks.push(health.spawn(
+            "kata-template-keeper",
+            crate::kata::keeper::run(keeper, reporter),
+        ));
     }
     parts.vm = Some(start_vm_engine(config, &metrics, &observer).await?);
     Ok(())
