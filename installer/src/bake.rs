@@ -284,7 +284,11 @@ fn bake_steps(
             report.unchanged.push(link);
         }
     }
-    // Recorded only once everything is in place: a failed bake keeps the previous record.
+    // Recorded only once everything is in place: a failed bake keeps the previous record (and a
+    // previous bake's guest files, which a bake without --guest-assets removes only now).
+    if guest.is_none() {
+        crate::guest::remove_previous(ledger);
+    }
     ledger.manifest.guest = guest;
     ledger.save()?;
     Ok(report)

@@ -136,3 +136,15 @@ pub fn install(
     }
     Ok((assets.record.clone(), written, unchanged))
 }
+
+/// A bake without `--guest-assets` after one with: the image must not keep files no config pins.
+pub fn remove_previous(ledger: &mut Ledger) {
+    for p in [GUEST_KERNEL, GUEST_INITRD] {
+        if ledger.entry(Path::new(p)).is_some() {
+            tracing::info!(path = p, "removing the previous bake's guest asset");
+            for problem in ledger.forget(Path::new(p)) {
+                tracing::warn!(%problem, "removing the previous bake's guest asset");
+            }
+        }
+    }
+}

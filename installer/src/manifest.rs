@@ -392,6 +392,27 @@ impl Ledger {
         problems
     }
 
+    /// Removes one entry now (something a re-bake no longer installs), restoring what it replaced.
+    pub fn forget(&mut self, node_path: &Path) -> Vec<String> {
+        let Some(i) = self
+            .manifest
+            .entries
+            .iter()
+            .position(|e| e.path == node_path)
+        else {
+            return Vec::new();
+        };
+        let e = self.manifest.entries.remove(i);
+        if i < self.mark.0 {
+            self.mark.0 -= 1;
+        }
+        let mut problems = self.undo_entry(&e);
+        if let Err(err) = self.save() {
+            problems.push(err.to_string());
+        }
+        problems
+    }
+
     fn undo_last_entry(&mut self) -> Vec<String> {
         let Some(e) = self.manifest.entries.pop() else {
             return Vec::new();

@@ -180,6 +180,27 @@ fn bake_installs_and_pins_the_guest_and_uninstall_removes_it() {
         "{unchanged}"
     );
 
+    // A re-bake without --guest-assets: no pin, no pool, and the old files are gone.
+    let (code, _, stderr) = inputs.bake(&root, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !kernel.exists() && !initrd.exists(),
+        "previous guest files removed"
+    );
+    let text = std::fs::read_to_string(&toml_path).expect("toml");
+    assert!(
+        !text.contains("[guest]") && !text.contains("[[templates]]"),
+        "{text}"
+    );
+    let manifest = std::fs::read_to_string(root.join("var/lib/noded/installer/manifest.json"))
+        .expect("manifest");
+    assert!(!manifest.contains("/opt/noded/guest/vmlinux"), "{manifest}");
+    assert!(!manifest.contains("\"guest\""), "{manifest}");
+    // And back: the guest is installed again.
+    let (code, _, stderr) = inputs.bake(&root, &["--guest-assets", &guest_arg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(kernel.is_file() && initrd.is_file());
+
     let (code, _, stderr) = run_json(&["uninstall"], &root);
     assert_eq!(code, 0, "uninstall failed: {stderr}");
     assert!(!root.join("opt/noded").exists(), "guest dir removed");
