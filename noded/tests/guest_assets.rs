@@ -570,3 +570,54 @@ fn a_bad_guest_section_exits_2_naming_the_field() {
         assert!(!dir.path().join("data").exists(), "nothing created");
     }
 }
+
+#[test]
+fn ctrl_c_during_a_cli_download_kills_the_command_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeApt::new(dir.path(), HANG);
+    let config = node_config(
+        dir.path(),
+        "local.toml",
+        &dir.path().join("data"),
+        "[guest]\ndownload = true\n",
+    );
+    let child = Command::new(noded_bin())
+        .args(["guest-assets", "--out"])
+        .arg(dir.path().join("out"))
+        .arg("--config")
+        .arg(&config)
+        .env("PATH", fake.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("noded guest-assets");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fake.calls().contains("pid=") {
+        assert!(Instant::now() < deadline, "no download started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = fake.pids();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+    for p in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(left.is_empty(), "apt processes left behind: {left:?}");
+}

@@ -68,7 +68,7 @@ pub enum AssetsError {
     Command { command: String, detail: String },
     #[error("`{command}` timed out after {after:?} and was killed (guest.command_timeout_seconds)")]
     Timeout { command: String, after: Duration },
-    #[error("guest asset build cancelled (noded is shutting down)")]
+    #[error("guest asset build cancelled (shutdown or signal); its commands were killed")]
     Cancelled,
     #[error("{path}: pinned guest {what}: {detail}; not downloading a replacement")]
     Pinned {
@@ -159,7 +159,7 @@ impl Control {
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst) || CANCEL_ALL.load(Ordering::SeqCst)
     }
 
     fn check(&self) -> Result<(), AssetsError> {
@@ -187,6 +187,54 @@ impl Drop for CancelOnDrop {
 
 /// How often a running command is checked for its deadline and for cancellation.
 const POLL: Duration = Duration::from_millis(50);
+
+/// Set by [`cancel_on_signals`]: every build in this process stops.
+static CANCEL_ALL: AtomicBool = AtomicBool::new(false);
+/// The signal [`cancel_on_signals`] took (0: none).
+static SIGNALLED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Commands running now (a signalled CLI waits for them to be killed before it exits).
+static ACTIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// For the one-shot CLIs (`noded guest-assets`, `noded template ...`): commands run in their own
+/// process group, so a Ctrl-C on the terminal no longer reaches them. SIGINT/SIGTERM are taken here
+/// instead (call before any other thread starts, so all inherit the block): every running command's
+/// group is killed, then the process exits 128+signal. `noded run` cancels through its own shutdown.
+pub fn cancel_on_signals() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let Ok(signal) = set.wait() else { return };
+        SIGNALLED.store(signal as i32, Ordering::SeqCst);
+        CANCEL_ALL.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ACTIVE.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        eprintln!("noded: {signal}: stopped");
+        std::process::exit(128 + signal as i32);
+    });
+}
+
+/// Counts a running command for [`cancel_on_signals`].
+struct Active;
+
+impl Active {
+    fn start() -> Self {
+        ACTIVE.fetch_add(1, Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        ACTIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// `program arg arg`, for messages (one line, no Debug quoting).
 fn shown(cmd: &Command) -> String {
@@ -223,6 +271,7 @@ fn run_bounded(
         cmd.stdout(Stdio::piped());
     }
     cmd.stderr(Stdio::piped()).process_group(0);
+    let _active = Active::start();
     let mut child = cmd.spawn().map_err(|e| AssetsError::Command {
         command: command.clone(),
         detail: e.to_string(),
@@ -878,6 +927,7 @@ pub fn export(assets: &GuestAssets, out: &Path) -> Result<ExportManifest, Assets
 /// `noded guest-assets --out DIR`: builds the guest from Debian packages (a Debian build host; the
 /// node image builder has no apt) and writes it with its sha256 for `installer bake --guest-assets`.
 pub fn cli(out: &Path, config: Option<&Path>) -> u8 {
+    cancel_on_signals();
     let cfg = match config {
         Some(p) => crate::config::NodedConfig::load(p),
         None => crate::config::NodedConfig::local_default(),
@@ -903,7 +953,13 @@ pub fn cli(out: &Path, config: Option<&Path>) -> u8 {
                 "noded guest-assets: {}",
                 crate::config::one_line(&e.to_string())
             );
-            crate::exit::RUNTIME_FAILURE
+            let signal = SIGNALLED.load(Ordering::SeqCst);
+            if matches!(e, AssetsError::Cancelled) && signal > 0 {
+                // As if the signal had ended us (the signal thread exits with the same code).
+                u8::try_from(128 + signal).unwrap_or(crate::exit::RUNTIME_FAILURE)
+            } else {
+                crate::exit::RUNTIME_FAILURE
+            }
         }
     }
 }

@@ -29,6 +29,8 @@ fn load(config: Option<&Path>) -> Result<NodedConfig, u8> {
 }
 
 pub fn template(action: TemplateAction, config: Option<&Path>) -> u8 {
+    // A download's commands run in their own process group: Ctrl-C must reach them through us.
+    super::assets::cancel_on_signals();
     let cfg = match load(config) {
         Ok(c) => c,
         Err(code) => return code,
