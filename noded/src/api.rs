@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::containerd::cli::OutputFormat;
 use crate::vm::engine::{Engine, EngineError};
+use crate::vm::pool::PoolError;
 
 pub mod authority;
 
@@ -66,10 +67,18 @@ impl StatusProvider for Engine {
 }
 
 /// The service behind the socket.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct NodeService {
     engine: Option<Arc<Engine>>,
     providers: Vec<Arc<dyn StatusProvider>>,
+    /// Peer uids let through at accept (`daemon.api_allowed_uids`).
+    allowed_uids: Vec<u32>,
+}
+
+impl Default for NodeService {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 impl NodeService {
@@ -79,7 +88,17 @@ impl NodeService {
         if let Some(e) = &engine {
             providers.push(e.clone());
         }
-        Self { engine, providers }
+        Self {
+            engine,
+            providers,
+            allowed_uids: vec![0],
+        }
+    }
+
+    /// Which peer uids may call (default: root only). Checked with SO_PEERCRED at accept.
+    pub fn with_allowed_uids(mut self, uids: Vec<u32>) -> Self {
+        self.allowed_uids = uids;
+        self
     }
 
     /// Adds another contributor to `Status` (handler figures, containerd state, ...).
@@ -101,6 +120,7 @@ fn engine_status(e: EngineError) -> Status {
             Status::not_found(e.to_string())
         }
         EngineError::UnknownVm(_) => Status::not_found(e.to_string()),
+        EngineError::Pool(PoolError::Exhausted { .. }) => Status::resource_exhausted(e.to_string()),
         other => Status::unavailable(other.to_string()),
     }
 }
@@ -120,7 +140,6 @@ impl Node for NodeService {
         Ok(Response::new(pb::AcquireVmResponse {
             vm_id: vm.vm_id,
             template: vm.template,
-            qmp_socket: vm.qmp_socket.display().to_string(),
             console: vm.console.display().to_string(),
             pid: vm.pid,
             from_pool: vm.from_pool,
@@ -152,48 +171,124 @@ impl Node for NodeService {
     }
 }
 
-/// Binds the API socket (mode 0600; a stale socket of a previous run is replaced).
-pub fn bind(socket: &Path) -> Result<UnixListener, ApiError> {
+/// Binds the API socket, mode 0600, without a moment where anyone else could connect: the socket is
+/// bound inside a fresh 0700 directory next to its final path, chmod'ed there, then renamed into
+/// place. A stale socket of a previous run is replaced; anything else at the path (a symlink, a
+/// regular file, a directory) is refused, never followed or removed.
+pub fn bind(socket: &Path) -> Result<ApiListener, ApiError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     let err = |source| ApiError::Socket {
         path: socket.to_path_buf(),
         source,
     };
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => {}
+    let (Some(dir), Some(file)) = (socket.parent(), socket.file_name()) else {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a socket path",
+        )));
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(m) => {
+            let kind = if m.file_type().is_symlink() {
+                "a symlink"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "not a socket"
+            };
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{kind} is in the way; refusing to replace it (remove it if it is stale)"),
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let listener = UnixListener::bind(socket).map_err(err)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
-    Ok(listener)
+    // mkdir fails if the name exists, so nobody can have pre-created (or symlinked) the private dir.
+    let private = dir.join(format!(
+        ".{}.bind-{}-{}",
+        file.to_string_lossy(),
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let result = (|| {
+        let staged = private.join("s");
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        // rename(2) replaces a stale socket atomically and never follows a symlink at the target.
+        std::fs::rename(&staged, socket)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    Ok(ApiListener {
+        listener: result.map_err(err)?,
+        path: socket.to_path_buf(),
+    })
 }
 
-/// Serves until `shutdown` resolves, then removes the socket.
+/// The bound API socket. The listener's own address is the private staging name it was bound
+/// under, so the public path is kept here (for removal at shutdown).
+pub struct ApiListener {
+    pub listener: UnixListener,
+    pub path: PathBuf,
+}
+
+/// Whether the connecting process may call: its uid (SO_PEERCRED) is in `allowed`.
+fn peer_allowed(conn: &UnixStream, allowed: &[u32]) -> bool {
+    match conn.peer_cred() {
+        Ok(cred) if allowed.contains(&cred.uid()) => true,
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid().unwrap_or_default(),
+                "node API: connection refused, uid not in daemon.api_allowed_uids"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "node API: connection refused, peer credentials unreadable");
+            false
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then removes the socket. Connections from a uid outside the
+/// service's allow-list are closed at accept, before a byte of gRPC is read.
 pub async fn serve(
-    listener: UnixListener,
+    listener: ApiListener,
     service: NodeService,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    let path = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let ApiListener { listener, path } = listener;
+    let allowed = service.allowed_uids.clone();
     // grpc-core clients send the socket path as :authority, which h2 refuses: see `authority`.
-    let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |conn| {
-        conn.map(authority::AuthorityFix::new)
-    });
+    let incoming =
+        tokio_stream::StreamExt::filter_map(UnixListenerStream::new(listener), move |conn| {
+            match conn {
+                Ok(c) if !peer_allowed(&c, &allowed) => None,
+                other => Some(other.map(authority::AuthorityFix::new)),
+            }
+        });
     let result = tonic::transport::Server::builder()
         .add_service(NodeServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
-    if let Some(p) = path {
-        let _ = std::fs::remove_file(p);
+    // Only our own socket: a non-socket put there meanwhile is left alone.
+    if std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&path);
     }
     Ok(result?)
 }

@@ -526,7 +526,9 @@ async fn start_vm_engine(
     };
     let listener = crate::api::bind(&config.daemon.api_socket)
         .map_err(|e| DaemonError::Component(e.to_string()))?;
-    let service = crate::api::NodeService::new(engine.clone()).with_provider(observer.clone());
+    let service = crate::api::NodeService::new(engine.clone())
+        .with_provider(observer.clone())
+        .with_allowed_uids(config.daemon.api_allowed_uids.clone());
     let (api_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(async move {
         if let Err(e) = crate::api::serve(listener, service, async {

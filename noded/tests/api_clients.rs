@@ -86,7 +86,7 @@ fn start(kind: Kind) -> Server {
             tonic::transport::Server::builder()
                 .add_service(NodeServer::new(service))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    tokio_stream::wrappers::UnixListenerStream::new(listener.listener),
                     shutdown,
                 )
                 .await

@@ -44,6 +44,7 @@ fn section(memory_mib: u64, target: u32) -> TemplateSection {
         initrd: None,
         pool_target: target,
         pool_memory_budget_mib: 4096,
+        max_vms_in_use: noded::config::default_max_vms_in_use(),
     }
 }
 

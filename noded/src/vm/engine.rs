@@ -376,6 +376,7 @@ impl Engine {
                 runtime_handler: section.runtime_handler.clone(),
                 target: section.pool_target,
                 budget_bytes: section.pool_memory_budget_mib << 20,
+                max_in_use: section.max_vms_in_use,
                 mode: opts.mode,
                 health_interval: opts.health_interval,
             };

@@ -26,6 +26,10 @@ pub enum PoolError {
         template: String,
         source: Box<CloneError>,
     },
+    #[error(
+        "template {template}: {limit} VMs are in use (max_vms_in_use); release one before acquiring another"
+    )]
+    Exhausted { template: String, limit: u32 },
     #[error("template {template}: VM {id} failed to resume: {detail}")]
     Resume {
         template: String,
@@ -54,6 +58,9 @@ pub struct PoolConfig {
     pub runtime_handler: String,
     pub target: u32,
     pub budget_bytes: u64,
+    /// VMs handed out and not yet released (plus acquires under way); more are refused. Idle clones
+    /// are bounded by the budget, these by this count: together they bound the QEMU children.
+    pub max_in_use: u32,
     pub mode: After,
     /// How often the memory file is re-hashed (it is also hashed at start and after build).
     pub health_interval: Duration,
@@ -86,18 +93,30 @@ pub struct TemplateSnapshot {
     pub template_dir: PathBuf,
 }
 
-/// A VM handed out by [`Pool::acquire`]; noded no longer talks to its QMP or console socket.
+/// A VM handed out by [`Pool::acquire`]; noded no longer talks to its console socket. Its QMP
+/// socket is never handed out: QMP can run host commands as root (`migrate exec:`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AcquiredVm {
     pub vm_id: String,
     pub template: String,
-    pub qmp_socket: PathBuf,
     pub console: PathBuf,
     pub pid: u32,
     pub from_pool: bool,
     /// No template was usable: the VM cold-booted (a miss).
     pub cold: bool,
     pub acquire: Duration,
+}
+
+/// One acquire's reservation against `max_in_use`, returned on drop unless the VM landed in `in_use`.
+struct Slot<'a> {
+    inner: &'a Inner,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.lock();
+        st.acquiring = st.acquiring.saturating_sub(1);
+    }
 }
 
 struct Idle {
@@ -110,6 +129,8 @@ struct State {
     template: Option<Arc<Template>>,
     ready: VecDeque<Idle>,
     in_use: HashMap<String, StartedVm>,
+    /// Acquires past the cap check that have not yet landed in `in_use`.
+    acquiring: u32,
     clone_cost: u64,
     consecutive_failures: u32,
     /// The on-disk template was already counted as damaged; don't count it again when rebuilding.
@@ -238,6 +259,22 @@ impl Pool {
             return Err(PoolError::ShuttingDown(name));
         }
         let t0 = Instant::now();
+        // The slot is taken before any clone is started, so a flood of concurrent acquires cannot
+        // overshoot the cap; the guard gives it back on every early return.
+        let slot = {
+            let mut st = inner.lock();
+            let limit = inner.cfg.max_in_use;
+            if st.in_use.len() as u64 + u64::from(st.acquiring) >= u64::from(limit) {
+                drop(st);
+                tracing::warn!(limit, "AcquireVm refused: max_vms_in_use reached");
+                return Err(PoolError::Exhausted {
+                    template: name,
+                    limit,
+                });
+            }
+            st.acquiring += 1;
+            Slot { inner }
+        };
         let mut attempts = 0;
         let (mut started, from_pool, cold) = loop {
             attempts += 1;
@@ -317,7 +354,6 @@ impl Pool {
         let acquired = AcquiredVm {
             vm_id: started.id.clone(),
             template: name.clone(),
-            qmp_socket: started.vm.launch.qmp_socket(),
             console: started.vm.launch.console_socket(),
             pid: started.vm.pid().unwrap_or_default(),
             from_pool,
@@ -334,6 +370,8 @@ impl Pool {
             st.stats.acquires += 1;
             st.stats.acquire_seconds_sum += acquired.acquire.as_secs_f64();
             st.in_use.insert(started.id.clone(), started);
+            st.acquiring -= 1;
+            std::mem::forget(slot);
         }
         inner.bump();
         if let Some(o) = &inner.observer {

@@ -38,6 +38,7 @@ pub fn section(name: &str, pool_target: u32) -> TemplateSection {
         initrd: None,
         pool_target,
         pool_memory_budget_mib: 1024,
+        max_vms_in_use: noded::config::default_max_vms_in_use(),
     }
 }
 
