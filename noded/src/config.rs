@@ -190,6 +190,8 @@ pub struct DaemonSection {
     pub run_dir: PathBuf,
     /// gRPC API socket (`noded status`, AcquireVm).
     pub api_socket: PathBuf,
+    /// Peer uids (SO_PEERCRED) allowed on the API socket; anyone else is closed at accept.
+    pub api_allowed_uids: Vec<u32>,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics_listen: SocketAddr,
     /// `json` in the DaemonSet, `text` for humans.
@@ -202,6 +204,7 @@ impl Default for DaemonSection {
             data_dir: PathBuf::from("/var/lib/noded"),
             run_dir: PathBuf::from("/run/noded"),
             api_socket: PathBuf::from("/run/noded/noded.sock"),
+            api_allowed_uids: vec![0],
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
             log_format: LogFormat::Json,
         }
@@ -300,6 +303,9 @@ pub struct TemplateSection {
     /// Upper bound on memory the pool may hold (host bytes of idle clones), MiB.
     #[serde(default = "default_pool_budget")]
     pub pool_memory_budget_mib: u64,
+    /// VMs of this template handed out and not yet released; AcquireVm beyond it is refused.
+    #[serde(default = "default_max_vms_in_use")]
+    pub max_vms_in_use: u32,
 }
 
 fn default_template_handler() -> String {
@@ -316,6 +322,9 @@ fn default_pool_target() -> u32 {
 }
 fn default_pool_budget() -> u64 {
     1024
+}
+pub fn default_max_vms_in_use() -> u32 {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +384,9 @@ impl NodedConfig {
             crate::names::check_label(&t.name).map_err(|e| format!("templates[{i}].name: {e}"))?;
             crate::names::check_label(&t.runtime_handler)
                 .map_err(|e| format!("templates[{i}].runtime_handler: {e}"))?;
+            if t.max_vms_in_use == 0 {
+                return Err(format!("templates[{i}].max_vms_in_use: must be at least 1"));
+            }
             if self.templates[..i].iter().any(|o| o.name == t.name) {
                 return Err(format!("templates[{i}].name: {:?} is used twice", t.name));
             }
