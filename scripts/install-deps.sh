@@ -16,6 +16,7 @@ packages=(
     protobuf-compiler             # protoc for tonic-prost-build
     dbus-daemon                   # a real private bus for the stand-in systemd in restart tests
     buildah                       # scripts/build-image.sh: the DaemonSet image, offline (vfs, FROM scratch)
+    strace                        # installer crash test: SIGKILL injected at each persistence syscall
     iproute2 util-linux kmod cpio xz-utils dpkg ca-certificates procps python3-pip
 )
 missing=()

@@ -66,12 +66,7 @@ pub fn is_guest(root: &Root) -> Option<bool> {
 
 /// `MemAvailable` in bytes.
 pub fn mem_available(root: &Root) -> Option<u64> {
-    let text = std::fs::read_to_string(root.path("/proc/meminfo")).ok()?;
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix("MemAvailable:")?;
-        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
-        Some(kib * 1024)
-    })
+    noded::fsutil::mem_available_bytes(&root.path("/proc"))
 }
 
 /// The containerd binary of the target: under the root first, the host's PATH only when root is `/`.

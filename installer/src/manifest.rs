@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::root::{
-    IoError, Root, fsync_dir, remove_if_exists, sha256_bytes, sha256_file, temp_path, write_atomic,
+    IoError, Root, clean_stale_temps, fsync_dir, remove_if_exists, sha256_bytes, sha256_file,
+    write_atomic,
 };
 
 pub const INSTALLER_DIR: &str = "/var/lib/noded/installer";
@@ -561,7 +562,7 @@ impl Ledger {
             match intent {
                 Intent::File { path, backup } => {
                     let real = self.root.path(&path);
-                    remove_if_exists(&temp_path(&real))?;
+                    clean_stale_temps(&real);
                     self.manifest.entries.retain(|e| e.path != path);
                     match backup {
                         // The original was copied before being overwritten: put it back.
@@ -571,7 +572,7 @@ impl Ledger {
                         }
                         // No copy yet, so no overwrite yet: the original is untouched.
                         Some(b) => {
-                            remove_if_exists(&temp_path(&self.root.path(&b)))?;
+                            clean_stale_temps(&self.root.path(&b));
                         }
                         None => {
                             // Ours (new, or an update of our own file): removed; the re-run

@@ -7,6 +7,7 @@ pub mod config;
 pub mod containerd;
 pub mod daemon;
 pub mod exit;
+pub mod fsutil;
 pub mod http;
 pub mod k8s;
 pub mod kata;

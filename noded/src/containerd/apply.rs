@@ -637,6 +637,12 @@ pub async fn revert_with(
         })
         .map(|(p, r)| (p.clone(), r.clone()))
         .collect();
+    // A killed apply leaves its temp beside the file it was writing, and a revert that finds the
+    // original bytes still in place writes nothing that would remove it.
+    atomic::clean_stale_temps(config);
+    for (path, _) in &related {
+        atomic::clean_stale_temps(path);
+    }
     if related.is_empty() {
         let plan_report = Report {
             changed: false,

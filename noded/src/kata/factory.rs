@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use toml_edit::DocumentMut;
 
 use super::layout::KataLayout;
@@ -192,7 +191,7 @@ impl KataFactory {
                 .layout
                 .version()
                 .ok_or_else(|| KataError::NoVersion(self.layout.root().to_path_buf()))?,
-            config_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            config_sha256: crate::fsutil::sha256_bytes(text.as_bytes()),
             kernel_sha256: asset("kernel")?,
             initrd_sha256: asset("initrd")?,
         })
@@ -521,15 +520,9 @@ fn parse(path: &Path, text: &str) -> Result<DocumentMut, KataError> {
         })
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, KataError> {
-    let mut f = std::fs::File::open(path).map_err(|source| KataError::Io {
+fn sha256_file(path: &Path) -> Result<String, KataError> {
+    crate::fsutil::sha256_file(path).map_err(|source| KataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|source| KataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(hex::encode(h.finalize()))
+    })
 }

@@ -6,7 +6,6 @@ pub mod keeper;
 pub mod layout;
 pub mod warm;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use factory::{
@@ -59,21 +58,14 @@ impl crate::exit::ExitStatus for KataError {
     }
 }
 
-/// temp file in the same directory + fsync + rename, so a crash leaves the old or the new file.
+/// Kata's config and template record, replaced crash-safely by the workspace's one writer: exact
+/// mode, and a temp name ([`crate::fsutil::TEMP_PREFIX`]) the next write removes after a crash, so
+/// a kill leaves nothing in Kata's config directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KataError> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |source| KataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    tmp.write_all(bytes).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::fsutil::write_atomic_with(path, bytes, crate::fsutil::WriteOptions::exact(mode)).map_err(
+        |e| KataError::Io {
+            path: e.path,
+            source: e.source,
+        },
+    )
 }

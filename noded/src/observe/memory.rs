@@ -87,13 +87,7 @@ impl HostResources {
             path: path.display().to_string(),
             source,
         })?;
-        let field = |name: &str| {
-            text.lines().find_map(|l| {
-                let rest = l.strip_prefix(name)?.strip_prefix(':')?;
-                let kib: u64 = rest.split_whitespace().next()?.parse().ok()?;
-                Some(kib.saturating_mul(1024))
-            })
-        };
+        let field = |name: &str| crate::fsutil::meminfo_field(&text, name);
         let total = field("MemTotal").ok_or_else(|| HostReadError::NoTotal {
             path: path.display().to_string(),
         })?;

@@ -113,20 +113,7 @@ struct AptPackage {
     sha256: String,
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
+pub use crate::fsutil::sha256_file;
 
 /// Deadline and cancellation for the commands a build runs.
 #[derive(Debug, Clone)]
