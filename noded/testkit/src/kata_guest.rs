@@ -17,7 +17,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use noded::vm::assets::GuestAssets;
 use noded::vm::guest::GuestConsole;
 use noded::vm::qmp::{Capability, MigrationStatus, Qmp};
-use noded::vm::template::shell_quote;
 
 /// Kata's default `[factory] template_path`.
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
@@ -569,4 +568,10 @@ mod tests {
         assert_eq!(c.len() % 4, 0);
         assert!(String::from_utf8_lossy(&c).contains("TRAILER!!!"));
     }
+}
+
+/// `p` as one word for the `/bin/sh -c` QEMU runs an `exec:` migration URI with (Kata's own
+/// `exec:cat` URIs are built the same way).
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
