@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use super::guest::GuestError;
 use super::qemu::{MachineSpec, Mapping, QemuError, VmLaunch, VmProcess};
-use super::qmp::{Capability, MigrationStatus};
-use super::template::{Layout, Template, new_vm_id, shell_quote};
+use super::qmp::{Capability, MigrationStatus, QmpError};
+use super::template::{Layout, Template, new_vm_id};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// An empty state file leaves QEMU in `inmigrate` forever: this bounds the wait.
@@ -107,20 +107,38 @@ pub async fn restore_with_timeout(
     .await
     .map_err(err)?;
     let state = template.state_file();
+    let channel = vm.launch.migration_socket();
+    // QEMU runs with `-sandbox spawn=deny`, so `exec:cat state` is out: QEMU listens on a socket in
+    // the VM's own directory and noded streams the state file into it.
     let restored = async {
         let q = vm.qmp()?;
         let r = async {
             q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
                 .await?;
-            q.migrate_incoming(&format!("exec:cat {}", shell_quote(&state)), QMP_TIMEOUT)
-                .await?;
-            q.wait_migration(restore_timeout, QMP_TIMEOUT).await
+            q.migrate_incoming(&format!("unix:{}", channel.display()), QMP_TIMEOUT)
+                .await
         }
         .await;
-        match r {
-            Ok(info) => Ok(info),
-            Err(e) => Err(vm.qmp_error(e)),
+        if let Err(e) = r {
+            return Err(vm.qmp_error(e));
         }
+        let sent = tokio::time::timeout(restore_timeout, send_state(&state, &channel))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("QEMU did not take the device state within {restore_timeout:?}"),
+                ))
+            });
+        let _ = std::fs::remove_file(&channel);
+        if let Err(source) = sent {
+            return Err(QemuError::Io {
+                path: state.clone(),
+                source,
+            });
+        }
+        let r = vm.qmp()?.wait_migration(restore_timeout, QMP_TIMEOUT).await;
+        r.map_err(|e: QmpError| vm.qmp_error(e))
     }
     .await;
     let info = match restored {
@@ -200,6 +218,15 @@ pub async fn restore_with_timeout(
         to_answer,
         counter: answer.counter,
     })
+}
+
+/// Streams the template's device state into QEMU's incoming migration socket.
+async fn send_state(state: &std::path::Path, channel: &std::path::Path) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let bytes = tokio::fs::read(state).await?;
+    let mut conn = tokio::net::UnixStream::connect(channel).await?;
+    conn.write_all(&bytes).await?;
+    conn.shutdown().await
 }
 
 /// Boots the guest cold (no template): the baseline clones are compared with, and what a pool miss

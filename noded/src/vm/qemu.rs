@@ -142,6 +142,11 @@ impl VmLaunch {
     pub fn console_socket(&self) -> PathBuf {
         self.dir.join("console.sock")
     }
+    /// Where device state is streamed (template save, clone restore); never handed to callers.
+    /// As long as `console.sock`, so the path-length check of the other sockets covers it.
+    pub fn migration_socket(&self) -> PathBuf {
+        self.dir.join("migrate.sock")
+    }
     pub fn log_file(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
@@ -154,6 +159,10 @@ impl VmLaunch {
         };
         let mut a: Vec<OsString> = machine_args.iter().map(OsString::from).collect();
         let mut push = |s: String| a.push(OsString::from(s));
+        // seccomp: QEMU runs as root and parses guest-controlled device state. spawn=deny is
+        // possible because state moves over unix sockets noded holds, never `exec:` (a shell).
+        push("-sandbox".into());
+        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
         push("-object".into());
         push(format!(
             "memory-backend-file,id=mem0,size={memory_mib}M,mem-path={},share={share}",

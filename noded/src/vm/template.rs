@@ -218,7 +218,40 @@ pub fn new_vm_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
-/// Quotes a path for QEMU's `exec:` migration URI (run by `/bin/sh -c`).
+/// Listens on `channel` for QEMU's outgoing migration and writes the stream to `state`. Only QEMU's
+/// own pid (SO_PEERCRED) is taken: anything else connecting first is dropped, not recorded.
+fn receive_state(
+    channel: &Path,
+    state: &Path,
+    qemu_pid: Option<u32>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, QemuError> {
+    let _ = std::fs::remove_file(channel);
+    let listener = tokio::net::UnixListener::bind(channel).map_err(|source| QemuError::Io {
+        path: channel.to_path_buf(),
+        source,
+    })?;
+    let state = state.to_path_buf();
+    Ok(tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = loop {
+            let (conn, _) = listener.accept().await?;
+            let pid = conn.peer_cred().ok().and_then(|c| c.pid());
+            if qemu_pid.is_some() && pid.and_then(|p| u32::try_from(p).ok()) == qemu_pid {
+                break conn;
+            }
+            tracing::warn!(
+                ?pid,
+                "migration socket: connection from another process dropped"
+            );
+        };
+        let mut file = tokio::fs::File::create(&state).await?;
+        tokio::io::copy(&mut conn, &mut file).await?;
+        file.flush().await
+    }))
+}
+
+/// Quotes a path for `/bin/sh -c` (test harnesses that script guests; noded's own QEMU never
+/// runs a shell: see `receive_state`).
 pub fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
@@ -502,23 +535,45 @@ async fn build_on_tmpfs(
         };
         let boot_ms = t0.elapsed().as_millis() as u64;
         let t1 = Instant::now();
+        // QEMU runs with `-sandbox spawn=deny`, so `exec:cat > state` is out: QEMU sends the state
+        // to a socket noded listens on, and only QEMU's own pid is accepted there.
+        let channel = vm.launch.migration_socket();
+        let receiver = receive_state(&channel, &dir.join(STATE), vm.pid())?;
         let q = vm.qmp()?;
         let r: Result<_, super::qmp::QmpError> = async {
             q.stop(QMP_TIMEOUT).await?;
             q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
                 .await?;
-            q.migrate(
-                &format!("exec:cat > {}", shell_quote(&dir.join(STATE))),
-                QMP_TIMEOUT,
-            )
-            .await?;
+            q.migrate(&format!("unix:{}", channel.display()), QMP_TIMEOUT)
+                .await?;
             q.wait_migration(Duration::from_secs(60), QMP_TIMEOUT).await
         }
         .await;
         let info = match r {
             Ok(i) => i,
-            Err(e) => return Err(vm.qmp_error(e)),
+            Err(e) => {
+                receiver.abort();
+                let _ = std::fs::remove_file(&channel);
+                return Err(vm.qmp_error(e));
+            }
         };
+        // QEMU closes the connection once the stream is complete; the file is whole after that.
+        let received = tokio::time::timeout(Duration::from_secs(30), receiver).await;
+        let _ = std::fs::remove_file(&channel);
+        let received = match received {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "QEMU did not close the migration stream",
+            )),
+        };
+        if info.status == Some(MigrationStatus::Completed) {
+            received.map_err(|source| QemuError::Io {
+                path: dir.join(STATE),
+                source,
+            })?;
+        }
         Ok((
             ready.counter,
             boot_ms,
