@@ -28,15 +28,8 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub reboots: usize,
     /// containerd series of the box (1.6, 1.7, 2.1).
-    #[arg(long, default_value = "1.6", value_parser = parse_series)]
+    #[arg(long, default_value = "1.6", value_parser = crate::report::parse_series)]
     pub series: Series,
-}
-
-fn parse_series(s: &str) -> Result<Series, String> {
-    Series::all()
-        .into_iter()
-        .find(|x| x.name() == s)
-        .ok_or_else(|| format!("unknown series `{s}` (1.6, 1.7, 2.1)"))
 }
 
 const WARM: &str = "kata-qemu-warm";
@@ -47,11 +40,7 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 const CHECK_SECONDS: u64 = 1;
 
 pub fn run(args: &Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::report::block_on(run_async(args))
 }
 
 async fn run_async(args: &Args) -> Result<()> {

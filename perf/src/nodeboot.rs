@@ -31,15 +31,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub fault_boots: usize,
     /// Series to run (1.6, 1.7, 2.1); default all.
-    #[arg(long = "series", value_parser = parse_series)]
+    #[arg(long = "series", value_parser = crate::report::parse_series)]
     pub series: Vec<Series>,
-}
-
-fn parse_series(s: &str) -> Result<Series, String> {
-    Series::all()
-        .into_iter()
-        .find(|x| x.name() == s)
-        .ok_or_else(|| format!("unknown series `{s}` (1.6, 1.7, 2.1)"))
 }
 
 const HANDLERS: [(&str, &str); 2] = [
@@ -49,11 +42,7 @@ const HANDLERS: [(&str, &str); 2] = [
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn run(args: &Args) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    crate::report::block_on(run_async(args))
 }
 
 async fn run_async(args: &Args) -> Result<()> {

@@ -46,3 +46,20 @@ pub fn emit(title: &str, json: &serde_json::Value, rows: &[(String, String)]) {
     }
     println!("{json}");
 }
+
+/// Runs an async benchmark on the runtime shape noded uses (2 workers).
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// `--series 1.6|1.7|2.1`.
+pub fn parse_series(s: &str) -> Result<testkit::containerd::Series, String> {
+    testkit::containerd::Series::all()
+        .into_iter()
+        .find(|x| x.name() == s)
+        .ok_or_else(|| format!("unknown series `{s}` (1.6, 1.7, 2.1)"))
+}

@@ -508,6 +508,12 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|m| m.replace("\\040", " ") == want)
 }
 
+/// `p` as one word for the `/bin/sh -c` QEMU runs an `exec:` migration URI with (Kata's own
+/// `exec:cat` URIs are built the same way).
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,10 +574,4 @@ mod tests {
         assert_eq!(c.len() % 4, 0);
         assert!(String::from_utf8_lossy(&c).contains("TRAILER!!!"));
     }
-}
-
-/// `p` as one word for the `/bin/sh -c` QEMU runs an `exec:` migration URI with (Kata's own
-/// `exec:cat` URIs are built the same way).
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }

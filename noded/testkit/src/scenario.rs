@@ -102,6 +102,43 @@ pub fn bootable_kata_tarball(dir: &Path, version: &str) -> Result<(PathBuf, Stri
     Ok((tarball, sha))
 }
 
+/// What a node-in-a-box test needs before it boots a box: root, the series' containerd binaries and the
+/// DaemonSet image. `None` = skipped (outside CI); under `CI=true` a missing piece fails the test.
+pub fn box_prerequisites(series: Series) -> Option<(Binaries, PathBuf)> {
+    if !crate::require::require_root() {
+        return None;
+    }
+    let bins = crate::containerd::require(series)?;
+    match image_archive() {
+        Ok(a) => Some((bins, a)),
+        Err(e) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the DaemonSet image cannot be built (CI=true): {e:#}"
+            );
+            eprintln!("SKIP: no DaemonSet image: {e:#}");
+            None
+        }
+    }
+}
+
+/// `installer bake` in the box (the AMI build) of the Kata release `tarball`, without nodeadm.
+pub fn bake(nodebox: &NodeBox, installer: &Path, tarball: &Path, sha256: &str) -> Result<()> {
+    nodebox.installer(
+        installer,
+        &[
+            "bake",
+            "--kata-tarball",
+            &tarball.to_string_lossy(),
+            "--sha256",
+            sha256,
+            "--nodeadm",
+            "never",
+        ],
+    )?;
+    Ok(())
+}
+
 /// Which fake Kata release the box bakes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KataRelease {
@@ -152,18 +189,7 @@ pub async fn boot_with(
     };
     let installer = installer_binary()?;
     // AMI bake: Kata release, units, noded.toml, per-handler shim links.
-    nodebox.installer(
-        &installer,
-        &[
-            "bake",
-            "--kata-tarball",
-            &tarball.to_string_lossy(),
-            "--sha256",
-            &sha,
-            "--nodeadm",
-            "never",
-        ],
-    )?;
+    bake(&nodebox, &installer, &tarball, &sha)?;
     // The box's "host" is the holder's mount namespace, not PID 1's: the DaemonSet pod (hostPID) must
     // run Kata's factory tool there, where a node's noded.toml says `/proc/1/ns/mnt`.
     point_kata_at_box(&nodebox)?;

@@ -8,16 +8,12 @@ use std::time::Duration;
 
 use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::probe::{ProbeOptions, probe};
-use testkit::containerd::{Series, require};
+use testkit::containerd::Series;
 use testkit::fake_api::NODE;
-use testkit::scenario::{Booted, boot, image_archive};
+use testkit::scenario::{Booted, boot};
 
 const HANDLERS: [&str; 2] = ["kata-qemu", "kata-qemu-warm"];
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_in_a_box_containerd_1_6() {
@@ -35,20 +31,8 @@ async fn node_in_a_box_containerd_2_1() {
 }
 
 async fn run(series: Series) {
-    if !testkit::require::require_root() {
+    let Some((bins, archive)) = testkit::scenario::box_prerequisites(series) else {
         return;
-    }
-    let Some(bins) = require(series) else { return };
-    let archive = match image_archive() {
-        Ok(a) => a,
-        Err(e) => {
-            assert!(
-                !ci(),
-                "the DaemonSet image cannot be built (CI=true): {e:#}"
-            );
-            eprintln!("SKIP: no DaemonSet image: {e:#}");
-            return;
-        }
     };
     let b = boot(series, bins, &archive).await.expect("box boots");
     let outcome = Box::pin(lifecycle(&b)).await;

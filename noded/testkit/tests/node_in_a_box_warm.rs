@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use noded::containerd::cri::{CriClient, PodSpec};
-use testkit::containerd::{Series, require};
+use testkit::containerd::Series;
 use testkit::fake_kata::FakeKata;
 use testkit::scenario::{
-    Booted, KataRelease, boot_with, image_archive, set_kata_check_seconds, wipe_kata_template,
+    Booted, KataRelease, bake, boot_with, box_prerequisites, set_kata_check_seconds,
+    wipe_kata_template,
 };
 use testkit::scrape::{grep, metric};
 
@@ -36,22 +37,8 @@ async fn node_in_a_box_warm_containerd_2_1() {
 }
 
 async fn run(series: Series) {
-    if !testkit::require::require_root()
-        || testkit::require::require("qemu-system-x86_64").is_none()
-    {
+    let Some((bins, archive)) = box_prerequisites(series) else {
         return;
-    }
-    let Some(bins) = require(series) else { return };
-    let archive = match image_archive() {
-        Ok(a) => a,
-        Err(e) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "the DaemonSet image cannot be built (CI=true): {e:#}"
-            );
-            eprintln!("SKIP: no DaemonSet image: {e:#}");
-            return;
-        }
     };
     let b = boot_with(series, bins, &archive, KataRelease::Bootable)
         .await
@@ -223,18 +210,7 @@ async fn warm_path(
         testkit::scenario::bootable_kata_tarball(b.outside.dir.path(), "3.99.1-box")?;
     let installer = b.outside.dir.path().join("installer-rebake");
     std::fs::copy(b.nodebox.path("/usr/local/bin/installer"), &installer)?;
-    b.nodebox.installer(
-        &installer,
-        &[
-            "bake",
-            "--kata-tarball",
-            &tarball.to_string_lossy(),
-            "--sha256",
-            &sha,
-            "--nodeadm",
-            "never",
-        ],
-    )?;
+    bake(&b.nodebox, &installer, &tarball, &sha)?;
     set_kata_check_seconds(&b.nodebox, 2)?;
     wait_for(TIMEOUT, "template rebuilt for Kata 3.99.1-box", || {
         record_version(b).is_ok_and(|v| v == "3.99.1-box")
