@@ -58,7 +58,8 @@ fn scan_until(scanner: &Scanner, done: impl Fn(&ScanReport) -> bool) -> ScanRepo
 
 #[test]
 fn real_qemu_template_clone_cold_and_kata_sandbox() {
-    if common::require("qemu-system-x86_64").is_none() {
+    // The Kata shim must run as root to stand for a sandbox.
+    if common::require("qemu-system-x86_64").is_none() || !common::require_root() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -106,29 +107,37 @@ fn real_qemu_template_clone_cold_and_kata_sandbox() {
         s("-name"),
         format!("noded-{tpl}-cold1,debug-threads=on"),
     ]);
-    // A Kata-like sandbox: shim with -id, its QEMU named sandbox-<id> (daemonized, so not its child)
-    // and a helper whose command line names nothing but whose parent is the shim.
+    // noded knows its VMs by the spawn records it writes, not by their names.
+    let vms_dir = tmp.path().join("vms");
+    for (p, name) in [
+        (&_template, format!("noded-{tpl}-template")),
+        (&_clone, format!("noded-{tpl}-clone1")),
+        (&_cold, format!("noded-{tpl}-cold1")),
+    ] {
+        let dir = vms_dir.join(&name);
+        std::fs::create_dir_all(&dir).expect("vm dir");
+        noded::vm::reap::VmRecord::of_pid(p.0.id(), &name)
+            .expect("record of a running QEMU")
+            .write(&dir)
+            .expect("write record");
+    }
+    // A Kata-like sandbox: a root shim with -id, its QEMU (the shim's child, as Kata 3 starts it) and
+    // a helper whose command line names nothing.
     let kata_id = unique("kata");
     let shm = tmp.path().join("shm");
     std::fs::create_dir(&shm).expect("shm dir");
+    let kata_qemu = format!(
+        "qemu-system-x86_64 -nodefaults -no-user-config -display none -S -m 64M -M microvm,accel=tcg,memory-backend=dimm1 -object memory-backend-file,id=dimm1,size=64M,mem-path={},share=on -name sandbox-{kata_id}",
+        shm.display()
+    );
     let _shim = named_process(
         "/opt/kata/bin/containerd-shim-kata-qemu-v2",
         &["-namespace", "k8s.io", "-id", &kata_id],
-        "(exec -a virtiofsd sleep 600) & sleep 600; wait",
+        &format!("(exec -a virtiofsd sleep 600) & (exec {kata_qemu} >/dev/null 2>&1) & wait"),
     );
-    let _kata_qemu = qemu(&[
-        s("-M"),
-        s("microvm,accel=tcg,memory-backend=dimm1"),
-        s("-object"),
-        format!(
-            "memory-backend-file,id=dimm1,size=64M,mem-path={},share=on",
-            shm.display()
-        ),
-        s("-name"),
-        format!("sandbox-{kata_id}"),
-    ]);
 
-    let scanner = Scanner::new("/proc", vec![tpl_dir.clone()], vec![tpl.clone()]);
+    let scanner =
+        Scanner::new("/proc", vec![tpl_dir.clone()], vec![tpl.clone()]).with_own_vms(&vms_dir);
     let ours = |r: &ScanReport| {
         r.sandboxes
             .iter()
@@ -270,6 +279,7 @@ fn observer_on(root: &Path) -> Observer {
         }],
         warm_handlers: vec!["kata-qemu-warm".into()],
         template_dirs: vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
+        own_vms_dir: None,
         capacity: Default::default(),
     };
     let metrics = Arc::new(Metrics::new(config.metrics_scope()));

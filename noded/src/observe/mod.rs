@@ -58,6 +58,8 @@ pub struct ObserverConfig {
     pub warm_handlers: Vec<String>,
     /// Directories holding template memory files.
     pub template_dirs: Vec<PathBuf>,
+    /// noded's `run_dir/vms`: the spawn records that identify its own VMs (`vm::reap::VmRecord`).
+    pub own_vms_dir: Option<PathBuf>,
     pub capacity: CapacityPolicy,
 }
 
@@ -105,6 +107,7 @@ impl ObserverConfig {
             .into_iter()
             .map(|d| absolute(&d))
             .collect(),
+            own_vms_dir: Some(cfg.daemon.run_dir.join("vms")),
             capacity: CapacityPolicy {
                 reserved_memory_bytes: o.reserved_memory_mib.saturating_mul(MIB),
                 reserved_cpu_millis: o.reserved_cpu_millis,
@@ -328,11 +331,14 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(config: ObserverConfig, metrics: Arc<Metrics>) -> Observer {
-        let scanner = Scanner::new(
+        let mut scanner = Scanner::new(
             config.proc_root.clone(),
             config.template_dirs.clone(),
             config.templates.iter().map(|t| t.name.clone()).collect(),
         );
+        if let Some(dir) = &config.own_vms_dir {
+            scanner = scanner.with_own_vms(dir.clone());
+        }
         Observer {
             warm: warm::WarmTemplates::new(config.warm_handlers.iter().cloned()),
             config,

@@ -1,6 +1,16 @@
 //! Finds the processes that make up VMs on the host (hypervisors, Kata shims, virtiofsd), groups them
 //! per sandbox, reads their memory and tells template clones from cold boots by the command line.
 //!
+//! A command line is only a hint: any user can start a process whose argv reads
+//! `qemu-system-x86_64 -name sandbox-x`. What a sandbox *is* comes from where the process sits:
+//! - noded's own VMs are the processes matching a spawn record (`vm::reap::VmRecord`: pid, start time,
+//!   executable) under noded's `run_dir/vms`;
+//! - a Kata sandbox is a Kata shim (`containerd-shim-kata*-v2`) running as root (uid 0), keyed by its
+//!   `-id`, plus the shim's descendants (hypervisor, virtiofsd).
+//!
+//! Everything else that looks like a VM is reported as unattributed (memory visible, logged) and is
+//! neither a VM, nor a slot, nor overhead.
+//!
 //! Processes come and go while a scan runs (a pod is deleted, a pool clone is handed out and
 //! released): a process that vanished between listing `/proc` and reading one of its files is
 //! skipped and counted, never an error.
@@ -13,6 +23,7 @@ use procfs::ProcError;
 use procfs::process::Process;
 
 use super::memory::{MemoryUsage, read_rollup};
+use crate::vm::reap::{ProcIdentity, VmRecord};
 
 /// Where Kata's VM factory keeps its template (`kata-runtime factory init`).
 pub const KATA_FACTORY_TEMPLATE_DIR: &str = "/run/vc/vm/template";
@@ -173,7 +184,12 @@ pub struct Scanner {
     template_dirs: Vec<PathBuf>,
     /// Known template names, longest first, to split `noded-<template>-<id>` when both contain `-`.
     templates: Vec<String>,
+    /// noded's `run_dir/vms`, holding a spawn record per VM it started.
+    own_vms: Option<PathBuf>,
 }
+
+/// How far up the parent chain a hypervisor's Kata shim is looked for.
+const MAX_ANCESTRY: usize = 16;
 
 impl Scanner {
     /// `root` is normally `/proc`; tests point it at a synthetic tree. `template_dirs` are directories
@@ -189,7 +205,14 @@ impl Scanner {
             root: root.into(),
             template_dirs,
             templates,
+            own_vms: None,
         }
+    }
+
+    /// Processes matching a spawn record under `vms_dir` (noded's `run_dir/vms`) are noded's VMs.
+    pub fn with_own_vms(mut self, vms_dir: impl Into<PathBuf>) -> Self {
+        self.own_vms = Some(vms_dir.into());
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -208,6 +231,22 @@ impl Scanner {
         })?;
         let mut report = ScanReport::default();
         let mut found: Vec<Found> = Vec::new();
+        let records: HashMap<u32, VmRecord> = self
+            .own_vms
+            .as_deref()
+            .map(VmRecord::read_all)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, r)| (r.pid, r))
+            .collect();
+        let own = OwnVms {
+            boot_id: if records.is_empty() {
+                String::new()
+            } else {
+                crate::vm::reap::boot_id()
+            },
+            records,
+        };
         for entry in list {
             let process = match entry {
                 Ok(p) => p,
@@ -216,7 +255,7 @@ impl Scanner {
                     continue;
                 }
             };
-            match self.inspect(&process) {
+            match self.inspect(&process, &own) {
                 Ok(Some(f)) => found.push(f),
                 Ok(None) => {}
                 Err(e) => report.count(&e),
@@ -234,22 +273,33 @@ impl Scanner {
     }
 
     /// Reads one process; `Ok(None)` when it is not VM-related.
-    fn inspect(&self, process: &Process) -> procfs::ProcResult<Option<Found>> {
+    fn inspect(&self, process: &Process, own: &OwnVms) -> procfs::ProcResult<Option<Found>> {
         let argv = process.cmdline()?;
         let Some(kind) = argv.first().and_then(|a| ProcessKind::of_argv0(a)) else {
             return Ok(None);
         };
+        let stat = process.stat()?;
         let memory = match read_rollup(process) {
             Ok(m) => Some(m),
             Err(ProcError::PermissionDenied(_)) => None,
             Err(e) => return Err(e),
         };
-        let cmd = CommandLine::parse(kind, &argv, &self.templates);
-        // The parent only matters for helpers whose command line names no sandbox.
-        let ppid = if cmd.sandbox.is_none() {
-            process.stat().ok().map(|s| s.ppid)
-        } else {
-            None
+        let cmd = CommandLine::parse(kind, &argv);
+        // Only a root shim starts a sandbox: anyone can name a process after Kata's shim.
+        let root = kind == ProcessKind::KataShim && runs_as_root(process);
+        let own_name = match u32::try_from(process.pid())
+            .ok()
+            .and_then(|p| own.records.get(&p))
+        {
+            Some(r) if kind == ProcessKind::Qemu => {
+                let live = ProcIdentity {
+                    starttime: stat.starttime,
+                    exe: process.exe().ok(),
+                    zombie: false,
+                };
+                r.matches(&live, &own.boot_id).then(|| r.name.clone())
+            }
+            _ => None,
         };
         Ok(Some(Found {
             process: VmProcess {
@@ -258,8 +308,54 @@ impl Scanner {
                 memory,
             },
             cmd,
-            ppid,
+            ppid: stat.ppid,
+            root,
+            own_name,
         }))
+    }
+
+    /// The parent of `pid`, read from the tree (for ancestors that are not VM-related themselves).
+    fn ppid_of(&self, pid: i32) -> Option<i32> {
+        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The sandbox key of `f`: its own spawn record, its root shim's id, or the nearest root Kata
+    /// shim among its ancestors. `Err(())` for noded's own non-VM processes (the KVM probe).
+    fn key_of(
+        &self,
+        f: &Found,
+        found: &[Found],
+        by_pid: &HashMap<i32, usize>,
+        ppids: &mut HashMap<i32, Option<i32>>,
+    ) -> Result<Option<SandboxKey>, ()> {
+        if let Some(name) = &f.own_name {
+            return qemu_name(name, &self.templates).map(Some).ok_or(());
+        }
+        if let Some(key) = f.shim_key() {
+            return Ok(Some(key));
+        }
+        let mut pid = f.ppid;
+        for _ in 0..MAX_ANCESTRY {
+            if pid <= 1 {
+                break;
+            }
+            let parent = match by_pid.get(&pid) {
+                Some(&i) => {
+                    if let Some(key) = found[i].shim_key() {
+                        return Ok(Some(key));
+                    }
+                    Some(found[i].ppid)
+                }
+                None => *ppids.entry(pid).or_insert_with(|| self.ppid_of(pid)),
+            };
+            match parent {
+                Some(p) if p != pid => pid = p,
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     fn group(&self, found: Vec<Found>, report: &mut ScanReport) {
@@ -270,21 +366,31 @@ impl Scanner {
             .filter(|m| !m.shared)
             .map(|m| m.path.clone())
             .collect();
-        let by_pid: HashMap<i32, Option<SandboxKey>> = found
+        let by_pid: HashMap<i32, usize> = found
             .iter()
-            .map(|f| (f.process.pid, f.cmd.sandbox.clone()))
+            .enumerate()
+            .map(|(i, f)| (f.process.pid, i))
+            .collect();
+        let mut ppids: HashMap<i32, Option<i32>> = HashMap::new();
+        let keys: Vec<Result<Option<SandboxKey>, ()>> = found
+            .iter()
+            .map(|f| self.key_of(f, &found, &by_pid, &mut ppids))
             .collect();
 
         let mut sandboxes: BTreeMap<String, Sandbox> = BTreeMap::new();
-        for f in found {
-            let key = f
-                .cmd
-                .sandbox
-                .clone()
-                .or_else(|| f.ppid.and_then(|pp| by_pid.get(&pp).cloned().flatten()));
-            let Some(key) = key else {
-                report.unattributed.push(f.process);
-                continue;
+        for (f, key) in found.into_iter().zip(keys) {
+            let key = match key {
+                Ok(Some(k)) => k,
+                Ok(None) => {
+                    tracing::debug!(
+                        pid = f.process.pid,
+                        kind = ?f.process.kind,
+                        "VM-like process under no root Kata shim and no noded record: not counted"
+                    );
+                    report.unattributed.push(f.process);
+                    continue;
+                }
+                Err(()) => continue,
             };
             let sb = sandboxes.entry(key.id.clone()).or_insert_with(|| Sandbox {
                 id: key.id.clone(),
@@ -353,10 +459,53 @@ impl ScanReport {
     }
 }
 
+/// noded's spawn records, by pid, for one scan.
+struct OwnVms {
+    records: HashMap<u32, VmRecord>,
+    boot_id: String,
+}
+
 struct Found {
     process: VmProcess,
     cmd: CommandLine,
-    ppid: Option<i32>,
+    ppid: i32,
+    /// A Kata shim running as root (real and effective uid 0).
+    root: bool,
+    /// The `-name` of the spawn record this QEMU matches: one of noded's own VMs.
+    own_name: Option<String>,
+}
+
+impl Found {
+    /// The sandbox a root Kata shim stands for.
+    fn shim_key(&self) -> Option<SandboxKey> {
+        if self.process.kind != ProcessKind::KataShim || !self.root {
+            return None;
+        }
+        self.cmd.shim_id.as_ref().map(|id| SandboxKey {
+            id: id.clone(),
+            origin: Origin::Kata,
+        })
+    }
+}
+
+/// Real and effective uid both 0, from `status` (the owner of `/proc/<pid>` is root for any
+/// non-dumpable process, so it proves nothing).
+fn runs_as_root(process: &Process) -> bool {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read = process
+        .open_relative("status")
+        .and_then(|mut f| f.read_to_string(&mut text).map_err(ProcError::from));
+    if read.is_err() {
+        return false;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|ids| {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            ids.len() >= 2 && ids[0] == "0" && ids[1] == "0"
+        })
+        .unwrap_or(false)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,14 +523,15 @@ struct MemoryFile {
 /// What the classification needs from a command line.
 #[derive(Debug, Default)]
 struct CommandLine {
-    sandbox: Option<SandboxKey>,
+    /// A shim's `-id` (the sandbox id; trusted only for a shim running as root).
+    shim_id: Option<String>,
     handler_hint: Option<String>,
     incoming: bool,
     memory: Option<MemoryFile>,
 }
 
 impl CommandLine {
-    fn parse(kind: ProcessKind, argv: &[String], templates: &[String]) -> CommandLine {
+    fn parse(kind: ProcessKind, argv: &[String]) -> CommandLine {
         let mut cmd = CommandLine::default();
         if kind == ProcessKind::KataShim {
             cmd.handler_hint = shim_handler(&argv[0]);
@@ -396,21 +546,7 @@ impl CommandLine {
                 .map(|a| a.strip_prefix('-').unwrap_or(a));
             match (kind, opt, value) {
                 (ProcessKind::KataShim, Some("id"), Some(v)) => {
-                    cmd.sandbox = Some(SandboxKey {
-                        id: v.to_string(),
-                        origin: Origin::Kata,
-                    });
-                }
-                (ProcessKind::Firecracker, Some("id"), Some(v)) => {
-                    cmd.sandbox.get_or_insert(SandboxKey {
-                        id: v.to_string(),
-                        origin: Origin::Kata,
-                    });
-                }
-                (ProcessKind::Qemu, Some("name"), Some(v)) => {
-                    if let Some(key) = qemu_name(v, templates) {
-                        cmd.sandbox = Some(key);
-                    }
+                    cmd.shim_id = Some(v.to_string());
                 }
                 (ProcessKind::Qemu, Some("incoming"), _) => cmd.incoming = true,
                 (ProcessKind::Qemu, Some("object"), Some(v)) => {
@@ -421,14 +557,6 @@ impl CommandLine {
                     }
                 }
                 _ => {}
-            }
-            if cmd.sandbox.is_none()
-                && let Some(id) = kata_path_sandbox(arg)
-            {
-                cmd.sandbox = Some(SandboxKey {
-                    id,
-                    origin: Origin::Kata,
-                });
             }
             i += 1;
         }
@@ -443,16 +571,10 @@ fn shim_handler(argv0: &str) -> Option<String> {
     (handler != "kata").then(|| handler.to_string())
 }
 
-/// `-name sandbox-<id>` (Kata), `-name noded-<template>-<id>` (noded), also as `guest=<name>,...`.
+/// A spawn record's `noded-<template>-<id>` (also as `guest=<name>,...`) → its template.
 fn qemu_name(value: &str, templates: &[String]) -> Option<SandboxKey> {
     let name = value.split(',').next().unwrap_or(value);
     let name = name.strip_prefix("guest=").unwrap_or(name);
-    if let Some(id) = name.strip_prefix("sandbox-") {
-        return (!id.is_empty()).then(|| SandboxKey {
-            id: id.to_string(),
-            origin: Origin::Kata,
-        });
-    }
     let rest = name.strip_prefix("noded-")?;
     // The engine's short-lived KVM capability probe is not a VM anyone asked for.
     if rest.starts_with("probe-") {
@@ -499,26 +621,6 @@ fn memory_backend_file(value: &str) -> Option<MemoryFile> {
     })
 }
 
-/// Kata puts every per-sandbox socket and directory under a path naming the sandbox.
-fn kata_path_sandbox(arg: &str) -> Option<String> {
-    const MARKERS: [&str; 4] = [
-        "/vc/vm/",
-        "/vc/firecracker/",
-        "/vc/sbs/",
-        "/shared/sandboxes/",
-    ];
-    for marker in MARKERS {
-        if let Some(pos) = arg.find(marker) {
-            let rest = &arg[pos + marker.len()..];
-            let id = rest.split(['/', ',']).next().unwrap_or("");
-            if !id.is_empty() && id != "template" {
-                return Some(id.to_string());
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,9 +654,9 @@ mod tests {
             &argv(
                 "qemu-system-x86_64 -name sandbox-abc123,debug-threads=on -object memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on -object memory-backend-file,id=mem0,mem-path=/opt/kata/kata.img,size=1G,readonly=on",
             ),
-            &[],
         );
-        assert_eq!(c.sandbox.as_ref().map(|k| k.id.as_str()), Some("abc123"));
+        // The name is no identity: only a root shim above this process makes it a sandbox.
+        assert_eq!(c.shim_id, None);
         let s = Scanner::new(
             "/proc",
             vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
@@ -575,7 +677,6 @@ mod tests {
             &argv(
                 "qemu -name sandbox-x -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory -incoming defer",
             ),
-            &[],
         );
         assert_eq!(s.role(&clone, &Default::default()), VmRole::Clone);
         let tpl = CommandLine::parse(
@@ -583,7 +684,6 @@ mod tests {
             &argv(
                 "qemu -name sandbox-t -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory,share=on",
             ),
-            &[],
         );
         assert_eq!(s.role(&tpl, &Default::default()), VmRole::TemplateSource);
     }
@@ -594,7 +694,6 @@ mod tests {
         let c = CommandLine::parse(
             ProcessKind::Qemu,
             &argv("qemu -object memory-backend-file,id=m,size=1G,mem-path=/tmp/t/memory,share=off"),
-            &[],
         );
         let set = [PathBuf::from("/tmp/t/memory")].into_iter().collect();
         assert_eq!(s.role(&c, &set), VmRole::Clone);
@@ -602,7 +701,7 @@ mod tests {
     }
 
     #[test]
-    fn noded_names_split_on_known_templates() {
+    fn noded_record_names_split_on_known_templates() {
         let t = vec!["my-tpl".to_string(), "my".to_string()];
         let k = qemu_name("noded-my-tpl-7", &t).expect("noded name");
         assert_eq!(
@@ -622,6 +721,7 @@ mod tests {
         assert!(qemu_name("noded-", &[]).is_none());
         assert!(qemu_name("noded-probe-kvm-123", &[]).is_none());
         assert!(qemu_name("myvm", &[]).is_none());
+        assert!(qemu_name("sandbox-abc", &[]).is_none());
     }
 
     #[test]
@@ -631,28 +731,9 @@ mod tests {
             &argv(
                 "/opt/kata/bin/containerd-shim-kata-qemu-v2 -namespace k8s.io -address /run/containerd/containerd.sock -publish-binary /usr/bin/containerd -id 0123abcd",
             ),
-            &[],
         );
-        assert_eq!(c.sandbox.map(|k| k.id), Some("0123abcd".into()));
+        assert_eq!(c.shim_id.as_deref(), Some("0123abcd"));
         assert_eq!(c.handler_hint.as_deref(), Some("kata-qemu"));
         assert_eq!(shim_handler("containerd-shim-kata-v2"), None);
-    }
-
-    #[test]
-    fn virtiofsd_and_clh_from_kata_paths() {
-        let c = CommandLine::parse(
-            ProcessKind::Virtiofsd,
-            &argv(
-                "/opt/kata/libexec/virtiofsd --syslog --socket-path=/run/vc/vm/sb1/vhost-fs.sock --shared-dir=/run/kata-containers/shared/sandboxes/sb1/shared",
-            ),
-            &[],
-        );
-        assert_eq!(c.sandbox.map(|k| k.id), Some("sb1".into()));
-        let c = CommandLine::parse(
-            ProcessKind::CloudHypervisor,
-            &argv("/opt/kata/bin/cloud-hypervisor --api-socket /run/vc/vm/sb2/clh-api.sock"),
-            &[],
-        );
-        assert_eq!(c.sandbox.map(|k| k.id), Some("sb2".into()));
     }
 }

@@ -1,6 +1,8 @@
 //! A synthetic `/proc` tree with many Kata-like VMs, for the scale tests and the scrape benchmark.
 //! It has exactly the files the scanner reads (`<pid>/cmdline`, `<pid>/smaps_rollup`, `<pid>/stat`,
-//! `meminfo`, `stat`), in the kernel's formats.
+//! `<pid>/status`, `meminfo`, `stat`), in the kernel's formats. As on a real node, every VM sits
+//! under its root Kata shim (QEMU and virtiofsd are the shim's children); optional spoofed VMs
+//! (`qemu-system-x86_64 -name sandbox-...` run by `nobody`, under no shim) must not be counted.
 
 use std::fs;
 use std::io;
@@ -14,6 +16,8 @@ pub struct SyntheticNode {
     pub clone_every: u32,
     /// Unrelated processes (kubelet, sshd, ...) the scan must skip.
     pub other_processes: u32,
+    /// Processes of uid 65534 that look like Kata VMs by their command line only.
+    pub spoofed_vms: u32,
     pub memory_total_kib: u64,
     pub memory_available_kib: u64,
     pub cpus: u32,
@@ -25,6 +29,7 @@ impl Default for SyntheticNode {
             vms: 500,
             clone_every: 2,
             other_processes: 300,
+            spoofed_vms: 0,
             memory_total_kib: 768 * 1024 * 1024,
             memory_available_kib: 512 * 1024 * 1024,
             cpus: 96,
@@ -38,6 +43,9 @@ pub const QEMU_CLONE_KIB: (u64, u64, u64, u64) = (120_000, 45_000, 500, 39_500);
 pub const SHIM_KIB: (u64, u64, u64, u64) = (40_000, 30_000, 200, 28_000);
 pub const VIRTIOFSD_KIB: (u64, u64, u64, u64) = (8_000, 5_000, 100, 4_000);
 
+/// uid of the unprivileged user (`nobody`) spoofed VMs run as.
+pub const NOBODY: u32 = 65534;
+
 /// Sandbox id of VM `i`.
 pub fn sandbox_id(i: u32) -> String {
     format!("{i:08x}c0ffee{i:08x}")
@@ -47,6 +55,7 @@ fn write_process(
     root: &Path,
     pid: u32,
     ppid: u32,
+    uid: u32,
     argv: &[&str],
     mem: (u64, u64, u64, u64),
 ) -> io::Result<()> {
@@ -66,6 +75,13 @@ fn write_process(
         dir.join("stat"),
         format!(
             "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 0 0 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        ),
+    )?;
+    fs::write(
+        dir.join("status"),
+        format!(
+            "Name:\t{comm}\nState:\tS (sleeping)\nTgid:\t{pid}\nPid:\t{pid}\nPPid:\t{ppid}\n\
+             Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
         ),
     )?;
     let (rss, pss, pc, pd) = mem;
@@ -104,6 +120,7 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
             root,
             pid,
             1,
+            0,
             &["/usr/bin/some-daemon", "--flag", &i.to_string()],
             (10_000, 9_000, 0, 8_000),
         )?;
@@ -116,6 +133,7 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
             root,
             shim,
             1,
+            0,
             &[
                 "/opt/kata/bin/containerd-shim-kata-v2",
                 "-namespace",
@@ -158,15 +176,16 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
             "node,memdev=dimm1",
             "-kernel",
             "/opt/kata/share/kata-containers/vmlinux.container",
-            "-daemonize",
         ];
         if clone {
             argv.extend(["-incoming", "defer"]);
         }
+        // Kata 3 starts QEMU without -daemonize: it stays the shim's child.
         write_process(
             root,
             shim + 1,
-            1,
+            shim,
+            0,
             &argv,
             if clone { QEMU_CLONE_KIB } else { QEMU_COLD_KIB },
         )?;
@@ -176,6 +195,7 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
             root,
             shim + 2,
             shim,
+            0,
             &[
                 "/opt/kata/libexec/virtiofsd",
                 &sock,
@@ -185,6 +205,24 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
             VIRTIOFSD_KIB,
         )?;
         pid += 3;
+    }
+    for i in 0..node.spoofed_vms {
+        let name = format!("sandbox-spoof{i:08x},debug-threads=on");
+        write_process(
+            root,
+            pid,
+            1,
+            NOBODY,
+            &[
+                "/usr/bin/qemu-system-x86_64",
+                "-name",
+                &name,
+                "-object",
+                "memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on",
+            ],
+            QEMU_COLD_KIB,
+        )?;
+        pid += 1;
     }
     Ok(())
 }

@@ -11,7 +11,8 @@ use super::guest::{GuestConsole, GuestError};
 use super::qmp::{Qmp, QmpError};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-/// Every QEMU noded starts carries `-name noded-<instance>-...`; the reaper looks for this prefix.
+/// Every QEMU noded starts carries `-name noded-<template>-...` (what operators see). The name
+/// identifies nothing: the reaper and the observer go by the spawn record (`reap::VmRecord`).
 pub const NAME_PREFIX: &str = "noded-";
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +251,14 @@ impl VmProcess {
             console: None,
             started,
         };
+        // Recorded before anything else can fail (dropping the Child kills QEMU): the record is how
+        // a restarted noded finds this process, never its command line.
+        if let Err(e) = record_vm(&vm.launch, vm.child.id()) {
+            if let Some(status) = vm.child.try_wait().ok().flatten() {
+                return Err(vm.exited(status.to_string()));
+            }
+            return Err(e);
+        }
         let qmp_path = vm.launch.qmp_socket();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -260,6 +269,10 @@ impl VmProcess {
                 match Qmp::connect(&qmp_path, timeout).await {
                     Ok(q) => {
                         vm.qmp = Some(q);
+                        // A wrapper script may have exec'd QEMU since the spawn: record what runs now.
+                        if let Err(e) = record_vm(&vm.launch, vm.child.id()) {
+                            tracing::debug!(vm = %vm.name, error = %e, "VM record not refreshed");
+                        }
                         break;
                     }
                     Err(QmpError::Connect { .. }) => {}
@@ -370,6 +383,18 @@ impl VmProcess {
         }
         self.kill().await;
     }
+}
+
+/// Writes the [`VmRecord`](super::reap::VmRecord) of the QEMU just spawned into its socket dir.
+fn record_vm(launch: &VmLaunch, pid: Option<u32>) -> Result<(), QemuError> {
+    let io = |source| QemuError::Io {
+        path: launch.dir.join(super::reap::RECORD_FILE),
+        source,
+    };
+    let pid = pid.ok_or_else(|| io(std::io::Error::other("QEMU exited before it was recorded")))?;
+    super::reap::VmRecord::of_pid(pid, &launch.name)
+        .and_then(|r| r.write(&launch.dir))
+        .map_err(io)
 }
 
 /// `QEMU emulator version 7.2.22 (...)` → the first line.
