@@ -42,6 +42,11 @@ pub const FAMILIES: [&str; 14] = [
     "noded_build_info",
 ];
 
+/// The `runtime_handler` label value of every handler that is not configured. Handler names reach
+/// noded from containerd's events and from /proc (any client may create a container with any
+/// runtime name), so only configured handlers get their own series: the label set stays bounded.
+pub const OTHER_HANDLER: &str = "other";
+
 /// Boot latency buckets: clones answer in tens of milliseconds, cold Kata boots take seconds.
 const BOOT_BUCKETS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -177,6 +182,17 @@ pub struct HandlerGauges {
 pub struct MetricsScope {
     pub handlers: Vec<String>,
     pub templates: Vec<String>,
+}
+
+impl MetricsScope {
+    /// `runtime_handler` itself when configured, else [`OTHER_HANDLER`].
+    pub fn handler_label(&self, runtime_handler: &str) -> String {
+        if self.handlers.iter().any(|h| h == runtime_handler) {
+            runtime_handler.to_string()
+        } else {
+            OTHER_HANDLER.to_string()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -371,6 +387,11 @@ impl Metrics {
         Ok(openmetrics_to_prometheus_text(&self.encode()?))
     }
 
+    /// `runtime_handler` itself when configured, else [`OTHER_HANDLER`].
+    pub fn handler_label(&self, runtime_handler: &str) -> String {
+        self.scope.handler_label(runtime_handler)
+    }
+
     pub fn observe_boot(
         &self,
         runtime_handler: &str,
@@ -380,7 +401,7 @@ impl Metrics {
     ) {
         self.vm_boot
             .get_or_create(&BootLabels {
-                runtime_handler: runtime_handler.to_string(),
+                runtime_handler: self.handler_label(runtime_handler),
                 boot,
                 outcome,
             })
@@ -437,7 +458,7 @@ impl Metrics {
     pub fn set_runtime_ready(&self, runtime_handler: &str, ready: bool) {
         self.runtime_ready
             .get_or_create(&HandlerLabels {
-                runtime_handler: runtime_handler.to_string(),
+                runtime_handler: self.handler_label(runtime_handler),
             })
             .set(i64::from(ready));
     }
@@ -445,7 +466,26 @@ impl Metrics {
     /// Replaces the per-handler VM gauges (VM counts, memory, slots) with one observation round.
     /// Handlers absent from `figures` lose their series, except configured ones, which drop to zero.
     pub fn set_handler_gauges(&self, figures: &[HandlerGauges]) {
-        let mut all: Vec<HandlerGauges> = figures.to_vec();
+        // Unconfigured handlers are summed into one `other` series.
+        let mut folded: std::collections::BTreeMap<String, HandlerGauges> = Default::default();
+        for f in figures {
+            let label = self.handler_label(&f.runtime_handler);
+            let g = folded
+                .entry(label.clone())
+                .or_insert_with(|| HandlerGauges {
+                    runtime_handler: label,
+                    ..HandlerGauges::default()
+                });
+            g.vms_template += f.vms_template;
+            g.vms_cold += f.vms_cold;
+            g.rss_bytes += f.rss_bytes;
+            g.pss_bytes += f.pss_bytes;
+            g.private_bytes += f.private_bytes;
+            g.slots_total += f.slots_total;
+            g.slots_free += f.slots_free;
+        }
+        let figures: Vec<HandlerGauges> = folded.into_values().collect();
+        let mut all: Vec<HandlerGauges> = figures.clone();
         for h in &self.scope.handlers {
             if !figures.iter().any(|f| &f.runtime_handler == h) {
                 all.push(HandlerGauges {
@@ -586,6 +626,37 @@ mod tests {
     }
 
     #[test]
+    fn unconfigured_handlers_fold_into_one_label_value() {
+        let m = Metrics::new(scope());
+        let mut figures = Vec::new();
+        for i in 0..10_000 {
+            let h = format!("runtime-{i}");
+            m.observe_boot(&h, BootKind::Cold, BootOutcome::Ok, 1.0);
+            m.set_runtime_ready(&h, true);
+            figures.push(HandlerGauges {
+                runtime_handler: h,
+                vms_cold: 1,
+                ..HandlerGauges::default()
+            });
+        }
+        m.set_handler_gauges(&figures);
+        let t = m.encode_prometheus_text().expect("encode");
+        let mut values: Vec<&str> = t
+            .split("runtime_handler=\"")
+            .skip(1)
+            .filter_map(|r| r.split('"').next())
+            .collect();
+        values.sort_unstable();
+        values.dedup();
+        assert_eq!(values, ["kata-qemu", "kata-qemu-warm", "other"]);
+        assert!(
+            t.contains("noded_vms{runtime_handler=\"other\",boot=\"cold\"} 10000"),
+            "{t}"
+        );
+        assert!(t.contains("noded_vm_boot_seconds_count{runtime_handler=\"other\",boot=\"cold\",outcome=\"ok\"} 10000"));
+    }
+
+    #[test]
     fn recorded_values_appear_with_their_labels() {
         let m = Metrics::new(scope());
         m.observe_boot("kata-qemu-warm", BootKind::Template, BootOutcome::Ok, 0.07);
@@ -609,16 +680,18 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("noded_template_misses_total 1"), "{t}");
+        // An unconfigured handler is reported as `other`.
+        assert!(!t.contains("kata-clh"), "{t}");
         assert!(
-            t.contains("noded_vms{runtime_handler=\"kata-clh\",boot=\"cold\"} 3"),
+            t.contains("noded_vms{runtime_handler=\"other\",boot=\"cold\"} 3"),
             "{t}"
         );
         assert!(
-            t.contains("noded_vm_host_memory_bytes{runtime_handler=\"kata-clh\",kind=\"pss\"} 42"),
+            t.contains("noded_vm_host_memory_bytes{runtime_handler=\"other\",kind=\"pss\"} 42"),
             "{t}"
         );
         assert!(
-            t.contains("noded_vm_slots{runtime_handler=\"kata-clh\",state=\"free\"} 7"),
+            t.contains("noded_vm_slots{runtime_handler=\"other\",state=\"free\"} 7"),
             "{t}"
         );
         // Configured handlers keep their zero series; a vanished unconfigured one loses them.
@@ -628,6 +701,6 @@ mod tests {
         );
         m.set_handler_gauges(&[]);
         let t = m.encode_prometheus_text().expect("encode");
-        assert!(!t.contains("kata-clh"), "{t}");
+        assert!(!t.contains("runtime_handler=\"other\""), "{t}");
     }
 }

@@ -133,7 +133,14 @@ impl ContainerdVersion {
                 Err(e) => return Err(e),
             }
         }
-        Self::detect_cached(binary, cache)
+        // Runs the Go binary and waits for it: never on the async workers (2 threads).
+        let (b, c) = (binary.to_path_buf(), cache.to_path_buf());
+        tokio::task::spawn_blocking(move || Self::detect_cached(&b, &c))
+            .await
+            .map_err(|e| VersionError::Spawn {
+                binary: binary.display().to_string(),
+                source: std::io::Error::other(e),
+            })?
     }
 
     /// Like [`detect`](Self::detect), but remembers the answer in `cache` keyed by the binary's path,

@@ -26,6 +26,9 @@ const CRI_KIND_LABEL: &str = "io.cri-containerd.kind";
 const CRI_SANDBOX_METADATA: &str = "io.cri-containerd.sandbox.metadata";
 /// Pending creates older than this are dropped (a sandbox that never started).
 const PENDING_TTL_SECS: f64 = 600.0;
+/// Creates waiting for their start, at most: a flood of containers that never start (any client of
+/// containerd can create them) must not grow noded's memory. Beyond it the oldest is dropped.
+pub const PENDING_MAX: usize = 4096;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +58,43 @@ pub enum LatencyError {
 struct Pending {
     created_at: f64,
     handler: String,
+}
+
+/// Container creates waiting for their task start, bounded by age and by [`PENDING_MAX`].
+#[derive(Default)]
+struct PendingCreates {
+    map: HashMap<(String, String), Pending>,
+    dropped: u64,
+}
+
+impl PendingCreates {
+    fn insert(&mut self, key: (String, String), p: Pending) {
+        let now = p.created_at;
+        self.map
+            .retain(|_, q| now - q.created_at < PENDING_TTL_SECS);
+        if self.map.len() >= PENDING_MAX && !self.map.contains_key(&key) {
+            let oldest = self
+                .map
+                .iter()
+                .min_by(|a, b| a.1.created_at.total_cmp(&b.1.created_at))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.map.remove(&k);
+                self.dropped += 1;
+                if self.dropped.is_power_of_two() {
+                    warn!(
+                        dropped = self.dropped,
+                        "too many containers created and not started; dropping the oldest boot measurements"
+                    );
+                }
+            }
+        }
+        self.map.insert(key, p);
+    }
+
+    fn remove(&mut self, key: &(String, String)) -> Option<Pending> {
+        self.map.remove(key)
+    }
 }
 
 /// Follows containerd's events and sends a [`BootSample`] per started sandbox until `tx` is closed.
@@ -110,7 +150,7 @@ async fn follow(socket: &Path, tx: &mpsc::Sender<BootSample>) -> Result<(), Late
         .map_err(|s| LatencyError::Subscribe(Box::new(s)))?
         .into_inner();
     info!(socket = %socket.display(), "following containerd events for boot latency");
-    let mut pending: HashMap<(String, String), Pending> = HashMap::new();
+    let mut pending = PendingCreates::default();
     loop {
         let envelope = tokio::select! {
             m = stream.message() => m,
@@ -131,7 +171,6 @@ async fn follow(socket: &Path, tx: &mpsc::Sender<BootSample>) -> Result<(), Late
                 let Ok(ev) = ContainerCreate::decode(any.value.as_slice()) else {
                     continue;
                 };
-                pending.retain(|_, p| at - p.created_at < PENDING_TTL_SECS);
                 let runtime_name = ev.runtime.map(|r| r.name).unwrap_or_default();
                 let container = get_container(&mut containers, &ns, &ev.id).await;
                 if let Some(handler) = boot_handler(container.as_ref(), &runtime_name) {
@@ -278,6 +317,35 @@ mod tests {
             Some("io.containerd.runc.v2")
         );
         assert_eq!(boot_handler(None, "x.v2").as_deref(), Some("x.v2"));
+    }
+
+    #[test]
+    fn pending_creates_stay_bounded_under_a_flood() {
+        let mut p = PendingCreates::default();
+        for i in 0..(PENDING_MAX * 3) {
+            p.insert(
+                ("ns".into(), format!("c{i}")),
+                Pending {
+                    created_at: i as f64 * 1e-3,
+                    handler: format!("runtime-{i}"),
+                },
+            );
+            assert!(p.map.len() <= PENDING_MAX);
+        }
+        assert_eq!(p.dropped, (PENDING_MAX * 2) as u64);
+        // The newest survive, the oldest went first.
+        let newest = format!("c{}", PENDING_MAX * 3 - 1);
+        assert!(p.remove(&("ns".into(), newest)).is_some());
+        assert!(p.remove(&("ns".into(), "c0".into())).is_none());
+        // Age still expires entries.
+        p.insert(
+            ("ns".into(), "late".into()),
+            Pending {
+                created_at: 1e6,
+                handler: "x".into(),
+            },
+        );
+        assert_eq!(p.map.len(), 1);
     }
 
     #[test]

@@ -28,6 +28,9 @@ use procscan::{BootKind, Origin, ProcessKind, Sandbox, ScanReport, Scanner, VmRo
 const BOOT_WINDOW: usize = 256;
 /// Boot samples whose sandbox no scan found after this many scans are classified without it.
 const PENDING_SCANS: u8 = 2;
+/// Boot samples waiting for a scan, at most: while scans fail nothing is classified, and the queue
+/// must not grow with every sandbox started meanwhile. Beyond it the oldest is dropped (counted).
+pub const PENDING_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -314,7 +317,9 @@ struct State {
     sandbox_handlers: HashMap<String, String>,
     boots: HashMap<String, VecDeque<f64>>,
     probes: BTreeMap<String, ProbeRecord>,
-    pending: Vec<PendingBoot>,
+    pending: VecDeque<PendingBoot>,
+    /// Boot samples dropped because [`PENDING_MAX`] were waiting.
+    pending_dropped: u64,
 }
 
 /// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
@@ -412,13 +417,29 @@ impl Observer {
     pub fn record_boot(&self, handler: &str, sandbox_id: &str, seconds: f64) {
         let span = tracing::debug_span!("boot", runtime_handler = handler, sandbox = sandbox_id);
         let _g = span.enter();
+        // Any runtime name can come from containerd's events: unconfigured ones share one value.
+        let handler = &self.metrics.handler_label(handler);
         let mut st = self.state();
         st.sandbox_handlers
             .insert(sandbox_id.to_string(), handler.to_string());
         if let Some(kind) = st.live.get(sandbox_id).copied() {
             self.finish_boot(&mut st, handler, kind, seconds);
         } else {
-            st.pending.push(PendingBoot {
+            if st.pending.len() >= PENDING_MAX
+                && let Some(old) = st.pending.pop_front()
+            {
+                if !st.live.contains_key(&old.sandbox_id) {
+                    st.sandbox_handlers.remove(&old.sandbox_id);
+                }
+                st.pending_dropped += 1;
+                if st.pending_dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = st.pending_dropped,
+                        "boot samples waiting for a scan exceed {PENDING_MAX}; dropping the oldest"
+                    );
+                }
+            }
+            st.pending.push_back(PendingBoot {
                 handler: handler.to_string(),
                 sandbox_id: sandbox_id.to_string(),
                 seconds,
@@ -427,6 +448,22 @@ impl Observer {
             drop(st);
             self.wake.notify_one();
         }
+    }
+
+    /// Boot samples waiting for a scan, and how many were dropped because too many waited.
+    pub fn pending_boot_samples(&self) -> (usize, u64) {
+        let st = self.state();
+        (st.pending.len(), st.pending_dropped)
+    }
+
+    /// Distinct handler names the observer keeps state under (boot windows, figures, probes).
+    pub fn handler_keys(&self) -> usize {
+        let st = self.state();
+        let mut keys: BTreeSet<&String> = st.boots.keys().collect();
+        keys.extend(st.figures.keys());
+        keys.extend(st.probes.keys());
+        keys.extend(st.sandbox_handlers.values());
+        keys.len()
     }
 
     /// The latest probe of `handler`. A failed probe is also a failed boot of that handler.
@@ -602,7 +639,7 @@ impl Observer {
             .collect();
         let mut live: HashMap<String, BootKind> = HashMap::new();
         for sb in &scan.sandboxes {
-            let handler = self.handler_of(&st, sb);
+            let handler = self.metrics.handler_label(&self.handler_of(&st, sb));
             let f = figures.entry(handler.clone()).or_default();
             // Template sources cost memory but are not VMs anyone booted.
             f.memory += sb.memory;
@@ -665,7 +702,7 @@ impl Observer {
                 self.finish_boot(&mut st, &p.handler, kind, p.seconds);
             } else {
                 p.scans_waited += 1;
-                st.pending.push(p);
+                st.pending.push_back(p);
             }
         }
         let pending_ids: BTreeSet<&str> =

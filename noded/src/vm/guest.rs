@@ -21,7 +21,13 @@ pub enum GuestError {
     Closed,
     #[error("guest answer `{0}` is malformed")]
     Malformed(String),
+    #[error("console line longer than {limit} bytes without a newline (guest output refused)")]
+    LineTooLong { limit: usize },
 }
+
+/// Longest console line kept. Kernel lines are under 1 KiB; anything longer without a newline is a
+/// broken or hostile guest, and buffering it would grow noded's memory without bound.
+pub const MAX_LINE: usize = 4096;
 
 /// One answer from the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +42,9 @@ pub struct GuestConsole {
     next_nonce: u64,
     /// Last lines of other console output (kernel, firmware): what a failure report shows.
     tail: std::collections::VecDeque<String>,
+    /// The line being read. Kept here, not in the reading future, so a read cancelled by a timeout
+    /// loses nothing of an answer that arrived in pieces.
+    partial: Vec<u8>,
 }
 
 impl GuestConsole {
@@ -47,6 +56,7 @@ impl GuestConsole {
             // Distinct per connection so answers to a previous owner's requests are never mistaken.
             next_nonce: u64::from(rand::random::<u32>()) << 16,
             tail: std::collections::VecDeque::new(),
+            partial: Vec::new(),
         })
     }
 
@@ -65,12 +75,8 @@ impl GuestConsole {
         kind: &str,
         nonces: &[u64],
     ) -> Result<(u64, Answer), GuestError> {
-        let mut line = Vec::new();
         loop {
-            line.clear();
-            if self.reader.read_until(b'\n', &mut line).await? == 0 {
-                return Err(GuestError::Closed);
-            }
+            let line = self.read_line().await?;
             let text = String::from_utf8_lossy(&line).into_owned();
             for &nonce in nonces.iter().rev() {
                 let tag = format!("{kind} {nonce} ");
@@ -96,6 +102,34 @@ impl GuestConsole {
                     self.tail.pop_front();
                 }
                 self.tail.push_back(clean.trim().to_string());
+            }
+        }
+    }
+
+    /// The next line (with its newline; the last one of a closed console may lack it), at most
+    /// [`MAX_LINE`] bytes. Cancel-safe: a partial line stays buffered.
+    async fn read_line(&mut self) -> Result<Vec<u8>, GuestError> {
+        loop {
+            let buf = self.reader.fill_buf().await?;
+            if buf.is_empty() {
+                if self.partial.is_empty() {
+                    return Err(GuestError::Closed);
+                }
+                return Ok(std::mem::take(&mut self.partial));
+            }
+            let (take, complete) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if self.partial.len() + take > MAX_LINE {
+                self.reader.consume(take);
+                self.partial = Vec::new();
+                return Err(GuestError::LineTooLong { limit: MAX_LINE });
+            }
+            self.partial.extend_from_slice(&buf[..take]);
+            self.reader.consume(take);
+            if complete {
+                return Ok(std::mem::take(&mut self.partial));
             }
         }
     }

@@ -599,11 +599,21 @@ async fn build_on_tmpfs(
     }
     let state = dir.join(STATE);
     let memory = dir.join(MEMORY);
+    // Hashing hundreds of MiB of guest memory blocks for seconds: off the async workers.
     let digest = |p: &Path| {
         let name = name.clone();
         let path = p.to_path_buf();
-        FileDigest::of(p).map_err(move |source| TemplateError::Io { name, path, source })
+        async move {
+            let p2 = path.clone();
+            match tokio::task::spawn_blocking(move || FileDigest::of(&p2)).await {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+            .map_err(move |source| TemplateError::Io { name, path, source })
+        }
     };
+    let state_digest = digest(&state).await?;
+    let memory_digest = digest(&memory).await?;
     let manifest = Manifest {
         name: name.clone(),
         fingerprint_id: spec.fingerprint.id(),
@@ -611,8 +621,8 @@ async fn build_on_tmpfs(
         machine_args,
         memory_mib: spec.machine.memory_mib,
         guest_counter,
-        state: digest(&state)?,
-        memory: digest(&memory)?,
+        state: state_digest,
+        memory: memory_digest,
         built_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
