@@ -387,3 +387,34 @@ async fn acquire_flood_stays_within_the_cap_and_callers_get_no_qmp() {
     engine.shutdown().await;
     h.assert_no_leaks();
 }
+
+#[test]
+fn config_api_allowed_uids_and_max_vms_in_use() {
+    use noded::config::NodedConfig;
+    let path = Path::new("noded.toml");
+    let defaults = NodedConfig::parse(path, "[[templates]]\nname = \"t\"\n").expect("defaults");
+    assert_eq!(defaults.daemon.api_allowed_uids, vec![0]);
+    assert_eq!(defaults.templates[0].max_vms_in_use, 16);
+
+    let set = NodedConfig::parse(
+        path,
+        "[daemon]\napi_allowed_uids = [0, 1000]\n[[templates]]\nname = \"t\"\nmax_vms_in_use = 4\n",
+    )
+    .expect("set");
+    assert_eq!(set.daemon.api_allowed_uids, vec![0, 1000]);
+    assert_eq!(set.templates[0].max_vms_in_use, 4);
+
+    let err = NodedConfig::parse(path, "[[templates]]\nname = \"t\"\nmax_vms_in_use = 0\n")
+        .err()
+        .expect("a cap of 0 is refused at load");
+    let msg = err.to_string();
+    assert!(msg.contains("templates[0].max_vms_in_use"), "{msg}");
+    assert_eq!(
+        noded::exit::ExitStatus::exit_code(&err),
+        noded::exit::BAD_INPUT
+    );
+    let err = NodedConfig::parse(path, "[daemon]\napi_allowed_uids = [-1]\n")
+        .err()
+        .expect("a negative uid is refused");
+    assert!(err.to_string().contains("api_allowed_uids"), "{err}");
+}
