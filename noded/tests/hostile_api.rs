@@ -405,8 +405,7 @@ fn config_api_allowed_uids_and_max_vms_in_use() {
     assert_eq!(set.templates[0].max_vms_in_use, 4);
 
     let err = NodedConfig::parse(path, "[[templates]]\nname = \"t\"\nmax_vms_in_use = 0\n")
-        .err()
-        .expect("a cap of 0 is refused at load");
+        .expect_err("a cap of 0 is refused at load");
     let msg = err.to_string();
     assert!(msg.contains("templates[0].max_vms_in_use"), "{msg}");
     assert_eq!(
@@ -414,7 +413,6 @@ fn config_api_allowed_uids_and_max_vms_in_use() {
         noded::exit::BAD_INPUT
     );
     let err = NodedConfig::parse(path, "[daemon]\napi_allowed_uids = [-1]\n")
-        .err()
-        .expect("a negative uid is refused");
+        .expect_err("a negative uid is refused");
     assert!(err.to_string().contains("api_allowed_uids"), "{err}");
 }
