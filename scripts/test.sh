@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
+# Disk, not speed, is CI's limit (a run died with ENOSPC): a one-shot build gains nothing from the
+# incremental cache (1 GiB here).
+export CARGO_INCREMENTAL=0
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The DaemonSet image: its static release build runs here, outside nextest's per-test timeouts;
