@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use noded::metrics::{Metrics, OTHER_HANDLER, openmetrics_to_prometheus_text};
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig, PENDING_MAX};
 use noded::vm::guest::{GuestConsole, GuestError, MAX_LINE};
+use testkit::synthetic::{self, SyntheticNode};
 use tokio::io::AsyncWriteExt;
 
 fn observer_on(root: &Path) -> Observer {

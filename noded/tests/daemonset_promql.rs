@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use noded::metrics::{ApplyOutcome, BuildOutcome, Metrics};
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig};
 use observe_util::{Proc, free_port, http_get};
+use testkit::synthetic::{self, SyntheticNode};
 
 /// `noded run` on a config whose /proc is a synthetic tree, in a thread of this test process, so
 /// the test controls probes and events through the same `Observer` the daemon serves.

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use noded::metrics::{Metrics, openmetrics_to_prometheus_text};
 use noded::observe::procscan::{BootKind, Origin, ProcessKind, ScanReport, Scanner};
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig};
 use noded::vm::qemu::{Mapping, VmLaunch, VmProcess};
 use noded::vm::reap::{self, VmRecord};
 use observe_util::{Proc, named_process};
+use testkit::synthetic::{self, SyntheticNode};
 
 fn tag() -> String {
     format!("{}x{}", std::process::id(), rand::random::<u32>())

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use noded::metrics::{ApplyOutcome, BuildOutcome, FAMILIES, Metrics};
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig};
 use observe_util::{Proc, free_port, http_get};
+use testkit::synthetic::{self, SyntheticNode};
 
 const OPENMETRICS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 

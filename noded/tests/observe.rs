@@ -13,9 +13,9 @@ use noded::metrics::{Metrics, openmetrics_to_prometheus_text};
 use noded::observe::procscan::{
     BootKind, KATA_FACTORY_TEMPLATE_DIR, Origin, ProcessKind, ScanReport, Scanner, VmRole,
 };
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig, TemplateRef};
 use observe_util::{Proc, named_process};
+use testkit::synthetic::{self, SyntheticNode};
 
 fn unique(tag: &str) -> String {
     format!("{tag}{}x{}", std::process::id(), rand_suffix())

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use noded::metrics::Metrics;
-use noded::observe::synthetic::{self, SyntheticNode};
 use noded::observe::{Observer, ObserverConfig};
+use testkit::synthetic::{self, SyntheticNode};
 
 use crate::report::{Stats, emit};
 

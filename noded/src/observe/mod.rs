@@ -9,7 +9,6 @@ pub mod capacity;
 pub mod latency;
 pub mod memory;
 pub mod procscan;
-pub mod synthetic;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

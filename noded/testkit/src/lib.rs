@@ -16,3 +16,4 @@ pub mod require;
 pub mod scenario;
 pub mod scrape;
 pub mod shim;
+pub mod synthetic;

@@ -1,4 +1,5 @@
-//! A synthetic `/proc` tree with many Kata-like VMs, for the scale tests and the scrape benchmark.
+//! A synthetic `/proc` tree with many Kata-like VMs, for the scale tests and the scrape benchmark
+//! (test scaffolding: lives here, not in noded).
 //! It has exactly the files the scanner reads (`<pid>/cmdline`, `<pid>/smaps_rollup`, `<pid>/stat`,
 //! `<pid>/status`, `meminfo`, `stat`), in the kernel's formats. As on a real node, every VM sits
 //! under its root Kata shim (QEMU and virtiofsd are the shim's children); optional spoofed VMs
