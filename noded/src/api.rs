@@ -45,6 +45,9 @@ pub trait StatusProvider: Send + Sync {
 
 impl StatusProvider for Engine {
     fn fill(&self, status: &mut pb::StatusResponse) {
+        let cgroup = crate::vm::cgroup::status();
+        status.vm_cgroup = cgroup.path;
+        status.vm_cgroup_error = cgroup.error;
         for s in self.snapshot() {
             status.templates.push(pb::TemplateStatus {
                 name: s.name,
@@ -61,6 +64,18 @@ impl StatusProvider for Engine {
                 } else {
                     s.last_damage
                 },
+                in_use: s.in_use,
+                max_in_use: s.max_in_use,
+                vms_in_use: s
+                    .vms_in_use
+                    .into_iter()
+                    .map(|v| pb::VmInUse {
+                        vm_id: v.vm_id,
+                        pid: v.pid,
+                        acquired_unix_ms: v.acquired_unix_ms,
+                        adopted: v.adopted,
+                    })
+                    .collect(),
             });
         }
     }
@@ -353,6 +368,29 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
         if !t.not_ready_reason.is_empty() {
             out.push_str(&format!("  {}: {}\n", t.name, t.not_ready_reason));
         }
+        if t.in_use > 0 {
+            let vms: Vec<String> = t
+                .vms_in_use
+                .iter()
+                .map(|v| {
+                    let adopted = if v.adopted { ", adopted" } else { "" };
+                    format!("{} (pid {}{adopted})", v.vm_id, v.pid)
+                })
+                .collect();
+            out.push_str(&format!(
+                "  {}: {}/{} in use: {}\n",
+                t.name,
+                t.in_use,
+                t.max_in_use,
+                vms.join(", ")
+            ));
+        }
+    }
+    if !s.vm_cgroup_error.is_empty() {
+        out.push_str(&format!(
+            "\nVMs in use will not survive a restart of noded's container: {}\n",
+            s.vm_cgroup_error
+        ));
     }
     if !s.handlers.is_empty() {
         out.push('\n');
@@ -372,6 +410,11 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
                 "pool_ready": t.pool_ready, "pool_target": t.pool_target, "builds": t.builds,
                 "hits": t.hits, "misses": t.misses, "memory_bytes": t.memory_bytes,
                 "not_ready_reason": t.not_ready_reason,
+                "in_use": t.in_use, "max_in_use": t.max_in_use,
+                "vms_in_use": t.vms_in_use.iter().map(|v| serde_json::json!({
+                    "vm_id": v.vm_id, "pid": v.pid, "acquired_unix_ms": v.acquired_unix_ms,
+                    "adopted": v.adopted,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -396,6 +439,8 @@ pub fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "containerd_config_changed": s.containerd_config_changed,
         "containerd_version": s.containerd_version,
         "containerd_restarts": s.containerd_restarts,
+        "vm_cgroup": s.vm_cgroup,
+        "vm_cgroup_error": s.vm_cgroup_error,
     })
 }
 

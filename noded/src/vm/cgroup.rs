@@ -448,14 +448,27 @@ pub fn status() -> CgroupStatus {
 }
 
 /// Moves a just-spawned VM process into its own cgroup, named after its directory (`vm_dir`'s last
-/// component), off the async workers (a v1 migration waits for an RCU grace period). `None` when no
-/// VM cgroup is installed or none could be joined.
-pub async fn enter(pid: u32, vm_dir: &Path) -> Option<VmCgroup> {
+/// component): the one call at spawn (`backend::record_spawn`). Synchronous for that caller; on a
+/// multi-threaded runtime the worker hands its other tasks off while a v1 migration waits for an
+/// RCU grace period (~15 ms). Idempotent: a process already in its cgroup is not moved again.
+/// `None` when no VM cgroup is installed or none could be joined.
+pub fn enter(pid: u32, vm_dir: &Path) -> Option<VmCgroup> {
     let installed = current()?;
-    installed.cgroups.as_ref()?;
+    let cgroups = installed.cgroups.as_ref()?;
     let leaf = vm_dir.file_name()?.to_string_lossy().into_owned();
-    let task = tokio::task::spawn_blocking(move || {
-        let cgroups = installed.cgroups.as_ref()?;
+    let run = || {
+        let wanted = format!("/{}/{leaf}", cgroups.setting.path.display());
+        let now = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let placed = parse_proc_cgroup(&now);
+        if !placed.is_empty() && placed.iter().all(|(_, p)| p.ends_with(&wanted)) {
+            return Some(VmCgroup {
+                dirs: cgroups
+                    .parents()
+                    .into_iter()
+                    .map(|d| d.join(&leaf))
+                    .collect(),
+            });
+        }
         let (cgroup, errors) = cgroups.enter(pid, &leaf);
         for e in &errors {
             installed.problem(e);
@@ -466,8 +479,13 @@ pub async fn enter(pid: u32, vm_dir: &Path) -> Option<VmCgroup> {
             installed.problem(&e);
         }
         (!cgroup.dirs.is_empty()).then_some(cgroup)
-    });
-    task.await.ok().flatten()
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
 }
 
 /// Removes the installed VM parent cgroups where they are empty (noded stopping; VMs still in use
