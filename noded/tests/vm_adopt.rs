@@ -291,6 +291,14 @@ async fn vm_in_use_survives_kill_9_in_its_own_cgroup_and_the_next_noded_releases
         );
     }
     assert_eq!(cg.existing(&vm.vm_id).len(), hierarchies().len());
+    // Its own process group too: a signal to noded's group (Ctrl-C) does not reach it.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", vm.pid)).expect("stat");
+    let pgrp: u32 = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().nth(2))
+        .and_then(|p| p.parse().ok())
+        .expect("pgrp field");
+    assert_eq!(pgrp, vm.pid, "QEMU leads its own process group");
     let record =
         std::fs::read_to_string(h.run_dir.join("vms").join(&vm.vm_id).join("process.json"))
             .expect("spawn record");

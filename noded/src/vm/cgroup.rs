@@ -591,4 +591,25 @@ mod tests {
             "a record naming a plain directory removes nothing"
         );
     }
+
+    #[test]
+    fn an_unusable_cgroup_fs_is_reported_once_and_vms_stay_put() {
+        let empty = tempfile::tempdir().expect("tmp");
+        let setting = Setting {
+            root: empty.path().to_path_buf(),
+            path: PathBuf::from("noded-vms"),
+        };
+        let status = install(Some(&setting));
+        assert_eq!(status.path, "noded-vms");
+        assert!(
+            status.error.contains("no cgroup hierarchy"),
+            "{}",
+            status.error
+        );
+        assert_eq!(
+            enter(std::process::id(), Path::new("/run/noded/vms/x")),
+            None
+        );
+        assert_eq!(install(None), CgroupStatus::default());
+    }
 }
