@@ -14,4 +14,5 @@ pub mod kata;
 pub mod metrics;
 pub mod names;
 pub mod observe;
+pub mod proctable;
 pub mod vm;

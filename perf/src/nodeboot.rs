@@ -333,15 +333,10 @@ fn leaks() -> usize {
         .lines()
         .filter(|l| l.contains("/nodebox-"))
         .count();
-    let procs = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("/nodebox-"))
-        })
-        .count();
+    let procs = noded::proctable::pids_where(std::path::Path::new("/proc"), |argv| {
+        argv.iter().any(|a| a.contains("/nodebox-"))
+    })
+    .len();
     if mounts + procs > 0 {
         eprintln!("leaks: {mounts} mount(s), {procs} process(es) naming a box dir");
     }

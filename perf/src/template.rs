@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use noded::api::{self, NodeService, pb};
 use noded::config::TemplateSection;
+use noded::proctable;
 use noded::vm::clone::{After, StartedVm, cold_boot, restore};
 use noded::vm::engine::{Engine, EngineOptions, resolve};
 use noded::vm::guest::GuestConsole;
-use noded::vm::memory::{self, MemoryUsage};
 use noded::vm::template::{self, Layout};
 
 use crate::report::{Stats, emit};
@@ -61,11 +61,23 @@ fn options(args: &Args, run_dir: &Path, target: u32, mode: After) -> EngineOptio
     }
 }
 
-/// Memory of an idle VM a moment after it answered (guest settled, no request in flight).
-async fn idle_usage(vm: &StartedVm, guest_file: &Path) -> anyhow::Result<MemoryUsage> {
+/// Host memory of an idle VM a moment after it answered (guest settled, no request in flight).
+struct IdleUsage {
+    pss: u64,
+    private: u64,
+    /// The private part of the guest RAM mapping only (for a clone: pages copied on write).
+    guest_private: u64,
+}
+
+async fn idle_usage(vm: &StartedVm, guest_file: &Path) -> anyhow::Result<IdleUsage> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = vm.vm.pid().context("VM has no pid")?;
-    Ok(memory::usage(pid, Some(guest_file))?)
+    let total = proctable::memory_of(pid)?;
+    Ok(IdleUsage {
+        pss: total.pss,
+        private: total.private,
+        guest_private: proctable::mapping_private(pid, guest_file)?,
+    })
 }
 
 /// CPU time (user + system) of `pid`, from /proc/<pid>/stat, in clock ticks.

@@ -887,26 +887,9 @@ fn runc_states(run: &Path) -> Vec<RuncState> {
 
 /// Shim processes started by the containerd listening on `socket` (they carry `-address <socket>`).
 fn shims_of(socket: &Path) -> Vec<i32> {
-    let want = socket.as_os_str().as_encoded_bytes();
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_shim = args
-            .first()
-            .is_some_and(|a| a.windows(15).any(|w| w == b"containerd-shim"));
-        let ours = args.windows(2).any(|w| w[0] == b"-address" && w[1] == want);
-        if is_shim && ours {
-            out.push(pid);
-        }
-    }
-    out
+    let want = socket.to_string_lossy();
+    crate::proctable::pids_where(Path::new("/proc"), |argv| {
+        let is_shim = argv.first().is_some_and(|a| a.contains("containerd-shim"));
+        is_shim && argv.windows(2).any(|w| w[0] == "-address" && w[1] == want)
+    })
 }

@@ -1,61 +1,9 @@
-//! Host memory accounting of VM processes (`smaps_rollup`) and of the host itself (`meminfo`).
-//!
-//! PSS is the figure density planning uses: pages shared between clones of one template (the template's
-//! memory file, QEMU's own text) are split between the processes mapping them, so summing PSS over all
-//! VMs never counts a shared page twice. RSS over-counts shared pages; private (clean + dirty) is what
-//! killing the VM would give back.
+//! Host totals (`meminfo`, CPUs) for the capacity model, and percentiles of per-VM costs. Per-process
+//! memory (`smaps_rollup`, PSS) is [`crate::proctable`]'s: re-exported here for the scan.
 
-use std::ops::{Add, AddAssign};
 use std::path::Path;
 
-use procfs::process::Process;
-
-/// Memory of one process or a sum of processes, in bytes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct MemoryUsage {
-    pub rss: u64,
-    pub pss: u64,
-    /// Private_Clean + Private_Dirty.
-    pub private: u64,
-}
-
-impl Add for MemoryUsage {
-    type Output = MemoryUsage;
-    fn add(self, o: MemoryUsage) -> MemoryUsage {
-        MemoryUsage {
-            rss: self.rss.saturating_add(o.rss),
-            pss: self.pss.saturating_add(o.pss),
-            private: self.private.saturating_add(o.private),
-        }
-    }
-}
-
-impl AddAssign for MemoryUsage {
-    fn add_assign(&mut self, o: MemoryUsage) {
-        *self = *self + o;
-    }
-}
-
-impl std::iter::Sum for MemoryUsage {
-    fn sum<I: Iterator<Item = MemoryUsage>>(iter: I) -> MemoryUsage {
-        iter.fold(MemoryUsage::default(), Add::add)
-    }
-}
-
-/// Reads `smaps_rollup` of `process`. A kernel thread or zombie has an empty rollup: that is zero, not
-/// an error.
-pub fn read_rollup(process: &Process) -> procfs::ProcResult<MemoryUsage> {
-    let rollup = process.smaps_rollup()?;
-    let Some(map) = rollup.memory_map_rollup.0.first() else {
-        return Ok(MemoryUsage::default());
-    };
-    let field = |k: &str| map.extension.map.get(k).copied().unwrap_or(0);
-    Ok(MemoryUsage {
-        rss: field("Rss"),
-        pss: field("Pss"),
-        private: field("Private_Clean").saturating_add(field("Private_Dirty")),
-    })
-}
+pub use crate::proctable::{MemoryUsage, read_rollup};
 
 /// Host totals the capacity model needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -7,7 +7,6 @@ pub mod cli;
 pub mod clone;
 pub mod engine;
 pub mod guest;
-pub mod memory;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;

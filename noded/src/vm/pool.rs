@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use super::clone::{After, CloneError, StartedVm, cold_boot, restore};
-use super::memory;
 use super::template::{self, Damage, Layout, Template, TemplateError, TemplateSpec};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -583,7 +582,7 @@ async fn fill_one(inner: &Arc<Inner>) -> bool {
             let cost = vm
                 .vm
                 .pid()
-                .and_then(|pid| memory::usage(pid, None).ok())
+                .and_then(|pid| crate::proctable::memory_of(pid).ok())
                 .map_or(DEFAULT_CLONE_COST, |u| u.private);
             let rejected = {
                 let mut st = inner.lock();

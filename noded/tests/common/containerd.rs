@@ -124,16 +124,7 @@ pub async fn remove(socket: &Path, pod: &RunningPod) {
 
 /// PIDs of processes whose command line contains `needle` (e.g. a unique container id).
 pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        if let Ok(c) = std::fs::read(p.path().join("cmdline"))
-            && String::from_utf8_lossy(&c).contains(needle)
-        {
-            out.push(pid);
-        }
-    }
-    out
+    noded::proctable::pids_where(Path::new("/proc"), |argv| {
+        argv.iter().any(|a| a.contains(needle))
+    })
 }
