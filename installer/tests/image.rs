@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE};
-use noded::containerd::private::PrivateContainerd;
 use serde_json::Value;
 use testkit::require::{require, require_root};
 
@@ -360,7 +359,7 @@ async fn image_imports_into_containerd_and_its_binaries_run_under_cri() {
         .await
         .expect("build thread");
 
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE)
+    let ctrd = testkit::containerd::start_temp(PAUSE_IMAGE)
         .await
         .expect("private containerd starts");
     let socket = ctrd.socket().to_path_buf();

@@ -90,7 +90,7 @@ async fn apply_restarts_containerd_through_systemd_over_dbus() {
     let Some(dbus_daemon) = components() else {
         return;
     };
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE)
+    let ctrd = testkit::containerd::start_temp(PAUSE_IMAGE)
         .await
         .expect("private containerd starts");
     let bus = SystemdBus::start(
@@ -161,7 +161,7 @@ async fn a_failed_systemd_job_fails_apply_and_rolls_back() {
     let Some(dbus_daemon) = components() else {
         return;
     };
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE)
+    let ctrd = testkit::containerd::start_temp(PAUSE_IMAGE)
         .await
         .expect("private containerd starts");
     let bus = SystemdBus::start(

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use noded::containerd::cri::CriClient;
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
-use noded::containerd::private::PrivateContainerd;
 
 use testkit::fake_api;
 
@@ -35,7 +34,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 async fn run_async(args: &Args) -> anyhow::Result<()> {
     let t = Instant::now();
-    let ctrd = PrivateContainerd::start_temp(PAUSE_IMAGE)
+    let ctrd = testkit::containerd::start_temp(PAUSE_IMAGE)
         .await
         .context("private containerd")?;
     let containerd_start = t.elapsed();

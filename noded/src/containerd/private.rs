@@ -1,7 +1,8 @@
 //! A private containerd with its own root, state, sockets and `/run`, for local mode and tests.
 //!
 //! Local mode runs the installed containerd (1.6 here) with a version 2 config; tests choose the binary
-//! and the config version ([`Launch`], [`default_config_for`]) to run 1.7 and 2.x the same way.
+//! ([`Launch`]) and write their own config (the test harness has the version 3 one) to run 1.7 and
+//! 2.x the same way.
 //! containerd's PATH starts with `<dir>/bin`, so per-handler shims (`containerd-shim-<handler>-v2`,
 //! which containerd 1.6 resolves by name whatever `runtime_path` says) can be dropped there.
 //!
@@ -99,8 +100,6 @@ pub struct PrivateLayout {
     pub cni_bin: PathBuf,
     /// First on containerd's PATH: where per-handler shims go.
     pub bin: PathBuf,
-    /// The config [`PrivateContainerd::start_default`] writes.
-    pub default_config: PathBuf,
     /// containerd's stdout/stderr (appended across restarts).
     pub log: PathBuf,
     /// PID of the containerd currently running under the supervisor.
@@ -127,7 +126,6 @@ impl PrivateLayout {
             cni_conf: p("cni/net.d"),
             cni_bin: p("cni/bin"),
             bin: p("bin"),
-            default_config: p("config.toml"),
             log: p("containerd.log"),
             pidfile: p("containerd.pid"),
             stop_marker: p("supervisor.stop"),
@@ -224,84 +222,6 @@ required_plugins = ["io.containerd.grpc.v1.cri"]
     )
 }
 
-/// The default private config for a config version: [`default_config`] (version 2, containerd 1.x)
-/// or [`default_config_v3`] (version 3, containerd 2.x).
-pub fn default_config_for(
-    version: super::document::ConfigVersion,
-    layout: &PrivateLayout,
-    sandbox_image: &str,
-) -> String {
-    match version {
-        super::document::ConfigVersion::V3 => default_config_v3(layout, sandbox_image),
-        _ => default_config(layout, sandbox_image),
-    }
-}
-
-/// The containerd 2.x config (version 3) with the same recipe as [`default_config`]: the CRI plugin is
-/// split into `io.containerd.cri.v1.images` (the sandbox image is `pinned_images.sandbox` there) and
-/// `io.containerd.cri.v1.runtime` (runtimes, CNI, the sandbox settings).
-pub fn default_config_v3(layout: &PrivateLayout, sandbox_image: &str) -> String {
-    let q = |p: &Path| toml_quote(&p.display().to_string());
-    format!(
-        r#"version = 3
-root = {root}
-state = {state}
-required_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  address = {debug}
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = {opt}
-
-  [plugins."io.containerd.cri.v1.images"]
-    snapshotter = "overlayfs"
-
-    [plugins."io.containerd.cri.v1.images".pinned_images]
-      sandbox = {sandbox}
-
-  [plugins."io.containerd.cri.v1.runtime"]
-    netns_mounts_under_state_dir = true
-    disable_apparmor = true
-    restrict_oom_score_adj = true
-
-    [plugins."io.containerd.cri.v1.runtime".cni]
-      bin_dirs = [{cni_bin}]
-      conf_dir = {cni_conf}
-
-    [plugins."io.containerd.cri.v1.runtime".containerd]
-      default_runtime_name = "runc"
-
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes]
-
-        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-          runtime_type = "io.containerd.runc.v2"
-
-          [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-            SystemdCgroup = false
-"#,
-        root = q(&layout.root),
-        state = q(&layout.state),
-        socket = q(&layout.socket),
-        ttrpc = q(&layout.ttrpc_socket),
-        debug = q(&layout.debug_socket),
-        opt = q(&layout.opt),
-        sandbox = toml_quote(sandbox_image),
-        cni_bin = q(&layout.cni_bin),
-        cni_conf = q(&layout.cni_conf),
-    )
-}
-
 /// Which containerd binary runs and what goes on its PATH after `<dir>/bin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
@@ -319,40 +239,6 @@ impl Default for Launch {
             path_prefix: Vec::new(),
         }
     }
-}
-
-/// Rewrites the process-level paths of an existing containerd config (root, state, grpc/ttrpc/debug
-/// addresses, metrics address, the v2 `opt` plugin path) to the layout's, keeping everything else
-/// byte-for-byte. For starting a private containerd from a config shape written for a real host.
-pub fn privatize_config(text: &str, layout: &PrivateLayout) -> Result<String, String> {
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{e}"))?;
-    let s = |p: &Path| toml_edit::value(p.display().to_string());
-    doc["root"] = s(&layout.root);
-    doc["state"] = s(&layout.state);
-    for (table, path) in [
-        ("grpc", &layout.socket),
-        ("ttrpc", &layout.ttrpc_socket),
-        ("debug", &layout.debug_socket),
-    ] {
-        if doc.get(table).is_none() {
-            doc[table] = toml_edit::table();
-        }
-        doc[table]["address"] = s(path);
-    }
-    if doc.get("metrics").is_none() {
-        doc["metrics"] = toml_edit::table();
-    }
-    doc["metrics"]["address"] = toml_edit::value("");
-    let version = doc.get("version").and_then(|v| v.as_integer()).unwrap_or(1);
-    if version >= 2 {
-        if doc.get("plugins").is_none() {
-            let mut t = toml_edit::Table::new();
-            t.set_implicit(true);
-            doc["plugins"] = toml_edit::Item::Table(t);
-        }
-        doc["plugins"]["io.containerd.internal.v1.opt"]["path"] = s(&layout.opt);
-    }
-    Ok(doc.to_string())
 }
 
 fn toml_quote(s: &str) -> String {
@@ -389,68 +275,11 @@ pub struct PrivateContainerd {
     socket: PathBuf,
     launch: Launch,
     supervisor: Option<Child>,
-    _tempdir: Option<tempfile::TempDir>,
 }
 
 impl PrivateContainerd {
-    /// Writes [`default_config`] into `dir` and starts containerd with it.
-    pub async fn start_default(
-        dir: &Path,
-        sandbox_image: &str,
-    ) -> Result<Self, PrivateContainerdError> {
-        Self::start_default_with(
-            dir,
-            sandbox_image,
-            super::document::ConfigVersion::V2,
-            &Launch::default(),
-        )
-        .await
-    }
-
-    /// Writes [`default_config_for`] `version` into `dir` and starts `launch`'s containerd with it.
-    pub async fn start_default_with(
-        dir: &Path,
-        sandbox_image: &str,
-        version: super::document::ConfigVersion,
-        launch: &Launch,
-    ) -> Result<Self, PrivateContainerdError> {
-        let layout = PrivateLayout::new(dir);
-        layout.check()?;
-        layout.create_dirs()?;
-        let config = layout.default_config.clone();
-        std::fs::write(&config, default_config_for(version, &layout, sandbox_image))
-            .map_err(io_err(&config))?;
-        Self::start_with(dir, &config, launch).await
-    }
-
-    /// Like [`start_default`](Self::start_default) in a fresh temporary directory under /tmp that is removed
-    /// on drop.
-    pub async fn start_temp(sandbox_image: &str) -> Result<Self, PrivateContainerdError> {
-        Self::start_temp_with(
-            sandbox_image,
-            super::document::ConfigVersion::V2,
-            &Launch::default(),
-        )
-        .await
-    }
-
-    /// Like [`start_temp`](Self::start_temp) with a chosen config version and containerd binary.
-    pub async fn start_temp_with(
-        sandbox_image: &str,
-        version: super::document::ConfigVersion,
-        launch: &Launch,
-    ) -> Result<Self, PrivateContainerdError> {
-        let tmp = tempfile::Builder::new()
-            .prefix("noded-ctrd-")
-            .tempdir_in("/tmp")
-            .map_err(io_err(Path::new("/tmp")))?;
-        let mut me = Self::start_default_with(tmp.path(), sandbox_image, version, launch).await?;
-        me._tempdir = Some(tmp);
-        Ok(me)
-    }
-
     /// Starts containerd with a config the caller wrote. The config's `grpc.address` is the socket waited
-    /// for; its root/state/addresses should be under `dir` (see [`PrivateLayout`], [`privatize_config`]).
+    /// for; its root/state/addresses should be under `dir` (see [`PrivateLayout`]).
     pub async fn start(dir: &Path, config: &Path) -> Result<Self, PrivateContainerdError> {
         Self::start_with(dir, config, &Launch::default()).await
     }
@@ -473,7 +302,6 @@ impl PrivateContainerd {
             socket,
             launch: launch.clone(),
             supervisor: None,
-            _tempdir: None,
         };
         me.spawn_supervisor()?;
         me.wait_ready(None, READY_TIMEOUT).await?;

@@ -4,8 +4,8 @@
 //!
 //! [`start`] runs a private containerd of a series through noded's own
 //! [`PrivateContainerd`](noded::containerd::private::PrivateContainerd): the product code already owns
-//! the mount namespace, supervisor, restart script and cleanup, and local mode needs the same choice of
-//! binary and config version, so the test side only chooses the binaries and the config.
+//! the mount namespace, supervisor, restart script and cleanup (local mode uses them), so the test
+//! side only chooses the binaries, the config version and a temp dir ([`TempContainerd`]).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -341,23 +341,148 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// A private containerd in a temp dir of its own under /tmp (short: socket paths are limited to 107
+/// bytes). Dropping it kills containerd, its shims and containers, then removes the directory.
+#[derive(Debug)]
+pub struct TempContainerd {
+    // Declaration order is drop order: containerd is gone before its directory is removed.
+    ctrd: PrivateContainerd,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TempContainerd {
+    type Target = PrivateContainerd;
+    fn deref(&self) -> &PrivateContainerd {
+        &self.ctrd
+    }
+}
+
+impl std::ops::DerefMut for TempContainerd {
+    fn deref_mut(&mut self) -> &mut PrivateContainerd {
+        &mut self.ctrd
+    }
+}
+
+/// The installed containerd (1.6) with the version 2 default config, in a fresh temp dir.
+pub async fn start_temp(sandbox_image: &str) -> Result<TempContainerd> {
+    start_temp_with(sandbox_image, ConfigVersion::V2, &Launch::default()).await
+}
+
+/// Writes the default private config of `version` into a fresh temp dir under /tmp and starts
+/// `launch`'s containerd with it.
+pub async fn start_temp_with(
+    sandbox_image: &str,
+    version: ConfigVersion,
+    launch: &Launch,
+) -> Result<TempContainerd> {
+    let dir = tempfile::Builder::new()
+        .prefix("noded-ctrd-")
+        .tempdir_in("/tmp")
+        .context("temp dir for a private containerd")?;
+    let layout = PrivateLayout::new(dir.path());
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, default_config_for(version, &layout, sandbox_image))
+        .with_context(|| format!("write {}", config.display()))?;
+    let ctrd = PrivateContainerd::start_with(dir.path(), &config, launch).await?;
+    Ok(TempContainerd { ctrd, _dir: dir })
+}
+
 /// Writes the default private config of `series` into a fresh temp dir under /tmp and starts that
 /// series' containerd with it (`<dir>/bin` first on its PATH, then the series' own shim). The temp dir
 /// is removed when the returned containerd is dropped.
-pub async fn start(series: Series, sandbox_image: &str) -> Result<PrivateContainerd> {
+pub async fn start(series: Series, sandbox_image: &str) -> Result<TempContainerd> {
     let bins = binaries(series)?;
-    Ok(
-        PrivateContainerd::start_temp_with(sandbox_image, series.config_version(), &bins.launch())
-            .await?,
-    )
+    start_temp_with(sandbox_image, series.config_version(), &bins.launch()).await
 }
 
 /// The default private config of `series` for `dir` (version 2 for 1.x, version 3 for 2.x).
 pub fn default_config(series: Series, dir: &Path, sandbox_image: &str) -> String {
-    private::default_config_for(
+    default_config_for(
         series.config_version(),
         &PrivateLayout::new(dir),
         sandbox_image,
+    )
+}
+
+/// The default private config for a config version: noded's own (version 2, containerd 1.x, what
+/// local mode writes) or [`default_config_v3`] (version 3, containerd 2.x).
+pub fn default_config_for(
+    version: ConfigVersion,
+    layout: &PrivateLayout,
+    sandbox_image: &str,
+) -> String {
+    match version {
+        ConfigVersion::V3 => default_config_v3(layout, sandbox_image),
+        _ => private::default_config(layout, sandbox_image),
+    }
+}
+
+fn toml_quote(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The containerd 2.x config (version 3) with the same recipe as noded's version 2 default: the CRI
+/// plugin is split into `io.containerd.cri.v1.images` (the sandbox image is `pinned_images.sandbox`
+/// there) and `io.containerd.cri.v1.runtime` (runtimes, CNI, the sandbox settings).
+pub fn default_config_v3(layout: &PrivateLayout, sandbox_image: &str) -> String {
+    let q = |p: &Path| toml_quote(&p.display().to_string());
+    format!(
+        r#"version = 3
+root = {root}
+state = {state}
+required_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = {socket}
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = {debug}
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {opt}
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = {sandbox}
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    netns_mounts_under_state_dir = true
+    disable_apparmor = true
+    restrict_oom_score_adj = true
+
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = [{cni_bin}]
+      conf_dir = {cni_conf}
+
+    [plugins."io.containerd.cri.v1.runtime".containerd]
+      default_runtime_name = "runc"
+
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes]
+
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+          runtime_type = "io.containerd.runc.v2"
+
+          [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+            SystemdCgroup = false
+"#,
+        root = q(&layout.root),
+        state = q(&layout.state),
+        socket = q(&layout.socket),
+        ttrpc = q(&layout.ttrpc_socket),
+        debug = q(&layout.debug_socket),
+        opt = q(&layout.opt),
+        sandbox = toml_quote(sandbox_image),
+        cni_bin = q(&layout.cni_bin),
+        cni_conf = q(&layout.cni_conf),
     )
 }
 

@@ -9,8 +9,7 @@ use std::time::Duration;
 use k8s_cri::v1::ContainerState;
 use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
-use noded::containerd::private::PrivateContainerd;
-use testkit::containerd::{Binaries, Series};
+use testkit::containerd::{Binaries, Series, TempContainerd};
 
 /// Everything a private containerd needs; None (skip) when missing outside CI.
 pub fn available() -> bool {
@@ -25,7 +24,7 @@ pub fn available() -> bool {
 /// Starts a private containerd 1.6 (the installed one; default config, sandbox image = the local pause
 /// image) in a fresh temp dir and imports the busybox images. Dropping it kills containerd, shims and
 /// containers.
-pub async fn start() -> Option<PrivateContainerd> {
+pub async fn start() -> Option<TempContainerd> {
     start_series(Series::V1_6).await
 }
 
@@ -38,7 +37,7 @@ pub fn available_series(series: Series) -> Option<Binaries> {
 }
 
 /// Like [`start`] for any series (its own binaries and config version).
-pub async fn start_series(series: Series) -> Option<PrivateContainerd> {
+pub async fn start_series(series: Series) -> Option<TempContainerd> {
     available_series(series)?;
     let ctrd = testkit::containerd::start(series, PAUSE_IMAGE)
         .await
