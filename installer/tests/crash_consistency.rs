@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Node, snapshot};
-
-/// The syscalls that change the filesystem or make a change durable.
-const STEPS: &str = "mkdir,mkdirat,rename,renameat,renameat2,symlink,symlinkat,link,linkat,unlink,unlinkat,rmdir,fsync,fdatasync,syncfs";
+use testkit::strace::{PERSISTENCE, Step, Strace};
 
 struct Bed {
     node: Node,
@@ -20,12 +18,12 @@ struct Bed {
     tarball: PathBuf,
     sha: String,
     noded: PathBuf,
-    strace: PathBuf,
+    strace: Strace,
 }
 
 impl Bed {
     fn new() -> Option<Self> {
-        let strace = common::require("strace")?;
+        let strace = Strace::require(PERSISTENCE)?;
         let node = Node::new();
         let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
         let noded = node.fake_noded();
@@ -81,11 +79,14 @@ impl Bed {
         a
     }
 
+    fn command(&self, what: &str) -> Command {
+        let mut c = Command::new(self.root().join("usr/local/bin/installer"));
+        c.args(self.args(what));
+        c
+    }
+
     fn run(&self, what: &str) -> std::process::Output {
-        Command::new(self.root().join("usr/local/bin/installer"))
-            .args(self.args(what))
-            .output()
-            .expect("run installer")
+        self.command(what).output().expect("run installer")
     }
 
     fn ok(&self, what: &str, context: &str) {
@@ -97,56 +98,19 @@ impl Bed {
         );
     }
 
-    /// The sequence of persistence steps of one clean run: (syscall, its occurrence number).
-    fn steps(&self, what: &str) -> Vec<(String, usize)> {
+    /// The sequence of persistence steps of one clean run.
+    fn steps(&self, what: &str) -> Vec<Step> {
         let log = self.node.dir.path().join(format!("{what}.strace"));
-        let st = Command::new(&self.strace)
-            .args(["-qq", "-e", &format!("trace={STEPS}"), "-o"])
-            .arg(&log)
-            .arg(self.root().join("usr/local/bin/installer"))
-            .args(self.args(what))
-            .output()
-            .expect("strace");
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-        let text = std::fs::read_to_string(&log).expect("strace log");
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut steps = Vec::new();
-        for line in text.lines() {
-            let Some(name) = line.split('(').next().filter(|n| !n.contains(' ')) else {
-                continue;
-            };
-            let n = seen.entry(name.to_owned()).or_default();
-            *n += 1;
-            steps.push((name.to_owned(), *n));
-        }
-        steps
+        self.strace
+            .steps(&self.command(what), &log)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
     }
 
     /// Runs `what` killed (SIGKILL) on entry to the given step; asserts it really died there.
-    fn killed_at(&self, what: &str, (syscall, n): &(String, usize)) {
-        let out = Command::new(&self.strace)
-            .args([
-                "-qq",
-                "-o",
-                "/dev/null",
-                "-e",
-                &format!("trace={syscall}"),
-                "-e",
-                &format!("inject={syscall}:signal=KILL:when={n}"),
-            ])
-            .arg(self.root().join("usr/local/bin/installer"))
-            .args(self.args(what))
-            .output()
-            .expect("strace inject");
-        assert!(
-            !out.status.success(),
-            "{what} was not killed at {syscall} #{n}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    fn killed_at(&self, what: &str, step: &Step) {
+        self.strace
+            .kill_at(&self.command(what), step)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     }
 }
 
@@ -191,7 +155,7 @@ fn kill_9_at_every_step_of_bake_converges() {
     for step in &steps {
         bed.reset();
         bed.killed_at("bake", step);
-        let ctx = format!("bake killed at {} #{}", step.0, step.1);
+        let ctx = format!("bake killed at {step}");
         // Uninstall straight after the kill removes exactly what was written. (A second killed
         // run for the re-run below: copying the root would change inodes the intent log names.)
         bed.ok("uninstall", &ctx);
@@ -225,7 +189,7 @@ fn kill_9_at_every_step_of_boot_and_uninstall_converges() {
         cp_a(from, &bed.root());
     };
     for step in &boot_steps {
-        let ctx = format!("boot killed at {} #{}", step.0, step.1);
+        let ctx = format!("boot killed at {step}");
         restore(&baked_root);
         bed.killed_at("boot", step);
         bed.ok("boot", &ctx);
@@ -236,7 +200,7 @@ fn kill_9_at_every_step_of_boot_and_uninstall_converges() {
         assert_eq!(state(&bed.root()), before, "uninstall after {ctx}");
     }
     for step in &uninstall_steps {
-        let ctx = format!("uninstall killed at {} #{}", step.0, step.1);
+        let ctx = format!("uninstall killed at {step}");
         restore(&booted_root);
         bed.killed_at("uninstall", step);
         bed.ok("uninstall", &ctx);

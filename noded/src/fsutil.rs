@@ -66,15 +66,6 @@ impl WriteOptions {
     }
 }
 
-/// A test-only pause point: with `NODED_TEST_PAUSE_AT=<step>` the process stops here for a long time,
-/// so crash-safety tests can `kill -9` it at exactly this step. Costs one env lookup otherwise.
-pub fn pause_point(step: &str) {
-    if std::env::var("NODED_TEST_PAUSE_AT").as_deref() == Ok(step) {
-        eprintln!("noded: paused at {step}");
-        std::thread::sleep(std::time::Duration::from_secs(3600));
-    }
-}
-
 /// Symlink hops followed before giving up (the kernel's own limit for path resolution).
 const MAX_SYMLINK_HOPS: usize = 40;
 
@@ -180,9 +171,7 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Resul
         .unwrap_or(opts.mode);
     let (mut f, tmp) = create_temp(dir, &name)?;
     let result = (|| {
-        pause_point("temp-created");
         f.write_all(bytes).map_err(ctx(&tmp, "write temp file"))?;
-        pause_point("temp-written");
         if let Some(m) = &existing {
             // Only root can chown; a non-root run keeps its own ownership, which is what it can do.
             // Before the chmod: chown clears setuid/setgid bits.
@@ -191,9 +180,7 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Resul
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(ctx(&tmp, "set mode"))?;
         f.sync_all().map_err(ctx(&tmp, "fsync temp file"))?;
-        pause_point("temp-synced");
         std::fs::rename(&tmp, path).map_err(ctx(path, "rename into place"))?;
-        pause_point("renamed");
         fsync_dir(dir)
     })();
     if result.is_err() {

@@ -12,6 +12,7 @@ use noded::containerd::apply::Strategy;
 use noded::containerd::handler::KataHandler;
 use testkit::containerd::{Binaries, Series};
 use testkit::per_series;
+use testkit::strace::{PERSISTENCE_AND_WRITES, Strace};
 
 const CRI: &str = "io.containerd.grpc.v1.cri";
 const HANDLERS: [KataHandler; 2] = [KataHandler::Qemu, KataHandler::QemuWarm];
@@ -635,7 +636,8 @@ fn external_rewrite_becomes_the_new_original() {
     assert_eq!(std::fs::read_to_string(&config).expect("read"), rewritten);
 }
 
-fn spawn_apply(config: &Path, state: &Path, pause_at: Option<&str>) -> std::process::Child {
+/// `noded containerd apply` of [`HANDLERS`] on `config`, state under `state`, no restart.
+fn apply_command(config: &Path, state: &Path) -> Command {
     let mut cmd = Command::new(noded_bin());
     cmd.args(["containerd", "apply", "--config"])
         .arg(config)
@@ -644,10 +646,13 @@ fn spawn_apply(config: &Path, state: &Path, pause_at: Option<&str>) -> std::proc
         .args(["--containerd-version", "1.6.20", "--restart", "never"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(step) = pause_at {
-        cmd.env("NODED_TEST_PAUSE_AT", step);
-    }
-    cmd.spawn().expect("spawn noded apply")
+    cmd
+}
+
+fn spawn_apply(config: &Path, state: &Path) -> std::process::Child {
+    apply_command(config, state)
+        .spawn()
+        .expect("spawn noded apply")
 }
 
 /// The file is always either the old or the new bytes and parses; a later apply converges and revert
@@ -662,48 +667,39 @@ fn assert_old_or_new(config: &Path, old: &[u8], new: &[u8]) {
     toml::from_str::<toml::Table>(std::str::from_utf8(&now).expect("utf8")).expect("parses");
 }
 
+/// kill -9 on entry to every file-creating, writing, renaming and syncing syscall of a real
+/// `noded containerd apply` (strace fault injection: no hook in the binary).
 #[test]
 fn kill_9_at_every_step_leaves_old_or_new_bytes() {
+    let Some(strace) = Strace::require(PERSISTENCE_AND_WRITES) else {
+        return;
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let reference = stage(tmp.path(), Some("nodeadm-v2.toml"));
     let old = std::fs::read(&reference).expect("read");
-    apply_never(&request(
-        &reference,
-        &tmp.path().join("ref-state"),
-        &HANDLERS,
-        "1.6.20",
-    ))
-    .expect("apply");
+    let steps = strace
+        .steps(
+            &apply_command(&reference, &tmp.path().join("ref-state")),
+            &tmp.path().join("apply.strace"),
+        )
+        .expect("traced apply");
     let new = std::fs::read(&reference).expect("read");
-    for step in [
-        "temp-created",
-        "temp-written",
-        "temp-synced",
-        "state-saved",
-        "renamed",
-        "file-written",
-    ] {
-        let dir = tmp.path().join(step);
+    assert_ne!(old, new, "the traced apply changed the config");
+    // The temp file's creation, write, fsync and rename, and the directory fsync, of both the state
+    // record and the config: if these move off the main thread the list loses them.
+    for syscall in ["openat", "write", "fsync", "rename"] {
+        let n = steps.iter().filter(|s| s.syscall == syscall).count();
+        assert!(n >= 2, "{syscall} traced {n} times: {steps:?}");
+    }
+    for step in &steps {
+        let dir = tmp.path().join(format!("{}-{}", step.syscall, step.nth));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let config = dir.join("config.toml");
         std::fs::write(&config, &old).expect("write");
         let state = dir.join("state");
-        let mut child = spawn_apply(&config, &state, Some(step));
-        let mut stderr = child.stderr.take().expect("stderr");
-        let mut seen = String::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !seen.contains("paused at") {
-            use std::io::Read;
-            let mut buf = [0u8; 256];
-            let n = stderr.read(&mut buf).expect("read stderr");
-            assert!(
-                n > 0 && std::time::Instant::now() < deadline,
-                "never paused at {step}: {seen}"
-            );
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
+        strace
+            .kill_at(&apply_command(&config, &state), step)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         assert_old_or_new(&config, &old, &new);
         // Recovery: apply converges to the new bytes, revert gives back the original.
         let req = request(&config, &state, &HANDLERS, "1.6.20");
@@ -750,7 +746,7 @@ fn kill_9_at_random_delays_never_tears_the_file() {
         let config = dir.join("config.toml");
         std::fs::write(&config, &old).expect("write");
         let state = dir.join("state");
-        let mut child = spawn_apply(&config, &state, None);
+        let mut child = spawn_apply(&config, &state);
         // Spread the kills over the process's whole life (start-up dominates: a few ms).
         std::thread::sleep(Duration::from_micros((i * 397) % 12_000));
         let _ = child.kill();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{info, info_span, warn};
 
-use super::atomic::{self, pause_point, write_atomic};
+use super::atomic::{self, write_atomic};
 use super::cri::CriClient;
 use super::document::{ConfigDocument, ConfigVersion, DocumentError};
 use super::handler::{HandlerSpec, KataHandler};
@@ -417,12 +417,10 @@ fn commit_files(store: &StateStore, files: &[FileChange]) -> Result<(), ApplyErr
         rec.push_written(new_sha);
         state.files.insert(f.path.clone(), rec);
         store.save(&state)?;
-        pause_point("state-saved");
         match &f.after {
             Some(bytes) => write_atomic(&f.path, bytes, 0o644)?,
             None => atomic::remove_durable(&f.path)?,
         }
-        pause_point("file-written");
     }
     Ok(())
 }

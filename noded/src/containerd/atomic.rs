@@ -3,6 +3,5 @@
 //! names in the containerd adapter.
 
 pub use crate::fsutil::{
-    FsError as WriteError, clean_stale_temps, pause_point, remove_durable, resolve_target,
-    write_atomic,
+    FsError as WriteError, clean_stale_temps, remove_durable, resolve_target, write_atomic,
 };

@@ -16,4 +16,5 @@ pub mod require;
 pub mod scenario;
 pub mod scrape;
 pub mod shim;
+pub mod strace;
 pub mod synthetic;
