@@ -62,6 +62,22 @@ pub struct GuestSection {
     pub download: Option<bool>,
     /// Upper bound on each apt-get/apt-cache/dpkg/xz run of a download; it is killed after that.
     pub command_timeout_seconds: u64,
+    /// Debian kernel package a download builds from (e.g. `linux-image-6.1.0-30-amd64`); unset =
+    /// the one `linux-image-amd64` currently depends on.
+    pub kernel_package: Option<String>,
+    /// How QEMU runs noded's template VMs: `kvm`, `tcg`, or `auto` (KVM only if it really runs a
+    /// guest on this host; the answer is cached per boot).
+    pub accel: AccelSetting,
+}
+
+/// `guest.accel`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelSetting {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 impl Default for GuestSection {
@@ -73,6 +89,8 @@ impl Default for GuestSection {
             initrd_sha256: None,
             download: None,
             command_timeout_seconds: 600,
+            kernel_package: None,
+            accel: AccelSetting::Auto,
         }
     }
 }
@@ -115,6 +133,25 @@ impl GuestSection {
         }
         if self.command_timeout_seconds == 0 {
             return Err("guest.command_timeout_seconds: must be at least 1".into());
+        }
+        if let Some(name) = &self.kernel_package {
+            // Passed to apt-cache and apt-get as an argument: a Debian package name, never an option.
+            let valid = name.len() >= 2
+                && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && name.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.')
+                });
+            if !valid {
+                return Err(format!(
+                    "guest.kernel_package: `{name}` is not a Debian package name"
+                ));
+            }
+            if self.kernel.is_some() {
+                return Err(
+                    "guest.kernel_package: only for a downloaded guest, not with a pinned kernel"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -505,6 +542,42 @@ mod tests {
         ] {
             let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), text)
                 .expect_err("a typo must fail at load");
+            assert_eq!(
+                crate::exit::ExitStatus::exit_code(&err),
+                crate::exit::BAD_INPUT
+            );
+            let msg = err.to_string();
+            assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
+            assert!(msg.contains(field), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn guest_accel_and_kernel_package_are_checked_at_load() {
+        let parse = |text: &str| NodedConfig::parse(Path::new("/etc/noded/noded.toml"), text);
+        let c = parse(
+            "[guest]\naccel = \"tcg\"\nkernel_package = \"linux-image-6.1.0-30-cloud-amd64\"\n",
+        )
+        .expect("valid settings");
+        assert_eq!(c.guest.accel, AccelSetting::Tcg);
+        assert_eq!(
+            c.guest.kernel_package.as_deref(),
+            Some("linux-image-6.1.0-30-cloud-amd64")
+        );
+        assert_eq!(parse("").expect("empty").guest.accel, AccelSetting::Auto);
+        for (text, field) in [
+            ("[guest]\naccel = \"fast\"\n", "accel"),
+            (
+                "[guest]\nkernel_package = \"-o=APT::x\"\n",
+                "guest.kernel_package",
+            ),
+            (
+                "[guest]\nkernel_package = \"Linux Image\"\n",
+                "guest.kernel_package",
+            ),
+        ] {
+            let err = parse(text).expect_err("a bad value must fail at load");
             assert_eq!(
                 crate::exit::ExitStatus::exit_code(&err),
                 crate::exit::BAD_INPUT

@@ -115,11 +115,14 @@ struct AptPackage {
 
 pub use crate::fsutil::sha256_file;
 
-/// Deadline and cancellation for the commands a build runs.
+/// Deadline and cancellation for the commands a build runs, and which kernel it builds from.
 #[derive(Debug, Clone)]
 pub struct Control {
     /// Upper bound on one command (apt-get, apt-cache, dpkg, xz).
     pub command_timeout: Duration,
+    /// `guest.kernel_package`: this Debian kernel package instead of the one the meta package
+    /// currently depends on.
+    pub kernel_package: Option<String>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -136,8 +139,21 @@ impl Control {
     pub fn new(command_timeout: Duration) -> Self {
         Self {
             command_timeout,
+            kernel_package: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Builds from `kernel_package` (`guest.kernel_package`) when set.
+    pub fn with_kernel_package(mut self, kernel_package: Option<String>) -> Self {
+        self.kernel_package = kernel_package;
+        self
+    }
+
+    /// The `[guest]` settings of noded.toml: command deadline and kernel package.
+    pub fn from_config(guest: &crate::config::GuestSection) -> Self {
+        Self::new(Duration::from_secs(guest.command_timeout_seconds.max(1)))
+            .with_kernel_package(guest.kernel_package.clone())
     }
 
     /// Stops the build: the running command's process group is killed within [`POLL`].
@@ -390,7 +406,7 @@ fn resolve_all(cache: &Path, ctl: &Control) -> Result<Resolved, AssetsError> {
     let stamp = format!(
         "{}|{}",
         lists_stamp(),
-        std::env::var("NODED_GUEST_KERNEL_PACKAGE").unwrap_or_default()
+        ctl.kernel_package.as_deref().unwrap_or_default()
     );
     if let Ok(r) = std::fs::read(&path)
         .map_err(|e| e.to_string())
@@ -410,8 +426,8 @@ fn resolve_all(cache: &Path, ctl: &Control) -> Result<Resolved, AssetsError> {
 
 /// The concrete kernel package the meta package currently points to.
 fn resolve_kernel(ctl: &Control) -> Result<AptPackage, AssetsError> {
-    if let Ok(name) = std::env::var("NODED_GUEST_KERNEL_PACKAGE") {
-        return resolve(&name, ctl);
+    if let Some(name) = &ctl.kernel_package {
+        return resolve(name, ctl);
     }
     let fields = apt_show(KERNEL_META_PACKAGE, ctl)?;
     let depends = field(&fields, "Depends").ok_or_else(|| AssetsError::Metadata {
@@ -929,7 +945,7 @@ pub fn cli(out: &Path, config: Option<&Path>) -> u8 {
     if let Ok(cwd) = std::env::current_dir() {
         cfg.resolve_relative(&cwd);
     }
-    let ctl = Control::new(Duration::from_secs(cfg.guest.command_timeout_seconds));
+    let ctl = Control::from_config(&cfg.guest);
     match ensure_with(&cfg.daemon.data_dir, &ctl).and_then(|a| export(&a, out)) {
         Ok(m) => {
             println!("{}", serde_json::to_string(&m).unwrap_or_default());

@@ -53,7 +53,12 @@ async fn run(action: TemplateAction, cfg: &NodedConfig) -> u8 {
     let opts = EngineOptions::from_config(cfg);
     if let TemplateAction::Assets = action {
         let data_dir = opts.data_dir.clone();
-        return match tokio::task::spawn_blocking(move || super::assets::ensure(&data_dir)).await {
+        let ctl = super::assets::Control::from_config(&cfg.guest);
+        return match tokio::task::spawn_blocking(move || {
+            super::assets::ensure_with(&data_dir, &ctl)
+        })
+        .await
+        {
             Ok(Ok(a)) => {
                 println!("{}", serde_json::to_string(&a).unwrap_or_default());
                 exit::OK

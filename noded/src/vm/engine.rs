@@ -40,8 +40,6 @@ pub enum EngineError {
     UnknownVm(String),
     #[error("{0}")]
     Pool(#[from] PoolError),
-    #[error("NODED_ACCEL=`{0}` is neither kvm, tcg nor auto")]
-    BadAccel(String),
     #[error(
         "template {name}: no guest kernel/initrd: pin them in [guest] (`installer bake --guest-assets`) or set the template's kernel and initrd; downloading is off outside local mode (guest.download)"
     )]
@@ -53,10 +51,9 @@ pub enum EngineError {
 impl crate::exit::ExitStatus for EngineError {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::UnknownTemplate(_)
-            | Self::NoTemplates
-            | Self::BadAccel(_)
-            | Self::NoGuest { .. } => crate::exit::BAD_INPUT,
+            Self::UnknownTemplate(_) | Self::NoTemplates | Self::NoGuest { .. } => {
+                crate::exit::BAD_INPUT
+            }
             _ => crate::exit::RUNTIME_FAILURE,
         }
     }
@@ -69,7 +66,7 @@ pub struct EngineOptions {
     pub templates: Vec<TemplateSection>,
     pub mode: After,
     pub health_interval: Duration,
-    /// `None`: detect (KVM only if it really runs a guest). Env `NODED_ACCEL` overrides.
+    /// `None`: detect (KVM only if it really runs a guest); `guest.accel` in noded.toml.
     pub accel: Option<Accel>,
     pub observer: Option<Arc<dyn PoolObserver>>,
     /// Where templates without their own kernel/initrd get them.
@@ -81,8 +78,12 @@ pub struct EngineOptions {
 pub enum GuestSource {
     /// Files pinned by sha256 (`[guest]`, written by `installer bake`): checked, never replaced.
     Pinned(assets::Pinned),
-    /// Built from Debian packages under `data_dir` (local mode), each command bounded by this.
-    Download { command_timeout: Duration },
+    /// Built from Debian packages under `data_dir` (local mode), each command bounded by
+    /// `command_timeout`; `kernel_package` overrides the kernel the meta package points at.
+    Download {
+        command_timeout: Duration,
+        kernel_package: Option<String>,
+    },
     /// Neither: only templates with an explicit kernel and initrd can start.
     Off,
 }
@@ -92,6 +93,7 @@ impl GuestSource {
     pub fn download() -> Self {
         Self::Download {
             command_timeout: assets::DEFAULT_COMMAND_TIMEOUT,
+            kernel_package: None,
         }
     }
 
@@ -106,6 +108,7 @@ impl GuestSource {
             }),
             _ if cfg.guest_download() => Self::Download {
                 command_timeout: Duration::from_secs(g.command_timeout_seconds.max(1)),
+                kernel_package: g.kernel_package.clone(),
             },
             _ => Self::Off,
         }
@@ -122,7 +125,11 @@ impl EngineOptions {
             // saves the `cont` round trip on every AcquireVm.
             mode: After::Running,
             health_interval: Duration::from_secs(300),
-            accel: None,
+            accel: match cfg.guest.accel {
+                crate::config::AccelSetting::Auto => None,
+                crate::config::AccelSetting::Kvm => Some(Accel::Kvm),
+                crate::config::AccelSetting::Tcg => Some(Accel::Tcg),
+            },
             observer: None,
             guest: GuestSource::from_config(cfg),
         }
@@ -148,15 +155,6 @@ pub struct Engine {
 pub struct ResolvedTemplate {
     pub spec: TemplateSpec,
     pub assets: GuestAssets,
-}
-
-fn env_accel() -> Result<Option<Accel>, EngineError> {
-    match std::env::var("NODED_ACCEL").ok().as_deref() {
-        None | Some("") | Some("auto") => Ok(None),
-        Some("kvm") => Ok(Some(Accel::Kvm)),
-        Some("tcg") => Ok(Some(Accel::Tcg)),
-        Some(other) => Err(EngineError::BadAccel(other.into())),
-    }
 }
 
 /// KVM probe, cached per host boot and kernel (the probe costs seconds where KVM does not work).
@@ -200,7 +198,10 @@ pub async fn guest_assets(
     let source = source.clone();
     let data_dir = data_dir.to_path_buf();
     let ctl = match &source {
-        GuestSource::Download { command_timeout } => assets::Control::new(*command_timeout),
+        GuestSource::Download {
+            command_timeout,
+            kernel_package,
+        } => assets::Control::new(*command_timeout).with_kernel_package(kernel_package.clone()),
         _ => assets::Control::default(),
     };
     let _cancel = ctl.cancel_on_drop();
@@ -274,7 +275,7 @@ async fn resolve_with(
         assets.initrd_sha256 = hash(i)?;
         assets.initrd = i.clone();
     }
-    let accel = match opts.accel.or(env_accel()?) {
+    let accel = match opts.accel {
         Some(a) => a,
         None => detect_accel(&assets, &opts.data_dir, &layout.vms_dir()).await,
     };
@@ -347,7 +348,7 @@ impl Engine {
             {
                 Ok(r) => r,
                 // Without QEMU no template can run: the engine as a whole is off.
-                Err(e @ (EngineError::Qemu(_) | EngineError::BadAccel(_))) => return Err(e),
+                Err(e @ EngineError::Qemu(_)) => return Err(e),
                 Err(e) => {
                     let reason = match e {
                         EngineError::NotReady { reason, .. } => reason,
