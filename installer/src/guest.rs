@@ -10,7 +10,7 @@ use noded::vm::assets::{EXPORT_MANIFEST, ExportManifest};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{Ledger, ManifestError, Phase};
-use crate::root::sha256_bytes;
+use noded::fsutil::sha256_bytes;
 
 /// Where the pinned guest lives on the node (outside `/opt/kata`, which a Kata upgrade replaces).
 pub const GUEST_KERNEL: &str = "/opt/noded/guest/vmlinux";

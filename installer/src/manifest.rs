@@ -8,10 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::root::{
-    IoError, Root, clean_stale_temps, fsync_dir, remove_if_exists, sha256_bytes, sha256_file,
-    write_atomic,
-};
+use noded::fsutil::{clean_stale_temps, sha256_bytes, sha256_file};
+
+use crate::root::{IoError, Root, fsync_dir, remove_if_exists, write_atomic};
 
 pub const INSTALLER_DIR: &str = "/var/lib/noded/installer";
 const MANIFEST: &str = "manifest.json";

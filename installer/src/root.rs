@@ -42,8 +42,6 @@ impl Root {
     }
 }
 
-pub use noded::fsutil::{sha256_bytes, sha256_file};
-
 impl From<noded::fsutil::FsError> for IoError {
     fn from(e: noded::fsutil::FsError) -> Self {
         Self {
@@ -56,15 +54,10 @@ impl From<noded::fsutil::FsError> for IoError {
 /// The workspace's crash-safe replace (temp beside the target, fsync, rename, fsync of the
 /// directory), with exactly `mode` and never through a symlink: the installer records what was
 /// at the path and restores it itself. A killed write leaves a `.noded-tmp.<name>.` temp that
-/// [`clean_stale_temps`] (or the next write) removes.
+/// [`noded::fsutil::clean_stale_temps`] (or the next write) removes.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> {
     noded::fsutil::write_atomic_with(path, bytes, noded::fsutil::WriteOptions::exact(mode))
         .map_err(IoError::from)
-}
-
-/// Removes what a killed [`write_atomic`] of `path` left beside it.
-pub fn clean_stale_temps(path: &Path) {
-    noded::fsutil::clean_stale_temps(path);
 }
 
 /// Makes renames/creations/removals inside `dir` durable.

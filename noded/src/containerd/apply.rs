@@ -15,9 +15,10 @@ use super::cri::CriClient;
 use super::document::{ConfigDocument, ConfigVersion, DocumentError};
 use super::handler::{HandlerSpec, KataHandler};
 use super::restart::{self, Restart, RestartError};
-use super::state::{FileRecord, StateError, StateStore, sha256_hex};
+use super::state::{FileRecord, StateError, StateStore};
 use super::version::{ContainerdVersion, VersionError};
 use crate::exit::{self, ExitStatus};
+use crate::fsutil::sha256_bytes;
 
 /// What to register, where, and how containerd is managed.
 #[derive(Debug, Clone)]
@@ -396,10 +397,10 @@ fn import_dir(doc: &ConfigDocument) -> Option<PathBuf> {
 fn commit_files(store: &StateStore, files: &[FileChange]) -> Result<(), ApplyError> {
     let mut state = store.load()?;
     for f in files.iter().filter(|f| f.changed()) {
-        let current_sha = sha256_hex(&f.before);
+        let current_sha = sha256_bytes(&f.before);
         let mut rec = state.files.get(&f.path).cloned().unwrap_or_default();
         let ours = !rec.written_sha256.is_empty() && rec.wrote(&current_sha);
-        let new_sha = f.after.as_deref().map(sha256_hex).unwrap_or_default();
+        let new_sha = f.after.as_deref().map(sha256_bytes).unwrap_or_default();
         if !ours && !f.whole_file {
             // First write, or someone else rewrote the file since (nodeadm at boot): what is there now
             // is the original that revert restores.
@@ -553,7 +554,7 @@ pub async fn apply(req: &Request, restart: &Restart) -> Result<Report, ApplyErro
             let mut state = store.load()?;
             for f in plan.files.iter().filter(|f| f.changed()) {
                 if let Some(rec) = state.files.get_mut(&f.path) {
-                    rec.push_written(sha256_hex(&f.before));
+                    rec.push_written(sha256_bytes(&f.before));
                 }
             }
             store.save(&state)?;
@@ -660,7 +661,7 @@ pub async fn revert_with(
     let mut actions = Vec::new();
     for (path, rec) in &related {
         let doc = ConfigDocument::load(path, main.version)?;
-        let current_sha = sha256_hex(&doc.original);
+        let current_sha = sha256_bytes(&doc.original);
         for h in &rec.handlers {
             actions.push(HandlerAction {
                 handler: h.clone(),

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::atomic::{WriteError, remove_durable, write_atomic};
 
@@ -20,10 +19,6 @@ pub enum StateError {
     Corrupt { path: PathBuf, message: String },
     #[error(transparent)]
     Write(#[from] WriteError),
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// One config file noded changed.
@@ -98,7 +93,7 @@ impl StateStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tag = &sha256_hex(config.as_os_str().as_encoded_bytes())[..12];
+        let tag = &crate::fsutil::sha256_bytes(config.as_os_str().as_encoded_bytes())[..12];
         self.dir.join("backup").join(format!("{name}.{tag}.orig"))
     }
 

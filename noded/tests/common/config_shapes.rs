@@ -84,7 +84,7 @@ pub fn revert_never(req: &Request) -> Result<Report, apply::ApplyError> {
 }
 
 pub fn sha(bytes: &[u8]) -> String {
-    noded::containerd::state::sha256_hex(bytes)
+    noded::fsutil::sha256_bytes(bytes)
 }
 
 /// Every line of `original` appears in `edited`, in order: nothing noded does not own was dropped or
