@@ -21,8 +21,11 @@ use containerd_client::services::v1::{
     leases_client::LeasesClient,
 };
 use containerd_client::types::Descriptor;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use oci_spec::image::{
+    Arch, ConfigBuilder, Descriptor as OciDescriptor, DescriptorBuilder, Digest, HistoryBuilder,
+    ImageConfigurationBuilder, ImageIndex, ImageIndexBuilder, ImageManifest, ImageManifestBuilder,
+    MediaType, OciLayoutBuilder, Os, RootFsBuilder, SCHEMA_VERSION,
+};
 use tonic::transport::Channel;
 use tracing::{debug, info};
 
@@ -35,10 +38,6 @@ pub const K8S_NAMESPACE: &str = "k8s.io";
 /// Where Debian's `busybox-static` installs its binary.
 pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 
-const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const NAME_ANNOTATION: &str = "io.containerd.image.name";
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const CHUNK: usize = 1 << 20;
@@ -126,45 +125,33 @@ pub struct ImportedImage {
     pub changed: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-struct OciDescriptor {
-    #[serde(rename = "mediaType")]
-    media_type: String,
-    digest: String,
-    size: i64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct OciManifest {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    config: OciDescriptor,
-    layers: Vec<OciDescriptor>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct OciIndex {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
-    manifests: Vec<OciDescriptor>,
-}
-
+/// `sha256:<hex>` of `bytes`, the OCI digest.
 fn digest_of(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    format!("sha256:{}", crate::fsutil::sha256_bytes(bytes))
 }
 
-fn goarch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+fn oci_err(what: &'static str) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
+    move |e| ImageError::Layout(format!("{what}: {e}"))
+}
+
+fn digest(s: &str) -> Result<Digest, ImageError> {
+    s.parse().map_err(oci_err("digest"))
+}
+
+fn descriptor(media_type: MediaType, blob: &[u8]) -> Result<OciDescriptor, ImageError> {
+    Ok(OciDescriptor::new(
+        media_type,
+        blob.len() as u64,
+        digest(&digest_of(blob))?,
+    ))
+}
+
+/// JSON with object keys sorted: oci-spec keeps annotations in a `HashMap`, whose order changes
+/// from run to run; the layout must be the same bytes every time.
+fn canonical_json(value: &impl serde::Serialize) -> Result<Vec<u8>, ImageError> {
+    serde_json::to_value(value)
+        .and_then(|v| serde_json::to_vec(&v))
+        .map_err(|e| ImageError::Layout(e.to_string()))
 }
 
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
@@ -201,49 +188,57 @@ pub fn build_layout(busybox: &Path, names: &[&str]) -> Result<OciLayout, ImageEr
     })?;
     let layer = layer_tar(&bb).map_err(ImageError::Build)?;
     let layer_digest = digest_of(&layer);
-    // serde_json::json! keeps keys sorted (no preserve_order), so the bytes are stable.
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": goarch(),
-        "os": "linux",
-        "created": "1970-01-01T00:00:00Z",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            // Used as the pause container: sleeps until killed (CRI stops sandboxes with SIGKILL).
-            "Cmd": ["/bin/sleep", "2147483647"],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "noded: busybox-static"}],
-    }))
-    .map_err(|e| ImageError::Layout(e.to_string()))?;
-    let manifest = OciManifest {
-        schema_version: 2,
-        media_type: Some(MEDIA_MANIFEST.into()),
-        config: OciDescriptor {
-            media_type: MEDIA_CONFIG.into(),
-            digest: digest_of(&config),
-            size: config.len() as i64,
-            annotations: BTreeMap::new(),
-        },
-        layers: vec![OciDescriptor {
-            media_type: MEDIA_LAYER.into(),
-            digest: layer_digest,
-            size: layer.len() as i64,
-            annotations: BTreeMap::new(),
-        }],
-    };
+    let epoch = "1970-01-01T00:00:00Z".to_string();
+    let config = ImageConfigurationBuilder::default()
+        .architecture(Arch::default())
+        .os(Os::Linux)
+        .created(epoch.clone())
+        .config(
+            ConfigBuilder::default()
+                .env(vec![
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+                ])
+                // Used as the pause container: sleeps until killed (CRI stops sandboxes with SIGKILL).
+                .cmd(vec!["/bin/sleep".to_string(), "2147483647".to_string()])
+                .working_dir("/".to_string())
+                .build()
+                .map_err(oci_err("image config"))?,
+        )
+        .rootfs(
+            RootFsBuilder::default()
+                .typ("layers".to_string())
+                .diff_ids(vec![layer_digest.clone()])
+                .build()
+                .map_err(oci_err("rootfs"))?,
+        )
+        .history(vec![
+            HistoryBuilder::default()
+                .created(epoch)
+                .created_by("noded: busybox-static".to_string())
+                .build()
+                .map_err(oci_err("history"))?,
+        ])
+        .build()
+        .map_err(oci_err("image config"))?;
+    let config = canonical_json(&config)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(SCHEMA_VERSION)
+        .media_type(MediaType::ImageManifest)
+        .config(descriptor(MediaType::ImageConfig, &config)?)
+        .layers(vec![descriptor(MediaType::ImageLayer, &layer)?])
+        .build()
+        .map_err(oci_err("manifest"))?;
+    // Field order as the spec lists them; a manifest has no map to reorder.
     let manifest = serde_json::to_vec(&manifest).map_err(|e| ImageError::Layout(e.to_string()))?;
     let manifest_digest = digest_of(&manifest);
-    let index = OciIndex {
-        schema_version: 2,
-        media_type: Some(MEDIA_INDEX.into()),
-        manifests: names
-            .iter()
-            .map(|name| OciDescriptor {
-                media_type: MEDIA_MANIFEST.into(),
-                digest: manifest_digest.clone(),
-                size: manifest.len() as i64,
-                annotations: BTreeMap::from([
+    let manifests = names
+        .iter()
+        .map(|name| {
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageManifest)
+                .digest(digest(&manifest_digest)?)
+                .size(manifest.len() as u64)
+                .annotations(std::collections::HashMap::from([
                     (NAME_ANNOTATION.to_string(), (*name).to_string()),
                     (
                         "org.opencontainers.image.ref.name".to_string(),
@@ -251,11 +246,23 @@ pub fn build_layout(busybox: &Path, names: &[&str]) -> Result<OciLayout, ImageEr
                             .map_or("latest", |(_, t)| t)
                             .to_string(),
                     ),
-                ]),
-            })
-            .collect(),
-    };
-    let index = serde_json::to_vec(&index).map_err(|e| ImageError::Layout(e.to_string()))?;
+                ]))
+                .build()
+                .map_err(oci_err("index entry"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let index = ImageIndexBuilder::default()
+        .schema_version(SCHEMA_VERSION)
+        .media_type(MediaType::ImageIndex)
+        .manifests(manifests)
+        .build()
+        .map_err(oci_err("index"))?;
+    let index = canonical_json(&index)?;
+    let oci_layout = OciLayoutBuilder::default()
+        .image_layout_version("1.0.0".to_string())
+        .build()
+        .map_err(oci_err("oci-layout"))?;
+    let oci_layout = canonical_json(&oci_layout)?;
 
     let mut blobs: BTreeMap<String, &[u8]> = BTreeMap::new();
     for blob in [&layer, &config, &manifest] {
@@ -266,7 +273,7 @@ pub fn build_layout(busybox: &Path, names: &[&str]) -> Result<OciLayout, ImageEr
         let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
         b.append_data(&mut h, path, data)
     };
-    file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(ImageError::Build)?;
+    file("oci-layout", &oci_layout).map_err(ImageError::Build)?;
     file("index.json", &index).map_err(ImageError::Build)?;
     for (digest, data) in &blobs {
         let hex = digest.trim_start_matches("sha256:");
@@ -321,8 +328,7 @@ fn parse_layout(tar_bytes: &[u8]) -> Result<ParsedLayout, ImageError> {
     let index = files
         .get("index.json")
         .ok_or_else(|| ImageError::Layout("no index.json".into()))?;
-    let index: OciIndex = serde_json::from_slice(index)
-        .map_err(|e| ImageError::Layout(format!("index.json: {e}")))?;
+    let index = ImageIndex::from_reader(index.as_slice()).map_err(oci_err("index.json"))?;
     let mut blobs = BTreeMap::new();
     for (path, data) in files {
         if let Some(hex) = path.strip_prefix("blobs/sha256/") {
@@ -336,11 +342,11 @@ fn parse_layout(tar_bytes: &[u8]) -> Result<ParsedLayout, ImageError> {
         }
     }
     let named = index
-        .manifests
-        .into_iter()
+        .manifests()
+        .iter()
         .filter_map(|d| {
-            let name = d.annotations.get(NAME_ANNOTATION)?.clone();
-            Some((name, d))
+            let name = d.annotations().as_ref()?.get(NAME_ANNOTATION)?.clone();
+            Some((name, d.clone()))
         })
         .collect();
     Ok(ParsedLayout { blobs, named })
@@ -407,34 +413,13 @@ pub async fn import_layout(
     result
 }
 
+/// RFC 3339 UTC time `secs` from now, whole seconds: containerd parses the label with Go's
+/// `time.RFC3339`.
 fn expire_in(secs: i64) -> String {
-    // RFC 3339 without a date crate: containerd parses the label with time.RFC3339.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-        + secs;
-    let days = now.div_euclid(86_400);
-    let rem = now.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-from-epoch → (year, month, day).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let now = jiff::Timestamp::now().as_second();
+    jiff::Timestamp::from_second(now.saturating_add(secs))
+        .unwrap_or(jiff::Timestamp::MAX)
+        .to_string()
 }
 
 async fn import_with_lease(
@@ -447,33 +432,35 @@ async fn import_with_lease(
     let mut images = ImagesClient::new(channel.clone());
     let mut out = Vec::new();
     for (name, desc) in &layout.named {
+        let desc_digest = desc.digest().to_string();
         let manifest_bytes = layout
             .blobs
-            .get(&desc.digest)
-            .ok_or_else(|| ImageError::Layout(format!("manifest {} missing", desc.digest)))?;
-        let manifest: OciManifest = serde_json::from_slice(manifest_bytes)
-            .map_err(|e| ImageError::Layout(format!("manifest {}: {e}", desc.digest)))?;
+            .get(&desc_digest)
+            .ok_or_else(|| ImageError::Layout(format!("manifest {desc_digest} missing")))?;
+        let manifest = ImageManifest::from_reader(manifest_bytes.as_slice())
+            .map_err(|e| ImageError::Layout(format!("manifest {desc_digest}: {e}")))?;
         let mut gc_labels = BTreeMap::new();
         gc_labels.insert(
             "containerd.io/gc.ref.content.config".to_string(),
-            manifest.config.digest.clone(),
+            manifest.config().digest().to_string(),
         );
-        for (i, l) in manifest.layers.iter().enumerate() {
+        for (i, l) in manifest.layers().iter().enumerate() {
             gc_labels.insert(
                 format!("containerd.io/gc.ref.content.l.{i}"),
-                l.digest.clone(),
+                l.digest().to_string(),
             );
         }
-        for child in std::iter::once(&manifest.config).chain(&manifest.layers) {
+        for child in std::iter::once(manifest.config()).chain(manifest.layers()) {
+            let child_digest = child.digest().to_string();
             let data = layout
                 .blobs
-                .get(&child.digest)
-                .ok_or_else(|| ImageError::Layout(format!("blob {} missing", child.digest)))?;
+                .get(&child_digest)
+                .ok_or_else(|| ImageError::Layout(format!("blob {child_digest} missing")))?;
             put_blob(
                 &mut content,
                 namespace,
                 lease,
-                &child.digest,
+                &child_digest,
                 data,
                 &BTreeMap::new(),
             )
@@ -483,16 +470,17 @@ async fn import_with_lease(
             &mut content,
             namespace,
             lease,
-            &desc.digest,
+            &desc_digest,
             manifest_bytes,
             &gc_labels,
         )
         .await?;
 
         let target = Descriptor {
-            media_type: desc.media_type.clone(),
-            digest: desc.digest.clone(),
-            size: desc.size,
+            media_type: desc.media_type().to_string(),
+            digest: desc_digest.clone(),
+            size: i64::try_from(desc.size())
+                .map_err(|_| ImageError::Layout(format!("manifest {desc_digest} size")))?,
             annotations: Default::default(),
         };
         let existing = timed("image get", async {
@@ -511,7 +499,7 @@ async fn import_with_lease(
         })
         .await?;
         let changed = match existing {
-            Some(img) if img.target.as_ref().map(|t| t.digest.as_str()) == Some(&desc.digest) => {
+            Some(img) if img.target.as_ref().map(|t| t.digest.as_str()) == Some(&desc_digest) => {
                 false
             }
             Some(_) => {
@@ -552,10 +540,10 @@ async fn import_with_lease(
                 true
             }
         };
-        info!(image = %name, digest = %desc.digest, changed, "image imported");
+        info!(image = %name, digest = %desc_digest, changed, "image imported");
         out.push(ImportedImage {
             name: name.clone(),
-            digest: desc.digest.clone(),
+            digest: desc_digest,
             changed,
         });
     }
@@ -690,10 +678,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    fn lease_expiry_is_rfc3339_utc_in_whole_seconds() {
+        let e = expire_in(3600);
+        let t: jiff::Timestamp = e.parse().unwrap();
+        let ahead = t.as_second() - jiff::Timestamp::now().as_second();
+        assert!((3598..=3600).contains(&ahead), "{e}");
+        // `2024-01-01T00:00:00Z`: date, `T`, time without fraction, `Z`.
+        assert_eq!(e.len(), 20, "{e}");
+        assert!(e.ends_with('Z') && e.as_bytes()[10] == b'T', "{e}");
+    }
+
+    /// The blobs are the bytes the hand-written structs produced before oci-spec (keys of the config
+    /// sorted, the manifest in the spec's field order), so the digests and containerd's content do not
+    /// change with the crate.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blobs_keep_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bb = dir.path().join("busybox");
+        std::fs::write(&bb, b"\x7fELF not really busybox").unwrap();
+        let a = build_layout(&bb, &[PAUSE_IMAGE]).unwrap();
+        let parsed = parse_layout(&a.tar).unwrap();
+        let manifest = std::str::from_utf8(&parsed.blobs[&a.manifest_digest]).unwrap();
+        let m: serde_json::Value = serde_json::from_str(manifest).unwrap();
+        let (config_digest, layer_digest) = (
+            m["config"]["digest"].as_str().unwrap(),
+            m["layers"][0]["digest"].as_str().unwrap(),
+        );
+        let config = std::str::from_utf8(&parsed.blobs[config_digest]).unwrap();
+        assert_eq!(
+            config,
+            format!(
+                concat!(
+                    r#"{{"architecture":"amd64","config":{{"Cmd":["/bin/sleep","2147483647"],"#,
+                    r#""Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"#,
+                    r#""WorkingDir":"/"}},"created":"1970-01-01T00:00:00Z","history":[{{"#,
+                    r#""created":"1970-01-01T00:00:00Z","created_by":"noded: busybox-static"}}],"#,
+                    r#""os":"linux","rootfs":{{"diff_ids":["{}"],"type":"layers"}}}}"#
+                ),
+                layer_digest
+            )
+        );
+        assert_eq!(
+            manifest,
+            format!(
+                concat!(
+                    r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","#,
+                    r#""config":{{"mediaType":"application/vnd.oci.image.config.v1+json","#,
+                    r#""digest":"{}","size":{}}},"layers":[{{"#,
+                    r#""mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#
+                ),
+                config_digest,
+                config.len(),
+                layer_digest,
+                parsed.blobs[layer_digest].len()
+            )
+        );
     }
 
     #[test]
@@ -712,7 +752,7 @@ mod tests {
             parsed
                 .named
                 .iter()
-                .all(|(_, d)| d.digest == a.manifest_digest)
+                .all(|(_, d)| d.digest().to_string() == a.manifest_digest)
         );
         std::fs::write(&bb, b"\x7fELF another busybox").unwrap();
         let c = build_layout(&bb, &[PROBE_IMAGE]).unwrap();
