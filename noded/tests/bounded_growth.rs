@@ -1,31 +1,15 @@
 //! Unbounded growth (issue 12, item 8): label sets, queues and buffers fed from outside noded stay
 //! bounded, and blocking work does not stall the async workers.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use noded::metrics::{Metrics, OTHER_HANDLER, openmetrics_to_prometheus_text};
-use noded::observe::{Observer, ObserverConfig, PENDING_MAX};
+use noded::metrics::{OTHER_HANDLER, openmetrics_to_prometheus_text};
+use noded::observe::PENDING_MAX;
 use noded::vm::guest::{GuestConsole, GuestError, MAX_LINE};
 use testkit::synthetic::{self, SyntheticNode};
 use tokio::io::AsyncWriteExt;
-
-fn observer_on(root: &Path) -> Observer {
-    let config = ObserverConfig {
-        proc_root: root.to_path_buf(),
-        handlers: vec!["kata-qemu".into(), "kata-qemu-warm".into()],
-        probe_handlers: vec!["kata-qemu".into()],
-        templates: vec![],
-        warm_handlers: vec![],
-        template_dirs: vec![],
-        own_vms_dir: None,
-        capacity: Default::default(),
-    };
-    let metrics = Arc::new(Metrics::new(config.metrics_scope()));
-    Observer::new(config, metrics)
-}
 
 fn handler_label_values(text: &str) -> Vec<String> {
     let mut v: Vec<String> = text
@@ -45,7 +29,7 @@ fn handler_label_values(text: &str) -> Vec<String> {
 #[test]
 fn ten_thousand_runtime_names_while_scans_fail_stay_bounded() {
     let tree = tempfile::tempdir().expect("tempdir");
-    let obs = observer_on(tree.path());
+    let obs = synthetic::observer_on(tree.path(), &["kata-qemu", "kata-qemu-warm"]);
     assert!(
         obs.observe_now().is_err(),
         "an empty root cannot be observed"

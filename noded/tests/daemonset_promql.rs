@@ -3,120 +3,14 @@
 //! synthetic /proc as in metrics_http.rs): no error, and data returned.
 
 mod common;
-#[path = "common/observe.rs"]
-mod observe_util;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use noded::metrics::{ApplyOutcome, BuildOutcome, Metrics};
-use noded::observe::{Observer, ObserverConfig};
-use observe_util::{Proc, free_port, http_get};
-use testkit::synthetic::{self, SyntheticNode};
-
-/// `noded run` on a config whose /proc is a synthetic tree, in a thread of this test process, so
-/// the test controls probes and events through the same `Observer` the daemon serves.
-struct Daemon {
-    addr: SocketAddr,
-    observer: Arc<Observer>,
-    _rt: tokio::runtime::Runtime,
-    _tree: tempfile::TempDir,
-}
-
-fn start_daemon(vms: u32) -> Daemon {
-    let tree = tempfile::tempdir().expect("tempdir");
-    let proc_root = tree.path().join("proc");
-    std::fs::create_dir(&proc_root).expect("proc dir");
-    synthetic::generate(
-        &proc_root,
-        &SyntheticNode {
-            vms,
-            other_processes: 10,
-            ..SyntheticNode::default()
-        },
-    )
-    .expect("synthetic proc");
-    let mut config = noded::config::NodedConfig::local_default().expect("default config");
-    config.templates[0].runtime_handler = "kata-qemu-warm".into();
-    config.probe.handlers = vec!["kata-qemu".into(), "kata-qemu-warm".into()];
-    config.observe.proc_root = proc_root;
-    let observe_config = ObserverConfig::from_config(&config);
-    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
-    let observer = Arc::new(Observer::new(observe_config, metrics));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    rt.spawn(noded::http::serve(
-        listener,
-        Arc::clone(&observer),
-        std::future::pending(),
-    ));
-    rt.spawn(Arc::clone(&observer).run(Duration::from_millis(500)));
-    Daemon {
-        addr,
-        observer,
-        _rt: rt,
-        _tree: tree,
-    }
-}
-
-/// Drives every code path that feeds a family, as the daemon's components do.
-fn exercise(observer: &Observer) {
-    let m = observer.metrics();
-    m.record_apply(ApplyOutcome::Changed);
-    m.record_apply(ApplyOutcome::Unchanged);
-    m.record_containerd_restart();
-    m.record_template_build(BuildOutcome::Ok);
-    m.set_template_ready("default", true);
-    m.set_template_pool("default", 2, 2);
-    m.observe_template_acquire(0.0012);
-    observer.record_boot("kata-qemu-warm", &synthetic::sandbox_id(0), 0.07);
-    observer.record_probe("kata-qemu", true, Duration::from_millis(900), None);
-    observer.record_probe(
-        "kata-qemu-warm",
-        false,
-        Duration::from_millis(15),
-        Some("no runtime for \"kata-qemu-warm\" is configured".into()),
-    );
-    observer.observe_now().expect("observe");
-}
-
-struct Prometheus {
-    _proc: Proc,
-    addr: SocketAddr,
-}
-
-fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: noded\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .expect("prometheus config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proc = Proc::spawn(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .current_dir(dir),
-    );
-    Prometheus { _proc: proc, addr }
-}
+use testkit::prometheus::Prometheus;
+use testkit::scrape::http_get;
+use testkit::synthetic;
 
 fn encode(q: &str) -> String {
     q.bytes()
@@ -130,7 +24,11 @@ fn encode(q: &str) -> String {
 }
 
 fn query(p: &Prometheus, q: &str) -> serde_json::Value {
-    let r = http_get(p.addr, &format!("/api/v1/query?query={}", encode(q)), "*/*");
+    let r = http_get(
+        p.addr(),
+        &format!("/api/v1/query?query={}", encode(q)),
+        "*/*",
+    );
     serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{q}: {e}: {}", r.body))
 }
 
@@ -213,10 +111,9 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     }
     let exprs = daemonset_exprs();
     assert!(exprs.len() >= 15, "{exprs:?}");
-    let d = start_daemon(20);
-    exercise(&d.observer);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let prom = start_prometheus(dir.path(), d.addr);
+    let d = synthetic::serve(20);
+    synthetic::exercise(&d.observer);
+    let prom = Prometheus::start(&[&d.addr.to_string()]).expect("prometheus starts");
     // Wait until noded's series are stored and enough scrapes exist for rate() over 1m.
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut first = None;
@@ -236,7 +133,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     }
     assert!(first.is_some(), "Prometheus never stored noded's series");
     // Counters move between scrapes so rate()/increase() have something to see.
-    exercise(&d.observer);
+    synthetic::exercise(&d.observer);
     std::thread::sleep(Duration::from_secs(3));
     let mut failures = Vec::new();
     for (name, expr) in &exprs {

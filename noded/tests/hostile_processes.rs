@@ -3,20 +3,15 @@
 //! reaper; a VM under a root Kata shim is counted, and a real leftover QEMU of noded is still reaped.
 
 mod common;
-#[path = "common/observe.rs"]
-mod observe_util;
 
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use noded::metrics::{Metrics, openmetrics_to_prometheus_text};
-use noded::observe::procscan::{BootKind, Origin, ProcessKind, ScanReport, Scanner};
-use noded::observe::{Observer, ObserverConfig};
+use noded::metrics::openmetrics_to_prometheus_text;
+use noded::observe::procscan::{BootKind, Origin, ProcessKind, Scanner};
 use noded::vm::qemu::{Mapping, VmLaunch, VmProcess};
 use noded::vm::reap::{self, VmRecord};
-use observe_util::{Proc, named_process};
+use testkit::process::{Proc, named_process, scan_until};
 use testkit::synthetic::{self, SyntheticNode};
 
 fn tag() -> String {
@@ -91,17 +86,6 @@ fn prerequisites() -> bool {
     common::require("bash").is_some()
         && common::require("setpriv").is_some()
         && common::require_root()
-}
-
-fn scan_until(scanner: &Scanner, done: impl Fn(&ScanReport) -> bool) -> ScanReport {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = scanner.scan().expect("scan of /proc");
-        if done(&r) || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The real /proc: spoofed hypervisors (uid 65534, a non-root "shim", a root QEMU-named process under
@@ -211,21 +195,6 @@ fn spoofed_vms_on_real_proc_are_not_counted_but_a_root_shims_child_is() {
     );
 }
 
-fn observer_on(root: &Path) -> Observer {
-    let config = ObserverConfig {
-        proc_root: root.to_path_buf(),
-        handlers: vec!["kata-qemu".into()],
-        probe_handlers: vec!["kata-qemu".into()],
-        templates: vec![],
-        warm_handlers: vec![],
-        template_dirs: vec![],
-        own_vms_dir: None,
-        capacity: Default::default(),
-    };
-    let metrics = Arc::new(Metrics::new(config.metrics_scope()));
-    Observer::new(config, metrics)
-}
-
 fn figures(spoofed_vms: u32) -> (String, u64, u64, u64, usize) {
     let tree = tempfile::tempdir().expect("tempdir");
     synthetic::generate(
@@ -239,7 +208,7 @@ fn figures(spoofed_vms: u32) -> (String, u64, u64, u64, usize) {
         },
     )
     .expect("synthetic /proc");
-    let obs = observer_on(tree.path());
+    let obs = synthetic::observer_on(tree.path(), &["kata-qemu"]);
     let scan = obs.observe_now().expect("observe");
     let text = openmetrics_to_prometheus_text(&obs.metrics().encode().expect("encode"));
     let vms: Vec<String> = text

@@ -2,102 +2,25 @@
 //! Prometheus.
 
 mod common;
-#[path = "common/observe.rs"]
-mod observe_util;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use noded::metrics::{ApplyOutcome, BuildOutcome, FAMILIES, Metrics};
-use noded::observe::{Observer, ObserverConfig};
-use observe_util::{Proc, free_port, http_get};
-use testkit::synthetic::{self, SyntheticNode};
+use noded::metrics::FAMILIES;
+use testkit::prometheus::Prometheus;
+use testkit::scrape::http_get;
+use testkit::synthetic;
 
 const OPENMETRICS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-
-/// `noded run` on a config whose /proc is a synthetic tree, in a thread of this test process, so
-/// the test controls probes and events through the same `Observer` the daemon serves.
-struct Daemon {
-    addr: SocketAddr,
-    observer: Arc<Observer>,
-    rt: tokio::runtime::Runtime,
-    _tree: tempfile::TempDir,
-}
-
-fn start_daemon(vms: u32) -> Daemon {
-    let tree = tempfile::tempdir().expect("tempdir");
-    let proc_root = tree.path().join("proc");
-    std::fs::create_dir(&proc_root).expect("proc dir");
-    synthetic::generate(
-        &proc_root,
-        &SyntheticNode {
-            vms,
-            other_processes: 10,
-            ..SyntheticNode::default()
-        },
-    )
-    .expect("synthetic proc");
-    let mut config = noded::config::NodedConfig::local_default().expect("default config");
-    config.templates[0].runtime_handler = "kata-qemu-warm".into();
-    config.probe.handlers = vec!["kata-qemu".into(), "kata-qemu-warm".into()];
-    config.observe.proc_root = proc_root;
-    let observe_config = ObserverConfig::from_config(&config);
-    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
-    let observer = Arc::new(Observer::new(observe_config, metrics));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    rt.spawn(noded::http::serve(
-        listener,
-        Arc::clone(&observer),
-        std::future::pending(),
-    ));
-    rt.spawn(Arc::clone(&observer).run(Duration::from_millis(500)));
-    Daemon {
-        addr,
-        observer,
-        rt,
-        _tree: tree,
-    }
-}
-
-/// Drives every code path that feeds a family, as the daemon's components do.
-fn exercise(observer: &Observer) {
-    let m = observer.metrics();
-    m.record_apply(ApplyOutcome::Changed);
-    m.record_apply(ApplyOutcome::Unchanged);
-    m.record_containerd_restart();
-    m.record_template_build(BuildOutcome::Ok);
-    m.set_template_ready("default", true);
-    m.set_template_pool("default", 2, 2);
-    m.observe_template_acquire(0.0012);
-    observer.record_boot("kata-qemu-warm", &synthetic::sandbox_id(0), 0.07);
-    observer.record_probe("kata-qemu", true, Duration::from_millis(900), None);
-    observer.record_probe(
-        "kata-qemu-warm",
-        false,
-        Duration::from_millis(15),
-        Some("no runtime for \"kata-qemu-warm\" is configured".into()),
-    );
-    observer.observe_now().expect("observe");
-}
 
 #[test]
 fn metrics_endpoint_formats_and_promtool_is_clean() {
     let Some(promtool) = common::require("promtool") else {
         return;
     };
-    let d = start_daemon(20);
-    exercise(&d.observer);
+    let d = synthetic::serve(20);
+    synthetic::exercise(&d.observer);
 
     let om = http_get(d.addr, "/metrics", OPENMETRICS_ACCEPT);
     assert_eq!(om.status, 200);
@@ -141,7 +64,7 @@ fn metrics_endpoint_formats_and_promtool_is_clean() {
 
 #[test]
 fn healthz_and_readyz_follow_the_probes() {
-    let d = start_daemon(3);
+    let d = synthetic::serve(3);
     let h = http_get(d.addr, "/healthz", "*/*");
     assert_eq!((h.status, h.body.as_str()), (200, "ok\n"));
 
@@ -183,37 +106,9 @@ fn healthz_and_readyz_follow_the_probes() {
     assert!(m.contains("noded_vm_boot_seconds_count{runtime_handler=\"kata-qemu-warm\",boot=\"template\",outcome=\"failed\"} 1"), "{m}");
 }
 
-struct Prometheus {
-    _proc: Proc,
-    addr: SocketAddr,
-}
-
-fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: noded\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .expect("prometheus config");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let proc = Proc::spawn(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .current_dir(dir),
-    );
-    Prometheus { _proc: proc, addr }
-}
-
 /// Metric names Prometheus has stored, or None while it is starting.
 fn stored_names(p: &Prometheus) -> Option<Vec<String>> {
-    let r = std::panic::catch_unwind(|| http_get(p.addr, "/api/v1/label/__name__/values", "*/*"))
+    let r = std::panic::catch_unwind(|| http_get(p.addr(), "/api/v1/label/__name__/values", "*/*"))
         .ok()?;
     if r.status != 200 {
         return None;
@@ -233,10 +128,9 @@ fn real_prometheus_scrapes_every_family() {
     if common::require("prometheus").is_none() {
         return;
     }
-    let d = start_daemon(50);
-    exercise(&d.observer);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let prom = start_prometheus(dir.path(), d.addr);
+    let d = synthetic::serve(50);
+    synthetic::exercise(&d.observer);
+    let prom = Prometheus::start(&[&d.addr.to_string()]).expect("prometheus starts");
     // Histograms are stored as _bucket/_sum/_count series.
     let expected: Vec<String> = FAMILIES
         .iter()
@@ -265,15 +159,15 @@ fn real_prometheus_scrapes_every_family() {
     }
     assert!(missing.is_empty(), "Prometheus never stored {missing:?}");
     // The values made it too, not only the names.
-    let q = http_get(prom.addr, "/api/v1/query?query=sum(noded_vms)", "*/*");
+    let q = http_get(prom.addr(), "/api/v1/query?query=sum(noded_vms)", "*/*");
     let v: serde_json::Value = serde_json::from_str(&q.body).expect("query json");
     assert_eq!(v["data"]["result"][0]["value"][1], "50", "{}", q.body);
 }
 
 #[test]
 fn noded_status_shows_handler_figures_as_table_and_json() {
-    let d = start_daemon(4);
-    exercise(&d.observer);
+    let d = synthetic::serve(4);
+    synthetic::exercise(&d.observer);
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("noded.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,8 +1,6 @@
 //! VM observation against real QEMU processes and a synthetic /proc tree of 500 VMs.
 
 mod common;
-#[path = "common/observe.rs"]
-mod observe_util;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +12,7 @@ use noded::observe::procscan::{
     BootKind, KATA_FACTORY_TEMPLATE_DIR, Origin, ProcessKind, ScanReport, Scanner, VmRole,
 };
 use noded::observe::{Observer, ObserverConfig, TemplateRef};
-use observe_util::{Proc, named_process};
+use testkit::process::{Proc, named_process, scan_until};
 use testkit::synthetic::{self, SyntheticNode};
 
 fn unique(tag: &str) -> String {
@@ -42,18 +40,6 @@ fn qemu(args: &[String]) -> Proc {
     ])
     .args(args);
     Proc::spawn(&mut cmd)
-}
-
-/// Scans until `done` holds for a scan (processes take a moment to exec); the last scan otherwise.
-fn scan_until(scanner: &Scanner, done: impl Fn(&ScanReport) -> bool) -> ScanReport {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = scanner.scan().expect("scan of /proc");
-        if done(&r) || Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

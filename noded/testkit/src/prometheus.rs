@@ -53,6 +53,11 @@ impl Prometheus {
         })
     }
 
+    /// Where its HTTP API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Instant query; the `data.result` array.
     pub async fn query(&self, q: &str) -> Result<Vec<serde_json::Value>> {
         let encoded: String = q

@@ -7,7 +7,13 @@
 
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use noded::metrics::{ApplyOutcome, BuildOutcome, Metrics};
+use noded::observe::{Observer, ObserverConfig};
 
 /// What to generate.
 #[derive(Debug, Clone, Copy)]
@@ -226,4 +232,97 @@ pub fn generate(root: &Path, node: &SyntheticNode) -> io::Result<()> {
         pid += 1;
     }
     Ok(())
+}
+
+/// noded's `/metrics` + health server and observer, wired as `noded run` wires them, over a
+/// synthetic `/proc` of `vms` VMs, in this process: the test drives probes and events through the
+/// same [`Observer`] the server serves.
+pub struct ServedNode {
+    pub addr: SocketAddr,
+    pub observer: Arc<Observer>,
+    pub rt: tokio::runtime::Runtime,
+    _tree: tempfile::TempDir,
+}
+
+/// Starts a [`ServedNode`] (local-mode defaults, probes for `kata-qemu` and `kata-qemu-warm`, the
+/// template accounted to `kata-qemu-warm`, a scan every 500 ms). Panics on failure: test setup.
+pub fn serve(vms: u32) -> ServedNode {
+    let tree = tempfile::tempdir().expect("tempdir");
+    let proc_root = tree.path().join("proc");
+    fs::create_dir(&proc_root).expect("proc dir");
+    generate(
+        &proc_root,
+        &SyntheticNode {
+            vms,
+            other_processes: 10,
+            ..SyntheticNode::default()
+        },
+    )
+    .expect("synthetic proc");
+    let mut config = noded::config::NodedConfig::local_default().expect("default config");
+    config.templates[0].runtime_handler = "kata-qemu-warm".into();
+    config.probe.handlers = vec!["kata-qemu".into(), "kata-qemu-warm".into()];
+    config.observe.proc_root = proc_root;
+    let observe_config = ObserverConfig::from_config(&config);
+    let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
+    let observer = Arc::new(Observer::new(observe_config, metrics));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.spawn(noded::http::serve(
+        listener,
+        Arc::clone(&observer),
+        std::future::pending(),
+    ));
+    rt.spawn(Arc::clone(&observer).run(Duration::from_millis(500)));
+    ServedNode {
+        addr,
+        observer,
+        rt,
+        _tree: tree,
+    }
+}
+
+/// An [`Observer`] of `proc_root` (a synthetic tree or `/proc`) for `handlers`, probing the first
+/// one; no templates, template directories or spawn records.
+pub fn observer_on(proc_root: &Path, handlers: &[&str]) -> Observer {
+    let config = ObserverConfig {
+        proc_root: proc_root.to_path_buf(),
+        handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
+        probe_handlers: handlers.iter().take(1).map(|h| (*h).to_owned()).collect(),
+        templates: vec![],
+        warm_handlers: vec![],
+        template_dirs: vec![],
+        own_vms_dir: None,
+        capacity: Default::default(),
+    };
+    let metrics = Arc::new(Metrics::new(config.metrics_scope()));
+    Observer::new(config, metrics)
+}
+
+/// Drives every code path that feeds a metric family, as the daemon's components do.
+pub fn exercise(observer: &Observer) {
+    let m = observer.metrics();
+    m.record_apply(ApplyOutcome::Changed);
+    m.record_apply(ApplyOutcome::Unchanged);
+    m.record_containerd_restart();
+    m.record_template_build(BuildOutcome::Ok);
+    m.set_template_ready("default", true);
+    m.set_template_pool("default", 2, 2);
+    m.observe_template_acquire(0.0012);
+    observer.record_boot("kata-qemu-warm", &sandbox_id(0), 0.07);
+    observer.record_probe("kata-qemu", true, Duration::from_millis(900), None);
+    observer.record_probe(
+        "kata-qemu-warm",
+        false,
+        Duration::from_millis(15),
+        Some("no runtime for \"kata-qemu-warm\" is configured".into()),
+    );
+    observer.observe_now().expect("observe");
 }
