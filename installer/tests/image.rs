@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE};
+use noded::cri::{CriClient, PodSpec};
 use serde_json::Value;
 use testkit::require::{require, require_root};
 

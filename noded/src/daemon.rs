@@ -312,18 +312,15 @@ async fn probe_loop(
     observer: Arc<Observer>,
     health: Option<tokio::sync::watch::Sender<crate::k8s::publisher::RuntimeHealth>>,
 ) {
-    let opts = crate::containerd::probe::ProbeOptions {
+    let opts = crate::cri::probe::ProbeOptions {
         timeout: Duration::from_secs(config.probe.timeout_seconds.max(1)),
         image: config.probe.image.clone(),
-        ..crate::containerd::probe::ProbeOptions::sandbox_only()
+        ..crate::cri::probe::ProbeOptions::sandbox_only()
     };
     // Sandboxes of a noded killed mid-probe (kill -9, OOM) would otherwise stay forever: their label
     // marks them as ours. Best effort — the next start tries again.
-    match crate::containerd::probe::remove_leftover_probes(
-        &config.containerd.socket,
-        opts.cleanup_timeout,
-    )
-    .await
+    match crate::cri::probe::remove_leftover_probes(&config.containerd.socket, opts.cleanup_timeout)
+        .await
     {
         Ok(0) => {}
         Ok(n) => info!(
@@ -339,7 +336,7 @@ async fn probe_loop(
         let mut all_ok = true;
         for handler in &handlers {
             let warm = observer.warm().is_warm(handler);
-            let (outcome, boot) = crate::containerd::probe::probe_inspecting(
+            let (outcome, boot) = crate::cri::probe::probe_inspecting(
                 &config.containerd.socket,
                 handler,
                 &opts,

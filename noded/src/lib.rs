@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod containerd;
+pub mod cri;
 pub mod daemon;
 pub mod exit;
 pub mod fsutil;

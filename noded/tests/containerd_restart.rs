@@ -27,10 +27,12 @@ fn noded(args: &[&str]) -> (i32, serde_json::Value, String) {
 
 async fn handlers(socket: &Path) -> Vec<String> {
     // After a restart the socket answers before the CRI plugin is initialized.
-    let mut cri = noded::containerd::cri::wait_ready(socket, std::time::Duration::from_secs(30))
+    let mut cri = noded::cri::wait_ready(socket, std::time::Duration::from_secs(30))
         .await
         .expect("CRI ready");
-    let status = cri.status_verbose().await.expect("CRI status");
+    let status = noded::containerd::cri_plugin::status(&mut cri)
+        .await
+        .expect("CRI status");
     status.handlers.keys().cloned().collect()
 }
 

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use noded::containerd::apply::{self, Request};
-use noded::containerd::cri;
 use noded::containerd::handler::KataHandler;
 use noded::containerd::image::PAUSE_IMAGE;
 use noded::containerd::private::PrivateContainerd;
 use noded::containerd::restart::Restart;
 use noded::containerd::systemd::SystemdTarget;
 use noded::containerd::version::ContainerdVersion;
+use noded::cri;
 use testkit::dbus::{SystemdBus, require_dbus_daemon};
 
 /// root, containerd + runc + unshare, dbus-daemon: None (skip) when missing, a failure under CI=true.
@@ -77,7 +77,9 @@ async fn loaded_handlers(socket: &Path) -> Vec<String> {
     let mut client = cri::wait_ready(socket, Duration::from_secs(30))
         .await
         .expect("CRI ready");
-    let status = client.status_verbose().await.expect("CRI status");
+    let status = noded::containerd::cri_plugin::status(&mut client)
+        .await
+        .expect("CRI status");
     status.handlers.keys().cloned().collect()
 }
 

@@ -9,10 +9,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use noded::containerd::cri::{CriClient, loaded_handlers};
+use noded::containerd::cri_plugin::{self, loaded_handlers};
 use noded::containerd::image::{self, K8S_NAMESPACE, PAUSE_IMAGE, PROBE_IMAGE};
 use noded::containerd::private::PrivateContainerd;
-use noded::containerd::probe::{ProbeOptions, ProbeStage, probe};
+use noded::cri::CriClient;
+use noded::cri::probe::{ProbeOptions, ProbeStage, probe};
 use noded::observe::latency;
 use testkit::containerd::Series;
 use testkit::per_series;
@@ -232,7 +233,7 @@ async fn cri_status_lists_the_runc_handler(series) {
     let v = cri.version().await.unwrap();
     assert_eq!(v.runtime_name, "containerd");
     assert_eq!(v.runtime_api_version, "v1");
-    let status = cri.status_verbose().await.unwrap();
+    let status = cri_plugin::status(&mut cri).await.unwrap();
     assert!(status.runtime_ready(), "{status:?}");
     assert_eq!(status.default_runtime_name, "runc");
     if series.version().major >= 2 {
@@ -249,7 +250,7 @@ async fn cri_status_lists_the_runc_handler(series) {
         assert!(status.runtime_handlers.is_empty(), "{series}");
     }
     assert_eq!(
-        cri.sandbox_image().await.unwrap().as_deref(),
+        cri_plugin::sandbox_image(&mut cri).await.unwrap().as_deref(),
         Some(PAUSE_IMAGE),
         "{series}"
     );

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use noded::containerd::cri::{CriClient, PodSpec};
+use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::Series;
 use testkit::fake_kata::FakeKata;
 use testkit::scenario::{

@@ -206,8 +206,8 @@ async fn fault_run(
     let mut totals = FaultTotals::default();
     let socket = b.nodebox.containerd_socket();
     // A Kata workload that every boot must leave running (its shim survives containerd restarts).
-    let mut cri = noded::containerd::cri::CriClient::connect(&socket).await?;
-    let mut workload = noded::containerd::cri::PodSpec::unique("workload", "kata-qemu");
+    let mut cri = noded::cri::CriClient::connect(&socket).await?;
+    let mut workload = noded::cri::PodSpec::unique("workload", "kata-qemu");
     workload.host_network = true;
     let workload_id = cri.run_pod(&workload, Duration::from_secs(60)).await?;
     let mut rng = rand::rng();
@@ -313,7 +313,7 @@ async fn fault_run(
                 );
             }
         }
-        let mut cri = noded::containerd::cri::CriClient::connect(&socket).await?;
+        let mut cri = noded::cri::CriClient::connect(&socket).await?;
         if !testkit::nodebox::sandbox_ready(&mut cri, &workload_id).await? {
             totals.disturbed += 1;
             eprintln!("{series}: boot {i} ({fault:?}): the workload sandbox is gone");

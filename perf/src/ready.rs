@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use noded::containerd::cri::CriClient;
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
+use noded::cri::CriClient;
 
 use testkit::fake_api;
 

@@ -11,12 +11,12 @@ use serde::Serialize;
 use tracing::{info, info_span, warn};
 
 use super::atomic::{self, write_atomic};
-use super::cri::CriClient;
 use super::document::{ConfigDocument, ConfigVersion, DocumentError};
 use super::handler::{HandlerSpec, KataHandler};
 use super::restart::{self, Restart, RestartError};
 use super::state::{FileRecord, StateError, StateStore};
 use super::version::{ContainerdVersion, VersionError};
+use crate::cri::CriClient;
 use crate::exit::{self, ExitStatus};
 use crate::fsutil::sha256_bytes;
 
@@ -443,8 +443,7 @@ pub async fn verify_loaded(socket: &Path, specs: &[HandlerSpec]) -> Result<(), S
     let mut client = CriClient::connect(socket)
         .await
         .map_err(|e| format!("CRI connect {}: {e}", socket.display()))?;
-    let status = client
-        .status_verbose()
+    let status = super::cri_plugin::status(&mut client)
         .await
         .map_err(|e| format!("CRI Status: {e}"))?;
     for spec in specs {
@@ -726,7 +725,7 @@ pub async fn revert_with(
             let socket = socket_of(&main);
             restart::wait_for_socket(&socket, restart::SOCKET_TIMEOUT).await?;
             // Report success only once CRI serves again (it initializes after the socket opens).
-            if let Err(e) = super::cri::wait_ready(&socket, restart::SOCKET_TIMEOUT).await {
+            if let Err(e) = crate::cri::wait_ready(&socket, restart::SOCKET_TIMEOUT).await {
                 tracing::warn!("containerd restarted but CRI is not ready yet: {e}");
             }
         }

@@ -29,8 +29,8 @@ use oci_spec::image::{
 use tonic::transport::Channel;
 use tracing::{debug, info};
 
-/// Image name of the probe container.
-pub const PROBE_IMAGE: &str = "noded.local/probe:1";
+/// Image name of the probe container (the probe's default, defined with it).
+pub use crate::cri::probe::PROBE_IMAGE;
 /// Image name to put in the CRI plugin's `sandbox_image` (a pause container made of busybox `sleep`).
 pub const PAUSE_IMAGE: &str = "noded.local/pause:1";
 /// The namespace the CRI plugin uses.

@@ -31,7 +31,7 @@ pub enum ManageError {
     #[error("importing the local probe image: {0}")]
     Image(#[from] image::ImageError),
     #[error("the CRI plugin does not see the imported local images: {0}")]
-    Cri(#[from] super::cri::CriError),
+    Cri(#[from] crate::cri::CriError),
 }
 
 fn request(config: &NodedConfig) -> Result<Request, ManageError> {
@@ -125,7 +125,7 @@ pub async fn start_private(
     // CRI learns about an import from an image event, asynchronously: a probe started before then
     // tries to pull `noded.local/pause:1` from the network and the node stays unready for a whole
     // probe interval.
-    let mut cri = super::cri::CriClient::connect(ctrd.socket()).await?;
+    let mut cri = crate::cri::CriClient::connect(ctrd.socket()).await?;
     for name in [image::PAUSE_IMAGE, image::PROBE_IMAGE] {
         cri.wait_image(name, std::time::Duration::from_secs(10))
             .await?;

@@ -3,13 +3,12 @@
 pub mod apply;
 pub mod atomic;
 pub mod cli;
-pub mod cri;
+pub mod cri_plugin;
 pub mod document;
 pub mod handler;
 pub mod image;
 pub mod manage;
 pub mod private;
-pub mod probe;
 pub mod restart;
 pub mod state;
 pub mod systemd;

@@ -489,7 +489,7 @@ impl Observer {
     }
 
     /// [`Self::record_probe`] for a probe sandbox's outcome.
-    pub fn record_probe_outcome(&self, o: &crate::containerd::probe::ProbeOutcome) {
+    pub fn record_probe_outcome(&self, o: &crate::cri::probe::ProbeOutcome) {
         self.record_probe(&o.handler, o.ok, o.duration, o.error.clone());
     }
 

@@ -732,16 +732,16 @@ pub async fn cri_probe(socket: &std::path::Path, handler: &str) -> Result<(), St
 }
 
 async fn cri_probe_inner(socket: &std::path::Path, handler: &str) -> Result<(), String> {
-    use noded::containerd::cri::{CriClient, PodSpec};
+    use noded::cri::{CriClient, PodSpec};
     let t = Duration::from_secs(60);
     let mut cri = CriClient::connect(socket)
         .await
-        .map_err(|e| e.containerd_message())?;
+        .map_err(|e| e.runtime_message())?;
     let pod = PodSpec::unique("noded-probe", handler);
     let sandbox = cri
         .run_pod(&pod, t)
         .await
-        .map_err(|e| e.containerd_message())?;
+        .map_err(|e| e.runtime_message())?;
     let result = async {
         let id = cri
             .create_container(
@@ -757,6 +757,6 @@ async fn cri_probe_inner(socket: &std::path::Path, handler: &str) -> Result<(), 
     }
     .await;
     let removed = cri.remove_pod(&sandbox, t).await;
-    result.map_err(|e| e.containerd_message())?;
-    removed.map_err(|e| e.containerd_message())
+    result.map_err(|e| e.runtime_message())?;
+    removed.map_err(|e| e.runtime_message())
 }

@@ -31,7 +31,7 @@ use k8s_cri::v1::{
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Volume};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use noded::containerd::cri::{CriClient, CriError};
+use noded::cri::{CriClient, CriError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Per-call deadline for the CRI calls the runner makes.
@@ -1044,9 +1044,7 @@ impl PodRunner {
     }
 
     /// The current attempt's state as CRI reports it.
-    pub async fn container_info(
-        &self,
-    ) -> Result<noded::containerd::cri::ContainerInfo, KubeletError> {
+    pub async fn container_info(&self) -> Result<noded::cri::ContainerInfo, KubeletError> {
         let id = self
             .container_id()
             .ok_or_else(|| KubeletError::NotStarted(self.pod.pod_name().into()))?;
@@ -1131,7 +1129,7 @@ impl PodRunner {
     pub async fn wait_exited(
         &self,
         timeout: Duration,
-    ) -> Result<noded::containerd::cri::ContainerInfo, KubeletError> {
+    ) -> Result<noded::cri::ContainerInfo, KubeletError> {
         let id = self
             .container_id()
             .ok_or_else(|| KubeletError::NotStarted(self.pod.pod_name().into()))?;

@@ -269,7 +269,7 @@ esac
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            match noded::containerd::cri::CriClient::connect(&self.containerd_socket()).await {
+            match noded::cri::CriClient::connect(&self.containerd_socket()).await {
                 Ok(mut c) => match c.status_verbose().await {
                     Ok(_) => return Ok(()),
                     Err(e) => last = e.to_string(),
@@ -536,7 +536,7 @@ pub fn tail(text: &str, n: usize) -> String {
 }
 
 /// The sandbox exists and is READY (its shim, and for Kata its VM, still up).
-pub async fn sandbox_ready(cri: &mut noded::containerd::cri::CriClient, id: &str) -> Result<bool> {
+pub async fn sandbox_ready(cri: &mut noded::cri::CriClient, id: &str) -> Result<bool> {
     let r = cri
         .runtime_service()
         .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {

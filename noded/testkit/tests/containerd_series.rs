@@ -31,10 +31,12 @@ async fn every_series_starts_privately_and_reports_its_version() {
             .await
             .expect("Version API");
         assert_eq!(api, exec, "{series}: the daemon is the binary asked");
-        let mut cri = noded::containerd::cri::CriClient::connect(ctrd.socket())
+        let mut cri = noded::cri::CriClient::connect(ctrd.socket())
             .await
             .expect("CRI connects");
-        let status = cri.status_verbose().await.expect("CRI Status");
+        let status = noded::containerd::cri_plugin::status(&mut cri)
+            .await
+            .expect("CRI Status");
         assert!(status.handlers.contains_key("runc"), "{series}: {status:?}");
         if series.version().major >= 2 {
             // 2.x reports the handlers it serves; its sandbox image is only pinned, not in Status.

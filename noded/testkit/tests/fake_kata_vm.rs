@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use noded::containerd::apply::{self, Request};
-use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::handler::KataHandler;
 use noded::containerd::image::{self, DEFAULT_BUSYBOX, PAUSE_IMAGE};
 use noded::containerd::restart::Restart;
+use noded::cri::{CriClient, PodSpec};
 use noded::observe::procscan::{Scanner, VmRole};
 use testkit::containerd::{self as series_ctrd, Series};
 use testkit::fake_kata::{FakeKata, QEMU_SYSTEM};

@@ -12,10 +12,10 @@ use k8s_cri::v1::{
     RunPodSandboxRequest,
 };
 use noded::containerd::apply::{self, Request};
-use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::handler::KataHandler;
 use noded::containerd::image::{self, DEFAULT_BUSYBOX, PAUSE_IMAGE, PROBE_IMAGE};
 use noded::containerd::restart::Restart;
+use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::{self as series_ctrd, Series};
 use testkit::fake_kata::FakeKata;
 

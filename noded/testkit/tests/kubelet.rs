@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use k8s_cri::v1::{ContainerState, MountPropagation, NamespaceMode};
-use noded::containerd::cri::CriClient;
 use noded::containerd::image::{self, K8S_NAMESPACE, PAUSE_IMAGE};
+use noded::cri::CriClient;
 use testkit::containerd::{self as series_ctrd, Series};
 use testkit::kubelet::{self, HostPathCheck, KubeletError, PodOptions, PodRunner};
 

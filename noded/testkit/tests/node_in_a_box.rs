@@ -6,8 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use noded::containerd::cri::{CriClient, PodSpec};
-use noded::containerd::probe::{ProbeOptions, probe};
+use noded::containerd::cri_plugin;
+use noded::cri::probe::{ProbeOptions, probe};
+use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::Series;
 use testkit::fake_api::NODE;
 use testkit::scenario::{Booted, boot};
@@ -99,7 +100,7 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
     ensure!(api.state().has_startup_taint(), "the node starts tainted");
     // 0. What boot did: handlers in containerd's config before containerd started.
     let mut cri = CriClient::connect(&socket).await?;
-    let status = cri.status_verbose().await?;
+    let status = cri_plugin::status(&mut cri).await?;
     for h in HANDLERS {
         ensure!(
             status.handlers.contains_key(h),
@@ -201,7 +202,7 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
     );
     pod.wait_ready(BOOT_TIMEOUT).await?;
     let mut cri = CriClient::connect(&socket).await?;
-    let status = cri.status_verbose().await?;
+    let status = cri_plugin::status(&mut cri).await?;
     for h in HANDLERS {
         ensure!(status.handlers.contains_key(h), "{h} not re-applied");
     }
@@ -216,7 +217,7 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
 
     // 5. Deleting the pod (DaemonSet deleted or rolled) leaves the runtime and running sandboxes.
     pod.delete().await?;
-    let status = cri.status_verbose().await?;
+    let status = cri_plugin::status(&mut cri).await?;
     for h in HANDLERS {
         ensure!(
             status.handlers.contains_key(h),
@@ -287,7 +288,7 @@ async fn probe_sandboxes(cri: &mut CriClient) -> anyhow::Result<Vec<String>> {
         .into_inner();
     Ok(r.items
         .into_iter()
-        .filter(|p| p.labels.contains_key(noded::containerd::probe::PROBE_LABEL))
+        .filter(|p| p.labels.contains_key(noded::cri::probe::PROBE_LABEL))
         .map(|p| p.id)
         .collect())
 }

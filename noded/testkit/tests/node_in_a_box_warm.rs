@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use noded::containerd::cri::{CriClient, PodSpec};
+use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::Series;
 use testkit::fake_kata::FakeKata;
 use testkit::scenario::{

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_cri::v1::ContainerState;
-use noded::containerd::cri::{CriClient, PodSpec};
 use noded::containerd::image::{self, PAUSE_IMAGE, PROBE_IMAGE};
+use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::{Binaries, Series, TempContainerd};
 
 /// Everything a private containerd needs; None (skip) when missing outside CI.

@@ -4,8 +4,9 @@
 //! the VM and waits for its agent, which is the part that fails on a broken node — then optionally a
 //! tiny container from an image the node already holds, wait for exit code 0, then stop and remove
 //! everything, also when a step failed or timed out. By default the probe is sandbox-only: a node holds
-//! the pause image (kubelet needs it) but no image noded would have to import by hand. containerd's own
-//! error is reported verbatim (that is what tells an operator "no runtime for "kata-qemu" is configured").
+//! the pause image (kubelet needs it) but no image noded would have to import by hand. The runtime's own
+//! error is reported verbatim (containerd's is what tells an operator "no runtime for "kata-qemu" is
+//! configured").
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{Instrument, info, warn};
 
-use super::cri::{CriClient, CriError, PodSpec};
-use super::image::PROBE_IMAGE;
+use super::{CriClient, CriError, PodSpec};
 
 /// Label every probe sandbox carries (value: the probe's unique id), used to find leftovers.
 pub const PROBE_LABEL: &str = "noded.io/probe";
+/// The image of the probe container when a probe runs one (the local image noded builds; see
+/// `containerd::image`).
+pub const PROBE_IMAGE: &str = "noded.local/probe:1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeOptions {
@@ -172,7 +175,7 @@ async fn run_probe(
     opts: &ProbeOptions,
 ) -> Result<String, (ProbeStage, String)> {
     let t = opts.timeout;
-    let msg = |e: CriError| e.containerd_message();
+    let msg = |e: CriError| e.runtime_message();
     let sandbox = cri
         .run_pod(pod, t)
         .await
@@ -230,18 +233,8 @@ async fn cleanup(cri: &mut CriClient, probe_id: &str, timeout: Duration) -> bool
 /// Removes probe sandboxes left behind by an earlier noded (e.g. killed mid-probe).
 pub async fn remove_leftover_probes(socket: &Path, timeout: Duration) -> Result<usize, CriError> {
     let mut cri = CriClient::connect(socket).await?;
-    let r = cri
-        .runtime_service()
-        .list_pod_sandbox(k8s_cri::v1::ListPodSandboxRequest { filter: None })
-        .await
-        .map_err(|s| CriError::Rpc {
-            op: "ListPodSandbox",
-            code: s.code(),
-            message: s.message().to_string(),
-        })?
-        .into_inner();
     let mut n = 0;
-    for p in r.items {
+    for p in cri.list_pods().await? {
         if p.labels.contains_key(PROBE_LABEL) {
             cri.remove_pod(&p.id, timeout).await?;
             n += 1;

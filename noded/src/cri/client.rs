@@ -1,7 +1,7 @@
-//! A CRI v1 client over containerd's unix socket: runtime status (which handlers containerd really loaded),
-//! version, and the pod/container calls the probe and tests need.
+//! A CRI v1 client over the runtime's unix socket: status, version, and the pod/container/image calls
+//! the probe and tests need. Nothing here knows which runtime answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,18 +15,21 @@ use k8s_cri::v1::{
     PodSandboxFilter, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
     StartContainerRequest, StatusRequest, StopPodSandboxRequest, VersionRequest,
 };
-use serde::Deserialize;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tracing::debug;
+
+use super::status::{CriStatus, CriVersion, RuntimeCondition};
 
 /// Per-call deadline unless a caller gives its own.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on opening the socket.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
-    #[error("cannot connect to containerd's CRI socket {socket}: {detail}")]
+    #[error("cannot connect to the CRI socket {socket}: {detail}")]
     Connect { socket: PathBuf, detail: String },
-    /// `message` is containerd's error, verbatim.
+    /// `message` is the runtime's error, verbatim.
     #[error("CRI {op} failed ({code:?}): {message}")]
     Rpc {
         op: &'static str,
@@ -35,6 +38,8 @@ pub enum CriError {
     },
     #[error("CRI {op} timed out after {after:?}")]
     Timeout { op: &'static str, after: Duration },
+    /// The runtime's verbose `Status` info is not in the shape its reader expects (containerd's:
+    /// [`crate::containerd::cri_plugin`]).
     #[error("CRI Status verbose info is not what containerd 1.6+ returns: {0}")]
     BadInfo(String),
     #[error(
@@ -44,39 +49,13 @@ pub enum CriError {
 }
 
 impl CriError {
-    /// containerd's own message for RPC failures (what an operator greps for), else the Display text.
-    pub fn containerd_message(&self) -> String {
+    /// The runtime's own message for RPC failures (what an operator greps for, e.g. containerd's "no
+    /// runtime for "kata-qemu" is configured"), else the Display text.
+    pub fn runtime_message(&self) -> String {
         match self {
             CriError::Rpc { message, .. } => message.clone(),
             other => other.to_string(),
         }
-    }
-}
-
-/// A tonic channel to a unix socket; `rpc_timeout` bounds each call.
-pub async fn unix_channel(socket: &Path, rpc_timeout: Duration) -> Result<Channel, CriError> {
-    let path = socket.to_path_buf();
-    let endpoint = Endpoint::from_static("http://[::]")
-        .timeout(rpc_timeout)
-        .connect_timeout(Duration::from_secs(5));
-    let connect = endpoint.connect_with_connector(tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move {
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
-        }
-    }));
-    match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(CriError::Connect {
-            socket: socket.to_path_buf(),
-            detail: format!("{e}: {}", source_chain(&e)),
-        }),
-        Err(_) => Err(CriError::Connect {
-            socket: socket.to_path_buf(),
-            detail: "timed out after 5s".into(),
-        }),
     }
 }
 
@@ -88,102 +67,6 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     parts.join(": ")
-}
-
-/// One runtime handler as containerd's CRI plugin has it loaded (from `Status(verbose).info["config"]`).
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
-pub struct HandlerInfo {
-    /// e.g. `io.containerd.runc.v2`, `io.containerd.kata-qemu.v2`.
-    #[serde(rename = "runtimeType", default)]
-    pub runtime_type: String,
-    #[serde(rename = "runtimePath", default)]
-    pub runtime_path: String,
-    #[serde(rename = "PodAnnotations", default)]
-    pub pod_annotations: Option<Vec<String>>,
-    #[serde(rename = "privileged_without_host_devices", default)]
-    pub privileged_without_host_devices: bool,
-    #[serde(default)]
-    pub snapshotter: String,
-    /// The handler's `options` table as containerd parsed it (runtime specific, e.g. runc's
-    /// `SystemdCgroup`, Kata's `ConfigPath`).
-    #[serde(default)]
-    pub options: Option<BTreeMap<String, serde_json::Value>>,
-}
-
-impl HandlerInfo {
-    /// `options.ConfigPath` (Kata handlers).
-    pub fn config_path(&self) -> Option<&str> {
-        self.options.as_ref()?.get("ConfigPath")?.as_str()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeCondition {
-    pub kind: String,
-    pub status: bool,
-    pub reason: String,
-    pub message: String,
-}
-
-/// CRI `Status(verbose=true)`, parsed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CriStatus {
-    /// `RuntimeReady`, `NetworkReady` (false without CNI config; host-network pods still work).
-    pub conditions: Vec<RuntimeCondition>,
-    pub default_runtime_name: String,
-    /// The CRI plugin's sandbox image as containerd 1.x reports it; empty on containerd 2.x, whose
-    /// Status no longer carries the image config (see [`CriClient::sandbox_image`]).
-    pub sandbox_image: String,
-    pub handlers: BTreeMap<String, HandlerInfo>,
-    /// Names of the handlers the runtime lists in `StatusResponse.runtime_handlers` (containerd 2.x;
-    /// empty on 1.x). The default handler appears as `""`.
-    pub runtime_handlers: Vec<String>,
-}
-
-impl CriStatus {
-    pub fn runtime_ready(&self) -> bool {
-        self.conditions
-            .iter()
-            .any(|c| c.kind == "RuntimeReady" && c.status)
-    }
-}
-
-#[derive(Deserialize)]
-struct VerboseConfig {
-    containerd: VerboseContainerd,
-    #[serde(rename = "sandboxImage", default)]
-    sandbox_image: String,
-}
-
-#[derive(Deserialize)]
-struct VerboseContainerd {
-    #[serde(rename = "defaultRuntimeName", default)]
-    default_runtime_name: String,
-    #[serde(default)]
-    runtimes: Option<BTreeMap<String, HandlerInfo>>,
-}
-
-/// Parses the verbose `info` map of a CRI `StatusResponse`.
-pub fn parse_status_info(
-    info: &HashMap<String, String>,
-) -> Result<(String, String, BTreeMap<String, HandlerInfo>), CriError> {
-    let config = info
-        .get("config")
-        .ok_or_else(|| CriError::BadInfo("no \"config\" key".into()))?;
-    let parsed: VerboseConfig = serde_json::from_str(config)
-        .map_err(|e| CriError::BadInfo(format!("info[\"config\"]: {e}")))?;
-    Ok((
-        parsed.containerd.default_runtime_name,
-        parsed.sandbox_image,
-        parsed.containerd.runtimes.unwrap_or_default(),
-    ))
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CriVersion {
-    pub runtime_name: String,
-    pub runtime_version: String,
-    pub runtime_api_version: String,
 }
 
 /// What a container looks like to CRI right now.
@@ -257,7 +140,7 @@ impl PodSpec {
     }
 }
 
-/// Client for containerd's CRI plugin (RuntimeService + ImageService).
+/// Client for a runtime's CRI services (RuntimeService + ImageService).
 #[derive(Debug, Clone)]
 pub struct CriClient {
     runtime: RuntimeServiceClient<Channel>,
@@ -285,16 +168,34 @@ async fn timed<T>(
 }
 
 impl CriClient {
+    /// Opens `socket` with the workspace's one unix-socket gRPC connector, `containerd_client::connect`
+    /// (a plain tonic channel over a unix stream: nothing in it is specific to containerd). The channel
+    /// has no per-call deadline; each call of this client bounds itself (see `timed`).
     pub async fn connect(socket: &Path) -> Result<Self, CriError> {
-        // Per-call deadlines are enforced with tokio timeouts (each call names its own).
-        let channel = unix_channel(socket, Duration::from_secs(600)).await?;
+        let channel =
+            match tokio::time::timeout(CONNECT_TIMEOUT, containerd_client::connect(socket)).await {
+                Ok(Ok(ch)) => ch,
+                Ok(Err(e)) => {
+                    return Err(CriError::Connect {
+                        socket: socket.to_path_buf(),
+                        detail: format!("{e}: {}", source_chain(&e)),
+                    });
+                }
+                Err(_) => {
+                    return Err(CriError::Connect {
+                        socket: socket.to_path_buf(),
+                        detail: format!("timed out after {CONNECT_TIMEOUT:?}"),
+                    });
+                }
+            };
         Ok(Self {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
         })
     }
 
-    /// The generated RuntimeService client, for calls this wrapper does not cover.
+    /// The generated RuntimeService client, for calls this wrapper does not cover. Its calls carry no
+    /// deadline: bound them with a timeout.
     pub fn runtime_service(&mut self) -> &mut RuntimeServiceClient<Channel> {
         &mut self.runtime
     }
@@ -315,6 +216,7 @@ impl CriClient {
         })
     }
 
+    /// `Status(verbose=true)`: conditions, the handlers the runtime serves, and its verbose info.
     pub async fn status_verbose(&mut self) -> Result<CriStatus, CriError> {
         let r = timed(
             "Status",
@@ -336,23 +238,15 @@ impl CriClient {
                     .collect()
             })
             .unwrap_or_default();
-        let (default_runtime_name, sandbox_image, handlers) = parse_status_info(&r.info)?;
         Ok(CriStatus {
             conditions,
-            default_runtime_name,
-            sandbox_image,
-            handlers,
             runtime_handlers: r.runtime_handlers.into_iter().map(|h| h.name).collect(),
+            info: r.info,
         })
     }
 
-    /// The sandbox (pause) image: containerd 1.x reports it in Status; containerd 2.x only pins it
-    /// (`pinned_images.sandbox`), so it is the pinned image CRI lists (None while not present).
-    pub async fn sandbox_image(&mut self) -> Result<Option<String>, CriError> {
-        let status = self.status_verbose().await?;
-        if !status.sandbox_image.is_empty() {
-            return Ok(Some(status.sandbox_image));
-        }
+    /// Tags of the images the runtime pins (never garbage-collected: the sandbox image).
+    pub async fn pinned_images(&mut self) -> Result<Vec<String>, CriError> {
         let r = timed(
             "ListImages",
             RPC_TIMEOUT,
@@ -364,7 +258,7 @@ impl CriClient {
             .into_iter()
             .filter(|i| i.pinned)
             .flat_map(|i| i.repo_tags)
-            .next())
+            .collect())
     }
 
     /// Whether the CRI plugin knows the image (by name or id).
@@ -572,6 +466,18 @@ impl CriClient {
         Ok(())
     }
 
+    /// Every sandbox (any state) with its labels.
+    pub async fn list_pods(&mut self) -> Result<Vec<k8s_cri::v1::PodSandbox>, CriError> {
+        let r = timed(
+            "ListPodSandbox",
+            RPC_TIMEOUT,
+            self.runtime
+                .list_pod_sandbox(ListPodSandboxRequest { filter: None }),
+        )
+        .await?;
+        Ok(r.items)
+    }
+
     /// Ids of sandboxes (any state) whose labels include all of `labels`.
     pub async fn pods_with_labels(
         &mut self,
@@ -613,9 +519,8 @@ impl CriClient {
     }
 }
 
-/// Connects and waits until the CRI plugin answers: right after containerd (re)starts its socket is up
-/// before the CRI plugin has recovered its state, and every CRI call fails with "server is not
-/// initialized yet" until then.
+/// Connects and waits until CRI answers: right after the runtime (re)starts its socket is up before CRI
+/// has recovered its state (containerd: every call fails with "server is not initialized yet").
 pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<CriClient, CriError> {
     let start = Instant::now();
     loop {
@@ -630,68 +535,5 @@ pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<CriClient, C
             Err(e) => debug!(error = %e, "CRI not ready yet"),
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// The runtime handlers containerd's CRI plugin has loaded right now (what the config applier verifies
-/// after a restart).
-pub async fn loaded_handlers(socket: &Path) -> Result<BTreeMap<String, HandlerInfo>, CriError> {
-    Ok(CriClient::connect(socket)
-        .await?
-        .status_verbose()
-        .await?
-        .handlers)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_containerd_16_verbose_config() {
-        let config = r#"{"containerd":{"snapshotter":"overlayfs","defaultRuntimeName":"runc",
-            "runtimes":{"runc":{"runtimeType":"io.containerd.runc.v2","runtimePath":"","runtimeEngine":"",
-            "PodAnnotations":null,"ContainerAnnotations":null,"runtimeRoot":"","options":{"SystemdCgroup":false},
-            "privileged_without_host_devices":false,"baseRuntimeSpec":"","cniConfDir":"","cniMaxConfNum":0},
-            "kata-qemu":{"runtimeType":"io.containerd.kata-qemu.v2","runtimePath":"/opt/kata/bin/containerd-shim-kata-v2",
-            "PodAnnotations":["io.katacontainers.*"],"options":{"ConfigPath":"/opt/kata/share/defaults/kata-containers/configuration-qemu.toml"},
-            "privileged_without_host_devices":true}}},"sandboxImage":"noded.local/pause:1"}"#;
-        let info = HashMap::from([("config".to_string(), config.to_string())]);
-        let (default, sandbox, handlers) = parse_status_info(&info).unwrap();
-        assert_eq!(default, "runc");
-        assert_eq!(sandbox, "noded.local/pause:1");
-        assert_eq!(handlers["runc"].runtime_type, "io.containerd.runc.v2");
-        let kata = &handlers["kata-qemu"];
-        assert!(kata.privileged_without_host_devices);
-        assert_eq!(
-            kata.pod_annotations.as_deref(),
-            Some(&["io.katacontainers.*".to_string()][..])
-        );
-        assert_eq!(
-            kata.config_path(),
-            Some("/opt/kata/share/defaults/kata-containers/configuration-qemu.toml")
-        );
-    }
-
-    /// containerd 2.1's verbose config has no `sandboxImage` (the image config moved out of Status).
-    #[test]
-    fn parses_containerd_21_verbose_config_without_sandbox_image() {
-        let config = r#"{"containerd":{"defaultRuntimeName":"runc","runtimes":{"runc":{"runtimeType":"io.containerd.runc.v2",
-            "options":{"SystemdCgroup":false},"sandboxer":"podsandbox","io_type":""}}},"cni":{"binDirs":["/x"]},
-            "disableApparmor":true,"restrictOOMScoreAdj":true}"#;
-        let info = HashMap::from([("config".to_string(), config.to_string())]);
-        let (default, sandbox, handlers) = parse_status_info(&info).unwrap();
-        assert_eq!(default, "runc");
-        assert_eq!(sandbox, "");
-        assert_eq!(handlers["runc"].runtime_type, "io.containerd.runc.v2");
-    }
-
-    #[test]
-    fn missing_config_is_an_error() {
-        assert!(matches!(
-            parse_status_info(&HashMap::new()),
-            Err(CriError::BadInfo(_))
-        ));
     }
 }
