@@ -30,15 +30,7 @@ fn observer() -> Arc<Observer> {
 
 /// `serve` exactly as the daemon calls it (default limits), or `serve_router` with `limits`.
 fn start(limits: Option<Limits>) -> Server {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (rt, listener, addr) = testkit::synthetic::runtime_with_listener(2);
     let health = Health::new();
     let observer = observer();
     match limits {

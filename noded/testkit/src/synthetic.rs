@@ -266,15 +266,7 @@ pub fn serve(vms: u32) -> ServedNode {
     let observe_config = ObserverConfig::from_config(&config);
     let metrics = Arc::new(Metrics::new(observe_config.metrics_scope()));
     let observer = Arc::new(Observer::new(observe_config, metrics));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (rt, listener, addr) = runtime_with_listener(1);
     rt.spawn(noded::http::serve(
         listener,
         Arc::clone(&observer),
@@ -287,6 +279,23 @@ pub fn serve(vms: u32) -> ServedNode {
         rt,
         _tree: tree,
     }
+}
+
+/// A multi-thread runtime of `workers` worker threads and noded's metrics listener
+/// (`noded::http::bind`) on a free loopback port, where the test serves noded's HTTP server.
+pub fn runtime_with_listener(
+    workers: usize,
+) -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(noded::http::bind(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (rt, listener, addr)
 }
 
 /// An [`Observer`] of `proc_root` (a synthetic tree or `/proc`) for `handlers`, probing the first
