@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod exit;
 pub mod fsutil;
 pub mod http;
+pub mod hypervisor;
 pub mod k8s;
 pub mod kata;
 pub mod metrics;

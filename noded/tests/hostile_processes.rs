@@ -7,9 +7,11 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use noded::hypervisor::Hypervisor;
 use noded::metrics::openmetrics_to_prometheus_text;
 use noded::observe::procscan::{BootKind, Origin, ProcessKind, Scanner};
-use noded::vm::qemu::{Mapping, VmLaunch, VmProcess};
+use noded::vm::backend::{Backend, Launch, Mapping};
+use noded::vm::qemu::Qemu;
 use noded::vm::reap::{self, VmRecord};
 use testkit::process::{Proc, named_process, scan_until};
 use testkit::synthetic::{self, SyntheticNode};
@@ -160,7 +162,7 @@ fn spoofed_vms_on_real_proc_are_not_counted_but_a_root_shims_child_is() {
         .unwrap_or_else(|| panic!("the root shim's sandbox is missing: {report:#?}"));
     assert_eq!(sb.origin, Origin::Kata);
     let hv = sb.hypervisor.as_ref().expect("hypervisor of the root shim");
-    assert_eq!(hv.kind, ProcessKind::Qemu);
+    assert_eq!(hv.kind, Hypervisor::Qemu);
     assert_eq!(sb.boot(), Some(BootKind::Cold));
     assert_eq!(
         argv_of(good_shim.pid()).first().map(String::as_str),
@@ -311,14 +313,6 @@ async fn startup_reap_kills_recorded_qemu_only() {
     }
 
     // A real QEMU started by noded's own spawn path, left behind as by a noded killed with -9.
-    let launch = VmLaunch {
-        name: h.layout.vm_name("d", "leftover1"),
-        dir: vms.join("leftover1"),
-        memory_file: run.join("leftover1.mem"),
-        mapping: Mapping::Private,
-        incoming: false,
-        vmgenid: uuid::Uuid::new_v4(),
-    };
     let machine = [
         "-machine",
         "q35,accel=tcg,memory-backend=mem0",
@@ -331,9 +325,16 @@ async fn startup_reap_kills_recorded_qemu_only() {
         "-S",
     ]
     .map(String::from);
-    let vm = VmProcess::spawn(launch, &machine, 64, Duration::from_secs(30))
-        .await
-        .expect("spawn QEMU");
+    let launch = Launch {
+        name: h.layout.vm_name("d", "leftover1"),
+        dir: vms.join("leftover1"),
+        memory_file: run.join("leftover1.mem"),
+        memory_mib: 64,
+        mapping: Mapping::Private,
+        machine_args: machine.to_vec(),
+        vmgenid: uuid::Uuid::new_v4(),
+    };
+    let vm = Qemu::default().spawn(launch).await.expect("spawn QEMU");
     let qemu_pid = vm.pid().expect("QEMU pid");
     // No Drop: the process outlives its owner like an orphan of a killed noded.
     std::mem::forget(vm);

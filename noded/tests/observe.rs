@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use noded::metrics::{Metrics, openmetrics_to_prometheus_text};
 use noded::observe::procscan::{
-    BootKind, KATA_FACTORY_TEMPLATE_DIR, Origin, ProcessKind, ScanReport, Scanner, VmRole,
+    BootKind, Hypervisor, KATA_FACTORY_TEMPLATE_DIR, Origin, ProcessKind, ScanReport, Scanner,
+    VmRole,
 };
 use noded::observe::{Observer, ObserverConfig, TemplateRef};
 use testkit::process::{Proc, named_process, scan_until};
@@ -179,8 +180,8 @@ fn real_qemu_template_clone_cold_and_kata_sandbox() {
     assert_eq!(
         kinds,
         vec![
+            ProcessKind::Hypervisor(Hypervisor::Qemu),
             ProcessKind::KataShim,
-            ProcessKind::Qemu,
             ProcessKind::Virtiofsd
         ]
     );
@@ -191,7 +192,7 @@ fn real_qemu_template_clone_cold_and_kata_sandbox() {
         let q = s
             .processes
             .iter()
-            .find(|p| p.kind == ProcessKind::Qemu)
+            .find(|p| p.kind == ProcessKind::Hypervisor(Hypervisor::Qemu))
             .and_then(|p| p.memory)
             .expect("qemu memory readable as root");
         assert!(q.rss > 0 && q.pss > 0 && q.private > 0, "{s:#?}");

@@ -225,7 +225,7 @@ async fn damaged_templates_are_counted_rebuilt_and_never_handed_out() {
     make_writable(&path);
     let mut m: Manifest =
         serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("parse");
-    m.fingerprint.qemu_version = "QEMU emulator version 0.0".into();
+    m.fingerprint.hypervisor_version = "QEMU emulator version 0.0".into();
     std::fs::write(&path, serde_json::to_vec(&m).expect("json")).expect("write manifest");
     let damage = pool
         .check_health()

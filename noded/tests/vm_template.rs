@@ -17,7 +17,7 @@ async fn template_then_three_concurrent_clones_alive_and_distinct() {
     }
     let h = VmHarness::new();
     let resolved = h.resolve(&section("t", 0)).await;
-    let t = template::build(&h.layout, &resolved.spec)
+    let t = template::build(&*resolved.backend, &h.layout, &resolved.spec)
         .await
         .expect("template builds");
     // Files are read-only and the tmpfs is a real mount sized guest memory + 8 MiB.
@@ -34,9 +34,9 @@ async fn template_then_three_concurrent_clones_alive_and_distinct() {
     let c = t.manifest.guest_counter;
 
     let (a, b, d) = tokio::join!(
-        restore(&h.layout, &t, After::Running),
-        restore(&h.layout, &t, After::Running),
-        restore(&h.layout, &t, After::Running),
+        restore(&*resolved.backend, &h.layout, &t, After::Running),
+        restore(&*resolved.backend, &h.layout, &t, After::Running),
+        restore(&*resolved.backend, &h.layout, &t, After::Running),
     );
     let mut clones = vec![
         a.expect("clone 1"),
@@ -82,7 +82,7 @@ async fn damaged_templates_are_detected() {
     let h = VmHarness::new();
     let resolved = h.resolve(&section("dmg", 0)).await;
     let fp = resolved.spec.fingerprint.clone();
-    let t = template::build(&h.layout, &resolved.spec)
+    let t = template::build(&*resolved.backend, &h.layout, &resolved.spec)
         .await
         .expect("template builds");
     template::validate(&t.dir, &fp, true).expect("fresh template is valid");
@@ -137,7 +137,7 @@ async fn damaged_templates_are_detected() {
         template::validate(&t.dir, &fp, false),
         Err(Damage::Size { file: "state", .. })
     ));
-    let err = restore(&h.layout, &t, After::Running)
+    let err = restore(&*resolved.backend, &h.layout, &t, After::Running)
         .await
         .err()
         .expect("a truncated state must not yield a clone");
@@ -147,6 +147,7 @@ async fn damaged_templates_are_detected() {
     // Empty state: QEMU would wait in `inmigrate` forever; the restore deadline ends it.
     std::fs::write(&state, b"").expect("empty state");
     let err = noded::vm::clone::restore_with_timeout(
+        &*resolved.backend,
         &h.layout,
         &t,
         After::Running,

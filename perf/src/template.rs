@@ -192,6 +192,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let opts = options(args, &layout.run_dir, 0, After::Running);
     let (resolved, accel, qemu_version) = resolve(&opts, &sec, &layout).await?;
     let spec = &resolved.spec;
+    let backend = &*resolved.backend;
     eprintln!(
         "guest: {} ({}), {} MiB, accel={}",
         resolved.assets.kernel_package,
@@ -199,7 +200,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         args.memory_mib,
         accel.as_str()
     );
-    let t = template::build(&layout, spec).await?;
+    let t = template::build(backend, &layout, spec).await?;
 
     let mut cold_run = Vec::new();
     let mut cold_answer = Vec::new();
@@ -210,6 +211,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let mut idle_cpu = f64::NAN;
     for round in 0..args.rounds {
         let cold = cold_boot(
+            backend,
             &layout,
             "bench",
             &spec.machine,
@@ -219,12 +221,12 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         .await?;
         cold_run.push(cold.to_running);
         cold_answer.push(cold.to_answer);
-        let u = idle_usage(&cold, &cold.vm.launch.memory_file).await?;
+        let u = idle_usage(&cold, &cold.vm.launch().memory_file).await?;
         cold_priv.push(u.private);
         cold_pss.push(u.pss);
         cold.vm.kill().await;
 
-        let clone = restore(&layout, &t, After::Running).await?;
+        let clone = restore(backend, &layout, &t, After::Running).await?;
         clone_run.push(clone.to_running);
         clone_answer.push(clone.to_answer);
         let u = idle_usage(&clone, &t.memory_file()).await?;

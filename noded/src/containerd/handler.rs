@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use super::version::ContainerdVersion;
+use crate::hypervisor::Hypervisor;
 
 /// A Kata runtime handler noded knows how to register. Names match kata-deploy's, so existing
 /// RuntimeClasses and pod specs keep working after a migration.
@@ -29,13 +30,20 @@ impl KataHandler {
         }
     }
 
+    /// The VMM this handler's Kata configuration drives.
+    pub fn hypervisor(self) -> Hypervisor {
+        match self {
+            Self::Qemu | Self::QemuWarm => Hypervisor::Qemu,
+            Self::Clh => Hypervisor::CloudHypervisor,
+            Self::Fc => Hypervisor::Firecracker,
+        }
+    }
+
     /// Suffix of Kata's `configuration-<x>.toml`; `qemu-warm` is the file noded derives itself.
     pub fn config_flavour(self) -> &'static str {
         match self {
-            Self::Qemu => "qemu",
             Self::QemuWarm => "qemu-warm",
-            Self::Clh => "clh",
-            Self::Fc => "fc",
+            other => other.hypervisor().name(),
         }
     }
 
@@ -55,7 +63,8 @@ impl KataHandler {
                 self.config_flavour()
             )),
             // Firecracker has no shared filesystem: Kata needs a block-device snapshotter for it.
-            snapshotter: (self == Self::Fc).then(|| "devmapper".to_owned()),
+            snapshotter: (self.hypervisor() == Hypervisor::Firecracker)
+                .then(|| "devmapper".to_owned()),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use super::KataError;
+pub use crate::hypervisor::Hypervisor;
 
 /// Relative paths inside a Kata root; kata-deploy and the static tarball use the same ones.
 pub const SHIM: &str = "bin/containerd-shim-kata-v2";
@@ -24,9 +25,11 @@ pub struct KataLayout {
 
 /// One `configuration-<name>.toml` found in the defaults directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Hypervisor {
+pub struct HypervisorConfig {
     /// The part of the file name after `configuration-` (`qemu`, `clh`, `fc`, `qemu-nvidia-gpu`, ...).
     pub name: String,
+    /// The VMM its `[hypervisor.<x>]` table configures; `None` for one noded has no name for.
+    pub hypervisor: Option<Hypervisor>,
     pub config: PathBuf,
     /// `[hypervisor.*] path` from the config, when it names one.
     pub binary: Option<PathBuf>,
@@ -40,7 +43,7 @@ pub struct KataInstall {
     pub root: PathBuf,
     pub version: Option<String>,
     pub shim: PathBuf,
-    pub hypervisors: Vec<Hypervisor>,
+    pub hypervisors: Vec<HypervisorConfig>,
     pub kernels: Vec<PathBuf>,
     pub initrds: Vec<PathBuf>,
     /// `kata-runtime` (Go runtime) or `kata-ctl` (runtime-rs), whichever drives the VM factory.
@@ -49,7 +52,7 @@ pub struct KataInstall {
 
 impl KataInstall {
     /// Hypervisors whose VMM binary is really there.
-    pub fn usable_hypervisors(&self) -> impl Iterator<Item = &Hypervisor> {
+    pub fn usable_hypervisors(&self) -> impl Iterator<Item = &HypervisorConfig> {
         self.hypervisors.iter().filter(|h| h.binary_present)
     }
 }
@@ -118,10 +121,11 @@ impl KataLayout {
             if file_name(&path) == WARM_CONFIG {
                 continue;
             }
-            let binary = hypervisor_binary(&path)?;
+            let (hypervisor, binary) = hypervisor_table(&path)?;
             let binary_present = binary.as_deref().is_some_and(is_executable);
-            hypervisors.push(Hypervisor {
+            hypervisors.push(HypervisorConfig {
                 name,
+                hypervisor,
                 config: path,
                 binary,
                 binary_present,
@@ -200,8 +204,8 @@ pub(crate) fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// `path` of the first `[hypervisor.<x>]` table of a Kata config.
-fn hypervisor_binary(config: &Path) -> Result<Option<PathBuf>, KataError> {
+/// The first `[hypervisor.<x>]` table of a Kata config: which VMM `<x>` is, and its `path`.
+fn hypervisor_table(config: &Path) -> Result<(Option<Hypervisor>, Option<PathBuf>), KataError> {
     let text = std::fs::read_to_string(config).map_err(|source| KataError::Io {
         path: config.to_path_buf(),
         source,
@@ -212,14 +216,16 @@ fn hypervisor_binary(config: &Path) -> Result<Option<PathBuf>, KataError> {
                 path: config.to_path_buf(),
                 message: crate::config::one_line(&e.to_string()),
             })?;
-    let path = doc
+    let table = doc
         .get("hypervisor")
         .and_then(|h| h.as_table_like())
-        .and_then(|h| h.iter().next().map(|(_, t)| t))
-        .and_then(|t| t.get("path"))
+        .and_then(|h| h.iter().next());
+    let hypervisor = table.and_then(|(key, _)| Hypervisor::of_kata_table(key));
+    let path = table
+        .and_then(|(_, t)| t.get("path"))
         .and_then(|p| p.as_str())
         .map(PathBuf::from);
-    Ok(path)
+    Ok((hypervisor, path))
 }
 
 /// Kata prints e.g. `kata-runtime  : 3.27.0` (Go) or `kata-ctl version: 3.27.0` (runtime-rs).

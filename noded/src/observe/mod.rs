@@ -21,7 +21,7 @@ use crate::config::NodedConfig;
 use crate::metrics::{BootOutcome, HandlerGauges, Metrics, MetricsScope};
 use capacity::{CapacityPolicy, Slots};
 use memory::{HostResources, MemoryUsage, percentile};
-use procscan::{BootKind, Origin, ProcessKind, Sandbox, ScanReport, Scanner, VmRole};
+use procscan::{BootKind, Hypervisor, Origin, Sandbox, ScanReport, Scanner, VmRole};
 
 /// Boot latencies kept per handler for the p50/p90 `noded status` and the node labels show.
 const BOOT_WINDOW: usize = 256;
@@ -614,11 +614,11 @@ impl Observer {
                 return t.runtime_handler.clone();
             }
         }
-        let family = match sb.hypervisor.as_ref().map(|h| h.kind) {
-            Some(ProcessKind::CloudHypervisor) => "clh",
-            Some(ProcessKind::Firecracker) => "fc",
-            _ => "qemu",
-        };
+        let family = sb
+            .hypervisor
+            .as_ref()
+            .map_or(Hypervisor::Qemu, |h| h.kind)
+            .name();
         self.config
             .handlers
             .iter()

@@ -23,6 +23,7 @@ use procfs::ProcError;
 use procfs::process::Process;
 
 use super::memory::{MemoryUsage, read_rollup};
+pub use crate::hypervisor::Hypervisor;
 use crate::vm::reap::{ProcIdentity, VmRecord};
 
 /// Where Kata's VM factory keeps its template (`kata-runtime factory init`).
@@ -38,9 +39,7 @@ pub enum ScanError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProcessKind {
-    Qemu,
-    CloudHypervisor,
-    Firecracker,
+    Hypervisor(Hypervisor),
     KataShim,
     Virtiofsd,
 }
@@ -49,12 +48,8 @@ impl ProcessKind {
     /// Classifies by argv[0]'s file name; `None` for every unrelated process.
     pub fn of_argv0(argv0: &str) -> Option<ProcessKind> {
         let name = argv0.rsplit('/').next().unwrap_or(argv0);
-        if name.starts_with("qemu-system-") || name == "qemu-kvm" {
-            Some(ProcessKind::Qemu)
-        } else if name == "cloud-hypervisor" {
-            Some(ProcessKind::CloudHypervisor)
-        } else if name == "firecracker" || name == "jailer" {
-            Some(ProcessKind::Firecracker)
+        if let Some(h) = Hypervisor::of_argv0(name) {
+            Some(ProcessKind::Hypervisor(h))
         } else if name.starts_with("containerd-shim-kata") && name.ends_with("-v2") {
             Some(ProcessKind::KataShim)
         } else if name == "virtiofsd" {
@@ -64,11 +59,11 @@ impl ProcessKind {
         }
     }
 
-    pub fn is_hypervisor(self) -> bool {
-        matches!(
-            self,
-            ProcessKind::Qemu | ProcessKind::CloudHypervisor | ProcessKind::Firecracker
-        )
+    pub fn hypervisor(self) -> Option<Hypervisor> {
+        match self {
+            ProcessKind::Hypervisor(h) => Some(h),
+            _ => None,
+        }
     }
 }
 
@@ -131,11 +126,11 @@ pub struct VmProcess {
     pub memory: Option<MemoryUsage>,
 }
 
-/// The hypervisor of a sandbox and what its command line says.
+/// The hypervisor process of a sandbox and what its command line says.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Hypervisor {
+pub struct HypervisorProcess {
     pub pid: i32,
-    pub kind: ProcessKind,
+    pub kind: Hypervisor,
     pub role: VmRole,
     /// The file-backed guest memory, when there is one.
     pub mem_path: Option<PathBuf>,
@@ -147,7 +142,7 @@ pub struct Sandbox {
     pub id: String,
     pub origin: Origin,
     /// Missing while a shim is starting or stopping its VM.
-    pub hypervisor: Option<Hypervisor>,
+    pub hypervisor: Option<HypervisorProcess>,
     /// Runtime handler named by the shim binary (`containerd-shim-kata-qemu-v2` → `kata-qemu`);
     /// `containerd-shim-kata-v2` names none.
     pub handler_hint: Option<String>,
@@ -291,7 +286,7 @@ impl Scanner {
             .ok()
             .and_then(|p| own.records.get(&p))
         {
-            Some(r) if kind == ProcessKind::Qemu => {
+            Some(r) if kind.hypervisor().is_some() => {
                 let live = ProcIdentity {
                     starttime: stat.starttime,
                     exe: process.exe().ok(),
@@ -406,10 +401,12 @@ impl Scanner {
             if f.process.kind == ProcessKind::KataShim {
                 sb.handler_hint = f.cmd.handler_hint.clone();
             }
-            if f.process.kind.is_hypervisor() && sb.hypervisor.is_none() {
-                sb.hypervisor = Some(Hypervisor {
+            if let Some(kind) = f.process.kind.hypervisor()
+                && sb.hypervisor.is_none()
+            {
+                sb.hypervisor = Some(HypervisorProcess {
                     pid: f.process.pid,
-                    kind: f.process.kind,
+                    kind,
                     role: self.role(&f.cmd, &privately_mapped),
                     mem_path: f.cmd.memory.as_ref().map(|m| m.path.clone()),
                 });
@@ -520,6 +517,8 @@ struct MemoryFile {
     shared: bool,
 }
 
+const QEMU: ProcessKind = ProcessKind::Hypervisor(Hypervisor::Qemu);
+
 /// What the classification needs from a command line.
 #[derive(Debug, Default)]
 struct CommandLine {
@@ -548,8 +547,8 @@ impl CommandLine {
                 (ProcessKind::KataShim, Some("id"), Some(v)) => {
                     cmd.shim_id = Some(v.to_string());
                 }
-                (ProcessKind::Qemu, Some("incoming"), _) => cmd.incoming = true,
-                (ProcessKind::Qemu, Some("object"), Some(v)) => {
+                (QEMU, Some("incoming"), _) => cmd.incoming = true,
+                (QEMU, Some("object"), Some(v)) => {
                     if let Some(m) = memory_backend_file(v) {
                         // The guest RAM backend wins over e.g. an nvdimm rootfs image: prefer one in a
                         // template position (first shared/private file that is not read-only).
@@ -633,7 +632,7 @@ mod tests {
     fn kinds_from_argv0() {
         assert_eq!(
             ProcessKind::of_argv0("/usr/bin/qemu-system-x86_64"),
-            Some(ProcessKind::Qemu)
+            Some(QEMU)
         );
         assert_eq!(
             ProcessKind::of_argv0("/opt/kata/bin/containerd-shim-kata-v2"),
@@ -650,7 +649,7 @@ mod tests {
     #[test]
     fn kata_qemu_cold_with_virtiofs_shm_is_cold() {
         let c = CommandLine::parse(
-            ProcessKind::Qemu,
+            QEMU,
             &argv(
                 "qemu-system-x86_64 -name sandbox-abc123,debug-threads=on -object memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on -object memory-backend-file,id=mem0,mem-path=/opt/kata/kata.img,size=1G,readonly=on",
             ),
@@ -673,14 +672,14 @@ mod tests {
             vec![],
         );
         let clone = CommandLine::parse(
-            ProcessKind::Qemu,
+            QEMU,
             &argv(
                 "qemu -name sandbox-x -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory -incoming defer",
             ),
         );
         assert_eq!(s.role(&clone, &Default::default()), VmRole::Clone);
         let tpl = CommandLine::parse(
-            ProcessKind::Qemu,
+            QEMU,
             &argv(
                 "qemu -name sandbox-t -object memory-backend-file,id=dimm1,size=2048M,mem-path=/run/vc/vm/template/memory,share=on",
             ),
@@ -692,7 +691,7 @@ mod tests {
     fn private_mapping_of_a_file_another_vm_shares_is_a_clone_even_outside_known_dirs() {
         let s = Scanner::new("/proc", vec![], vec![]);
         let c = CommandLine::parse(
-            ProcessKind::Qemu,
+            QEMU,
             &argv("qemu -object memory-backend-file,id=m,size=1G,mem-path=/tmp/t/memory,share=off"),
         );
         let set = [PathBuf::from("/tmp/t/memory")].into_iter().collect();

@@ -138,7 +138,7 @@ async fn run(action: TemplateAction, cfg: &NodedConfig) -> u8 {
                         }
                         match tokio::time::timeout(
                             Duration::from_secs(300),
-                            template::build(&layout, &resolved.spec),
+                            template::build(&*resolved.backend, &layout, &resolved.spec),
                         )
                         .await
                         {

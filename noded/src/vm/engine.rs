@@ -1,6 +1,6 @@
 //! The VM engine: reaps what a previous run left, resolves each configured template's inputs (guest
-//! assets, QEMU version, accelerator), and runs one [`Pool`] per template. This is what `noded run`,
-//! the gRPC API, `noded template ...`, the tests and the benchmark use.
+//! assets, hypervisor version, accelerator), and runs one [`Pool`] per template on a [`Backend`]. This
+//! is what `noded run`, the gRPC API, `noded template ...`, the tests and the benchmark use.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::assets::{self, AssetsError, GuestAssets, sha256_file};
+use super::backend::{Accel, Backend, BackendError, Launch, MachineSpec, Mapping, host_tsc_khz};
 use super::clone::After;
+use super::guest::GUEST_APPEND;
 use super::pool::{AcquiredVm, Pool, PoolConfig, PoolError, PoolObserver, TemplateSnapshot};
-use super::qemu::{self, Accel, GUEST_APPEND, MachineSpec, QemuError};
 use super::reap::{self, Reaped};
-use super::template::{Fingerprint, Layout, TemplateSpec};
+use super::template::{Fingerprint, Layout, NAME_PREFIX, TemplateSpec};
 use crate::config::{NodedConfig, TemplateSection};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,7 @@ pub enum EngineError {
     #[error("guest assets: {0}")]
     Assets(#[from] AssetsError),
     #[error("{0}")]
-    Qemu(#[from] QemuError),
+    Backend(#[from] BackendError),
     #[error("template {name}: {path}: {source}")]
     Input {
         name: String,
@@ -139,6 +140,7 @@ impl EngineOptions {
 type Task = tokio::task::JoinHandle<()>;
 
 pub struct Engine {
+    backend: Arc<dyn Backend>,
     layout: Layout,
     pools: BTreeMap<String, Pool>,
     /// Templates whose inputs could not be resolved (pinned file changed, download failed): listed
@@ -148,17 +150,24 @@ pub struct Engine {
     default: Option<String>,
     pub accel: Accel,
     pub reaped: Reaped,
-    pub qemu_version: String,
+    pub hypervisor_version: String,
 }
 
 /// Resolved inputs of one template.
 pub struct ResolvedTemplate {
     pub spec: TemplateSpec,
     pub assets: GuestAssets,
+    /// What builds the template and starts its VMs.
+    pub backend: Arc<dyn Backend>,
 }
 
 /// KVM probe, cached per host boot and kernel (the probe costs seconds where KVM does not work).
-async fn detect_accel(assets: &GuestAssets, data_dir: &Path, scratch: &Path) -> Accel {
+async fn detect_accel(
+    backend: &dyn Backend,
+    assets: &GuestAssets,
+    data_dir: &Path,
+    scratch: &Path,
+) -> Accel {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     // Pinned assets leave `<data_dir>/guest` uncreated; the probe's answer is cached there.
     let _ = std::fs::create_dir_all(data_dir.join("guest"));
@@ -180,13 +189,68 @@ async fn detect_accel(assets: &GuestAssets, data_dir: &Path, scratch: &Path) -> 
         initrd: assets.initrd.clone(),
         append: GUEST_APPEND.into(),
     };
-    let accel = if qemu::probe_kvm(&spec, scratch, Duration::from_secs(5)).await {
+    let accel = if probe_kvm(backend, &spec, scratch, Duration::from_secs(5)).await {
         Accel::Kvm
     } else {
         Accel::Tcg
     };
     let _ = std::fs::write(&cache, accel.as_str());
     accel
+}
+
+/// Whether KVM can really run a guest here. `/dev/kvm` existing is not enough (on nested or
+/// restricted hosts the hypervisor starts with KVM and the guest then hangs in early boot), so this
+/// boots the real guest under KVM and waits for it to answer a request. A KVM guest answers in well
+/// under a second; `deadline` bounds the cost of the probe on hosts where it fails.
+async fn probe_kvm(
+    backend: &dyn Backend,
+    spec: &MachineSpec,
+    scratch: &Path,
+    deadline: Duration,
+) -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        tracing::info!("no usable /dev/kvm; guests run under TCG");
+        return false;
+    }
+    let mut kvm = spec.clone();
+    kvm.accel = Accel::Kvm;
+    kvm.memory_mib = kvm.memory_mib.min(128);
+    let launch = Launch {
+        name: format!("{NAME_PREFIX}probe-kvm-{}", std::process::id()),
+        dir: scratch.join("kvm-probe"),
+        memory_file: scratch.join("kvm-probe.mem"),
+        memory_mib: kvm.memory_mib,
+        mapping: Mapping::Private,
+        machine_args: backend.machine_args(&kvm, None),
+        vmgenid: uuid::Uuid::new_v4(),
+    };
+    let mem = launch.memory_file.clone();
+    let result = async {
+        let mut vm = backend.spawn(launch).await.map_err(|e| e.to_string())?;
+        let ok = match vm.console() {
+            Ok(c) => c.wait_ready(deadline).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        vm.kill().await;
+        ok
+    }
+    .await;
+    let _ = std::fs::remove_file(&mem);
+    match result {
+        Ok(_) => {
+            tracing::info!("KVM runs guests here; using accel=kvm");
+            true
+        }
+        Err(e) => {
+            tracing::info!(reason = %e, "/dev/kvm exists but cannot run a guest; using accel=tcg");
+            false
+        }
+    }
 }
 
 /// The guest assets of `source`, off the async threads. Dropping the returned future (a shutdown
@@ -220,17 +284,19 @@ pub async fn guest_assets(
     })?
 }
 
-/// Resolves a template's spec: guest assets (verified, or built if this mode may download), QEMU
-/// version, accelerator. A template with its own kernel and initrd uses nothing else.
+/// Resolves a template's spec on the default backend: guest assets (verified, or built if this mode
+/// may download), hypervisor version, accelerator. A template with its own kernel and initrd uses
+/// nothing else.
 pub async fn resolve(
     opts: &EngineOptions,
     section: &TemplateSection,
     layout: &Layout,
 ) -> Result<(ResolvedTemplate, Accel, String), EngineError> {
-    resolve_with(opts, section, layout, None).await
+    resolve_with(super::default_backend(), opts, section, layout, None).await
 }
 
 async fn resolve_with(
+    backend: Arc<dyn Backend>,
     opts: &EngineOptions,
     section: &TemplateSection,
     layout: &Layout,
@@ -277,9 +343,9 @@ async fn resolve_with(
     }
     let accel = match opts.accel {
         Some(a) => a,
-        None => detect_accel(&assets, &opts.data_dir, &layout.vms_dir()).await,
+        None => detect_accel(&*backend, &assets, &opts.data_dir, &layout.vms_dir()).await,
     };
-    let qemu_version = qemu::qemu_version().await?;
+    let version = backend.version().await?;
     let machine = MachineSpec {
         accel,
         memory_mib: section.memory_mib,
@@ -289,7 +355,8 @@ async fn resolve_with(
         append: GUEST_APPEND.into(),
     };
     let fingerprint = Fingerprint::new(
-        qemu_version.clone(),
+        &*backend,
+        version.clone(),
         &machine,
         assets.kernel_sha256.clone(),
         assets.initrd_sha256.clone(),
@@ -298,15 +365,31 @@ async fn resolve_with(
         name: section.name.clone(),
         machine,
         fingerprint,
-        tsc_khz: qemu::host_tsc_khz(),
+        tsc_khz: host_tsc_khz(),
     };
-    Ok((ResolvedTemplate { spec, assets }, accel, qemu_version))
+    Ok((
+        ResolvedTemplate {
+            spec,
+            assets,
+            backend,
+        },
+        accel,
+        version,
+    ))
 }
 
 impl Engine {
-    /// Reaps orphans of a previous run, resolves every template and starts its pool. Templates are
-    /// built in the background; use [`Engine::wait_ready`] to wait for them.
+    /// [`Engine::start_with`] the default backend (QEMU).
     pub async fn start(opts: EngineOptions) -> Result<Arc<Engine>, EngineError> {
+        Self::start_with(super::default_backend(), opts).await
+    }
+
+    /// Reaps orphans of a previous run, resolves every template and starts its pool on `backend`.
+    /// Templates are built in the background; use [`Engine::wait_ready`] to wait for them.
+    pub async fn start_with(
+        backend: Arc<dyn Backend>,
+        opts: EngineOptions,
+    ) -> Result<Arc<Engine>, EngineError> {
         let layout = Layout::new(&opts.run_dir).map_err(|source| EngineError::RunDir {
             path: opts.run_dir.clone(),
             source,
@@ -329,7 +412,7 @@ impl Engine {
         let mut tasks = BTreeMap::new();
         let mut failed = BTreeMap::new();
         let mut accel = Accel::Tcg;
-        let mut qemu_version = String::new();
+        let mut hypervisor_version = String::new();
         // Resolved once for every template that uses them: one download, one verification.
         let mut shared: Option<Result<GuestAssets, String>> = None;
         for section in &opts.templates {
@@ -343,12 +426,12 @@ impl Engine {
                         .map_err(|e| crate::config::one_line(&e.to_string())),
                 );
             }
-            let (resolved, a, v) = match resolve_with(&opts, section, &layout, shared.as_ref())
-                .await
-            {
+            let resolved =
+                resolve_with(backend.clone(), &opts, section, &layout, shared.as_ref()).await;
+            let (resolved, a, v) = match resolved {
                 Ok(r) => r,
-                // Without QEMU no template can run: the engine as a whole is off.
-                Err(e @ EngineError::Qemu(_)) => return Err(e),
+                // Without the hypervisor no template can run: the engine as a whole is off.
+                Err(e @ EngineError::Backend(_)) => return Err(e),
                 Err(e) => {
                     let reason = match e {
                         EngineError::NotReady { reason, .. } => reason,
@@ -371,7 +454,7 @@ impl Engine {
                 }
             };
             accel = a;
-            qemu_version = v;
+            hypervisor_version = v;
             let cfg = PoolConfig {
                 name: section.name.clone(),
                 runtime_handler: section.runtime_handler.clone(),
@@ -381,17 +464,24 @@ impl Engine {
                 mode: opts.mode,
                 health_interval: opts.health_interval,
             };
-            let (pool, task) =
-                Pool::start(cfg, layout.clone(), resolved.spec, opts.observer.clone());
+            let (pool, task) = Pool::start(
+                cfg,
+                layout.clone(),
+                resolved.spec,
+                resolved.backend,
+                opts.observer.clone(),
+            );
             pools.insert(section.name.clone(), pool);
             tasks.insert(section.name.clone(), task);
         }
         tracing::info!(
+            hypervisor = %backend.hypervisor(),
             accel = accel.as_str(),
             templates = pools.len(),
             "VM engine started"
         );
         Ok(Arc::new(Engine {
+            backend,
             layout,
             default: opts.templates.first().map(|t| t.name.clone()),
             pools,
@@ -399,12 +489,16 @@ impl Engine {
             tasks: Mutex::new(tasks),
             accel,
             reaped,
-            qemu_version,
+            hypervisor_version,
         }))
     }
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     pub fn pool(&self, template: &str) -> Result<&Pool, EngineError> {

@@ -17,13 +17,18 @@ pub enum GuestError {
     Io(#[from] std::io::Error),
     #[error("guest did not answer `{request}` within {timeout:?}")]
     Timeout { request: String, timeout: Duration },
-    #[error("console closed (QEMU exited?)")]
+    #[error("console closed (VM exited?)")]
     Closed,
     #[error("guest answer `{0}` is malformed")]
     Malformed(String),
     #[error("console line longer than {limit} bytes without a newline (guest output refused)")]
     LineTooLong { limit: usize },
 }
+
+/// Base kernel command line of noded's guest: its console is the first serial port, which every
+/// backend connects to a unix socket. `no_timer_check`: on a loaded host a TCG guest can fail the
+/// kernel's IO-APIC timer check and panic ("IO-APIC + timer doesn't work").
+pub const GUEST_APPEND: &str = "console=ttyS0 quiet panic=1 no_timer_check";
 
 /// Longest console line kept. Kernel lines are under 1 KiB; anything longer without a newline is a
 /// broken or hostile guest, and buffering it would grow noded's memory without bound.

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use super::backend::Backend;
 use super::clone::{After, CloneError, StartedVm, cold_boot, restore};
 use super::template::{self, Damage, Layout, Template, TemplateError, TemplateSpec};
 
-const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Estimate of one idle clone's host cost until one has been measured.
 const DEFAULT_CLONE_COST: u64 = 64 << 20;
 
@@ -141,6 +141,7 @@ struct Inner {
     cfg: PoolConfig,
     layout: Layout,
     spec: TemplateSpec,
+    backend: Arc<dyn Backend>,
     state: Mutex<State>,
     wake: Notify,
     /// Wakes waiters when the pool's contents change (tests, `wait_full`).
@@ -173,6 +174,7 @@ impl Pool {
         cfg: PoolConfig,
         layout: Layout,
         spec: TemplateSpec,
+        backend: Arc<dyn Backend>,
         observer: Option<Arc<dyn PoolObserver>>,
     ) -> (Pool, tokio::task::JoinHandle<()>) {
         let stats = TemplateSnapshot {
@@ -187,6 +189,7 @@ impl Pool {
             cfg,
             layout,
             spec,
+            backend,
             state: Mutex::new(State {
                 stats,
                 clone_cost: DEFAULT_CLONE_COST,
@@ -298,10 +301,7 @@ impl Pool {
                 Some(idle) => {
                     let mut vm = idle.vm;
                     if inner.cfg.mode == After::Paused {
-                        let resumed = match vm.vm.qmp() {
-                            Ok(q) => q.cont(QMP_TIMEOUT).await.map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
+                        let resumed = vm.vm.resume().await.map_err(|e| e.to_string());
                         if let Err(detail) = resumed {
                             tracing::warn!(vm = %vm.id, %detail, "pooled clone failed to resume; discarding it");
                             record_clone_failure(inner, &detail);
@@ -321,10 +321,11 @@ impl Pool {
                 }
                 None => {
                     let r = match template {
-                        Some(t) => restore(&inner.layout, &t, After::Running)
+                        Some(t) => restore(&*inner.backend, &inner.layout, &t, After::Running)
                             .await
                             .map(|vm| (vm, false)),
                         None => cold_boot(
+                            &*inner.backend,
                             &inner.layout,
                             &name,
                             &inner.spec.machine,
@@ -347,13 +348,12 @@ impl Pool {
                 }
             }
         };
-        // Hand the sockets over: QEMU accepts one client per socket.
-        started.vm.qmp = None;
-        started.vm.console = None;
+        // Hand the console over: it accepts one client.
+        started.vm.hand_off();
         let acquired = AcquiredVm {
             vm_id: started.id.clone(),
             template: name.clone(),
-            console: started.vm.launch.console_socket(),
+            console: started.vm.launch().console_socket(),
             pid: started.vm.pid().unwrap_or_default(),
             from_pool,
             cold,
@@ -535,7 +535,8 @@ async fn ensure_template(inner: &Arc<Inner>) -> bool {
         }
     }
     let t0 = Instant::now();
-    let built: Result<Template, TemplateError> = template::build(&inner.layout, &inner.spec).await;
+    let built: Result<Template, TemplateError> =
+        template::build(&*inner.backend, &inner.layout, &inner.spec).await;
     let outcome = if built.is_ok() {
         BuildOutcome::Success
     } else {
@@ -577,7 +578,7 @@ async fn fill_one(inner: &Arc<Inner>) -> bool {
         }
         t
     };
-    match restore(&inner.layout, &template, inner.cfg.mode).await {
+    match restore(&*inner.backend, &inner.layout, &template, inner.cfg.mode).await {
         Ok(vm) => {
             let cost = vm
                 .vm

@@ -1,110 +1,105 @@
-//! QEMU command line builder, accelerator detection and the VM process handle.
+//! The QEMU backend: command lines, the process, and template save/restore over QMP.
+//!
+//! Save and restore are what Kata's VM factory does (DESIGN §6): pause,
+//! `migrate-set-capabilities x-ignore-shared` (guest RAM is not copied: it already is the template's
+//! file), migrate the device state out; a clone starts with `-incoming defer` and takes it back with
+//! `migrate-incoming`. QEMU runs under `-sandbox ...,spawn=deny`, so the state never goes through
+//! `exec:` (a shell): it moves over unix sockets in the VM's own directory, on noded's side of which
+//! only QEMU's pid is taken.
+
+pub mod qmp;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
+use self::qmp::{Capability, MigrationInfo, MigrationStatus, Qmp, QmpError};
+use super::backend::{
+    Accel, Backend, BackendError, Boot, Hypervisor, Identity, Launch, MachineSpec, Mapping, Vm,
+    record_spawn,
+};
 use super::guest::{GuestConsole, GuestError};
-use super::qmp::{Qmp, QmpError};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
-/// Every QEMU noded starts carries `-name noded-<template>-...` (what operators see). The name
-/// identifies nothing: the reaper and the observer go by the spawn record (`reap::VmRecord`).
-pub const NAME_PREFIX: &str = "noded-";
+/// Every QMP command's deadline, and how long a new QEMU may take to open its monitor.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+const QMP_SOCKET: &str = "qmp.sock";
+/// Where device state is streamed (template save, clone restore); never handed to callers. As long
+/// as `console.sock`, so the path-length check of the other sockets covers it.
+const MIGRATION_SOCKET: &str = "migrate.sock";
+const LOG_FILE: &str = "qemu.log";
+/// Deadline for QEMU to finish sending a template's state once it reported the migration done.
+const SAVE_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a template's save (a few ms for the ~50 KB of device state).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, thiserror::Error)]
-pub enum QemuError {
-    #[error("cannot start {binary}: {source} (install Debian's qemu-system-x86)")]
-    Spawn {
-        binary: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("VM {name} exited during start ({status}); QEMU said: {stderr}")]
-    Exited {
-        name: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("VM {name}: QMP socket did not appear within {timeout:?}")]
-    NoSocket { name: String, timeout: Duration },
-    #[error("VM {name}: {source}")]
-    Qmp { name: String, source: QmpError },
-    #[error("VM {name}: {source}")]
-    Guest { name: String, source: GuestError },
-    #[error(
-        "socket path {path} is {len} bytes, longer than a unix socket allows (107); use a shorter run_dir"
-    )]
-    PathTooLong { path: PathBuf, len: usize },
-    #[error("`{QEMU_BINARY} --version` failed: {0}")]
-    Version(String),
+/// `qemu-system-x86_64` as noded's VM backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
+impl Default for Qemu {
+    fn default() -> Self {
+        Self {
+            binary: QEMU_BINARY.into(),
         }
     }
 }
 
-/// How the guest RAM file is mapped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    /// Template: writes go to the file, so the file *is* the guest's memory after `stop`.
-    Shared,
-    /// Clone: `MAP_PRIVATE`, copy-on-write over the template's file, which stays untouched.
-    Private,
+impl Qemu {
+    async fn start(&self, launch: Launch, incoming: bool) -> Result<QemuVm, BackendError> {
+        QemuVm::spawn(&self.binary, launch, incoming, QMP_TIMEOUT).await
+    }
 }
 
-/// Everything that must be identical between a template and its clones.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MachineSpec {
-    pub accel: Accel,
-    pub memory_mib: u64,
-    pub vcpus: u32,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    /// Kernel command line without the host-specific `tsc_early_khz`.
-    pub append: String,
-}
+#[async_trait]
+impl Backend for Qemu {
+    fn hypervisor(&self) -> Hypervisor {
+        Hypervisor::Qemu
+    }
 
-/// Base kernel command line of noded's guest. `no_timer_check`: on a loaded host a TCG guest can
-/// fail the kernel's IO-APIC timer check and panic ("IO-APIC + timer doesn't work").
-pub const GUEST_APPEND: &str = "console=ttyS0 quiet panic=1 no_timer_check";
+    /// `QEMU emulator version 7.2.22 (...)` → the first line.
+    async fn version(&self) -> Result<String, BackendError> {
+        let failed = |detail: String| BackendError::Version {
+            binary: self.binary.clone(),
+            detail,
+        };
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if !out.status.success() {
+            return Err(failed(out.status.to_string()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string())
+    }
 
-impl MachineSpec {
-    /// Machine and device arguments shared by template and clones (no per-VM paths).
-    pub fn machine_args(&self, tsc_khz: Option<u64>) -> Vec<String> {
-        let mut append = self.append.clone();
-        if let (Accel::Tcg, Some(khz)) = (self.accel, tsc_khz) {
+    fn machine_args(&self, spec: &MachineSpec, tsc_khz: Option<u64>) -> Vec<String> {
+        let mut append = spec.append.clone();
+        if let (Accel::Tcg, Some(khz)) = (spec.accel, tsc_khz) {
             // Under TCG the kernel's TSC calibration hangs at random without this (DESIGN §6).
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
         let mut args = vec![
             "-machine".to_string(),
-            format!("q35,accel={},memory-backend=mem0", self.accel.as_str()),
+            format!("q35,accel={},memory-backend=mem0", spec.accel.as_str()),
             "-m".into(),
-            format!("{}M", self.memory_mib),
+            format!("{}M", spec.memory_mib),
             "-smp".into(),
-            self.vcpus.to_string(),
+            spec.vcpus.to_string(),
         ];
-        if self.accel == Accel::Kvm {
+        if spec.accel == Accel::Kvm {
             args.extend(["-cpu".into(), "host".into()]);
         }
         args.extend([
@@ -113,153 +108,168 @@ impl MachineSpec {
             "-nographic".into(),
             "-no-reboot".into(),
             "-kernel".into(),
-            self.kernel.display().to_string(),
+            spec.kernel.display().to_string(),
             "-initrd".into(),
-            self.initrd.display().to_string(),
+            spec.initrd.display().to_string(),
             "-append".into(),
             append,
         ]);
         args
     }
-}
 
-/// Per-VM part of the command line.
-#[derive(Debug, Clone)]
-pub struct VmLaunch {
-    /// Full `-name` value; starts with [`NAME_PREFIX`].
-    pub name: String,
-    pub dir: PathBuf,
-    pub memory_file: PathBuf,
-    pub mapping: Mapping,
-    pub incoming: bool,
-    /// vmgenid GUID; a fresh one per clone gives each clone its own RNG state after restore.
-    pub vmgenid: uuid::Uuid,
-}
-
-impl VmLaunch {
-    pub fn qmp_socket(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
-    }
-    pub fn console_socket(&self) -> PathBuf {
-        self.dir.join("console.sock")
-    }
-    /// Where device state is streamed (template save, clone restore); never handed to callers.
-    /// As long as `console.sock`, so the path-length check of the other sockets covers it.
-    pub fn migration_socket(&self) -> PathBuf {
-        self.dir.join("migrate.sock")
-    }
-    pub fn log_file(&self) -> PathBuf {
-        self.dir.join("qemu.log")
+    async fn spawn(&self, launch: Launch) -> Result<Box<dyn Vm>, BackendError> {
+        Ok(Box::new(self.start(launch, false).await?))
     }
 
-    /// Full argument vector (without the binary).
-    pub fn args(&self, machine_args: &[String], memory_mib: u64) -> Vec<OsString> {
-        let share = match self.mapping {
-            Mapping::Shared => "on",
-            Mapping::Private => "off",
-        };
-        let mut a: Vec<OsString> = machine_args.iter().map(OsString::from).collect();
-        let mut push = |s: String| a.push(OsString::from(s));
-        // seccomp: QEMU runs as root and parses guest-controlled device state. spawn=deny is
-        // possible because state moves over unix sockets noded holds, never `exec:` (a shell).
-        push("-sandbox".into());
-        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
-        push("-object".into());
-        push(format!(
-            "memory-backend-file,id=mem0,size={memory_mib}M,mem-path={},share={share}",
-            self.memory_file.display()
-        ));
-        push("-device".into());
-        push(format!("vmgenid,guid={}", self.vmgenid));
-        push("-name".into());
-        push(format!("{},process={}", self.name, self.name));
-        push("-qmp".into());
-        push(format!(
-            "unix:{},server=on,wait=off",
-            self.qmp_socket().display()
-        ));
-        push("-chardev".into());
-        push(format!(
-            "socket,id=ser0,path={},server=on,wait=off",
-            self.console_socket().display()
-        ));
-        push("-serial".into());
-        push("chardev:ser0".into());
-        if self.incoming {
-            push("-S".into());
-            push("-incoming".into());
-            push("defer".into());
+    async fn restore(
+        &self,
+        launch: Launch,
+        state: &Path,
+        timeout: Duration,
+    ) -> Result<Box<dyn Vm>, BackendError> {
+        let mut vm = self.start(launch, true).await?;
+        match vm.load_state(state, timeout).await {
+            Ok(()) => Ok(Box::new(vm)),
+            Err(e) => {
+                vm.kill_and_clean().await;
+                Err(e)
+            }
         }
-        a
     }
+
+    fn identify(&self, argv: &[String]) -> Option<Identity> {
+        if Hypervisor::of_argv0(argv.first()?) != Some(Hypervisor::Qemu) {
+            return None;
+        }
+        let mut name = None;
+        let mut incoming = false;
+        let mut shared = false;
+        let mut args = argv[1..].iter();
+        while let Some(arg) = args.next() {
+            // QEMU accepts both `-opt` and `--opt`.
+            match arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) {
+                Some("incoming") => incoming = true,
+                Some("name") => {
+                    name = args.next().map(|v| {
+                        let v = v.split(',').next().unwrap_or(v);
+                        v.strip_prefix("guest=").unwrap_or(v).to_string()
+                    });
+                }
+                Some("object") => {
+                    if let Some(v) = args.next()
+                        && v.starts_with("memory-backend-file,")
+                    {
+                        shared = v.split(',').any(|p| p == "share=on");
+                    }
+                }
+                _ => {}
+            }
+        }
+        let boot = match (incoming, shared) {
+            (true, _) => Boot::Restore,
+            (false, true) => Boot::TemplateSource,
+            (false, false) => Boot::Cold,
+        };
+        Some(Identity { name, boot })
+    }
+}
+
+/// The per-VM half of the command line.
+fn vm_args(launch: &Launch, incoming: bool) -> Vec<OsString> {
+    let share = match launch.mapping {
+        Mapping::Shared => "on",
+        Mapping::Private => "off",
+    };
+    let mut a: Vec<OsString> = launch.machine_args.iter().map(OsString::from).collect();
+    let mut push = |s: String| a.push(OsString::from(s));
+    // seccomp: QEMU runs as root and parses guest-controlled device state. spawn=deny is
+    // possible because state moves over unix sockets noded holds, never `exec:` (a shell).
+    push("-sandbox".into());
+    push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+    push("-object".into());
+    push(format!(
+        "memory-backend-file,id=mem0,size={}M,mem-path={},share={share}",
+        launch.memory_mib,
+        launch.memory_file.display()
+    ));
+    push("-device".into());
+    push(format!("vmgenid,guid={}", launch.vmgenid));
+    push("-name".into());
+    push(format!("{},process={}", launch.name, launch.name));
+    push("-qmp".into());
+    push(format!(
+        "unix:{},server=on,wait=off",
+        launch.dir.join(QMP_SOCKET).display()
+    ));
+    push("-chardev".into());
+    push(format!(
+        "socket,id=ser0,path={},server=on,wait=off",
+        launch.console_socket().display()
+    ));
+    push("-serial".into());
+    push("chardev:ser0".into());
+    if incoming {
+        push("-S".into());
+        push("-incoming".into());
+        push("defer".into());
+    }
+    a
 }
 
 /// A running QEMU process that noded owns. Dropping it kills the process.
-pub struct VmProcess {
-    pub name: String,
-    pub launch: VmLaunch,
-    pub child: Child,
-    pub qmp: Option<Qmp>,
-    pub console: Option<GuestConsole>,
-    pub started: std::time::Instant,
+struct QemuVm {
+    launch: Launch,
+    child: Child,
+    qmp: Option<Qmp>,
+    console: Option<GuestConsole>,
 }
 
-impl VmProcess {
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
+impl QemuVm {
     /// Spawns QEMU and connects QMP (waiting for its socket). The console is connected too, before the
     /// guest can say anything, so no answer is lost.
-    pub async fn spawn(
-        launch: VmLaunch,
-        machine_args: &[String],
-        memory_mib: u64,
+    async fn spawn(
+        binary: &str,
+        launch: Launch,
+        incoming: bool,
         timeout: Duration,
-    ) -> Result<Self, QemuError> {
-        for p in [launch.qmp_socket(), launch.console_socket()] {
-            let len = p.as_os_str().len();
-            if len > 107 {
-                return Err(QemuError::PathTooLong { path: p, len });
-            }
-        }
-        std::fs::create_dir_all(&launch.dir).map_err(|source| QemuError::Io {
+    ) -> Result<Self, BackendError> {
+        let qmp_path = launch.socket(QMP_SOCKET)?;
+        launch.socket(super::backend::CONSOLE_SOCKET)?;
+        std::fs::create_dir_all(&launch.dir).map_err(|source| BackendError::Io {
             path: launch.dir.clone(),
             source,
         })?;
-        let log = std::fs::File::create(launch.log_file()).map_err(|source| QemuError::Io {
-            path: launch.log_file(),
+        let log_path = launch.dir.join(LOG_FILE);
+        let log = std::fs::File::create(&log_path).map_err(|source| BackendError::Io {
+            path: log_path,
             source,
         })?;
-        let started = std::time::Instant::now();
-        let child = Command::new(QEMU_BINARY)
-            .args(launch.args(machine_args, memory_mib))
+        let child = Command::new(binary)
+            .args(vm_args(&launch, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: QEMU_BINARY.into(),
+            .map_err(|source| BackendError::Spawn {
+                binary: binary.into(),
+                hint: "install Debian's qemu-system-x86",
                 source,
             })?;
-        let mut vm = VmProcess {
-            name: launch.name.clone(),
+        let mut vm = QemuVm {
             launch,
             child,
             qmp: None,
             console: None,
-            started,
         };
         // Recorded before anything else can fail (dropping the Child kills QEMU): the record is how
         // a restarted noded finds this process, never its command line.
-        if let Err(e) = record_vm(&vm.launch, vm.child.id()) {
+        if let Err(e) = record_spawn(&vm.launch, vm.child.id()) {
             if let Some(status) = vm.child.try_wait().ok().flatten() {
                 return Err(vm.exited(status.to_string()));
             }
             return Err(e);
         }
-        let qmp_path = vm.launch.qmp_socket();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(status) = vm.child.try_wait().ok().flatten() {
@@ -270,23 +280,19 @@ impl VmProcess {
                     Ok(q) => {
                         vm.qmp = Some(q);
                         // A wrapper script may have exec'd QEMU since the spawn: record what runs now.
-                        if let Err(e) = record_vm(&vm.launch, vm.child.id()) {
-                            tracing::debug!(vm = %vm.name, error = %e, "VM record not refreshed");
+                        if let Err(e) = record_spawn(&vm.launch, vm.child.id()) {
+                            tracing::debug!(vm = %vm.launch.name, error = %e, "VM record not refreshed");
                         }
                         break;
                     }
                     Err(QmpError::Connect { .. }) => {}
-                    Err(source) => {
-                        return Err(QemuError::Qmp {
-                            name: vm.name.clone(),
-                            source,
-                        });
-                    }
+                    Err(source) => return Err(vm.control_error(source)),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(QemuError::NoSocket {
-                    name: vm.name.clone(),
+                return Err(BackendError::NoSocket {
+                    name: vm.launch.name.clone(),
+                    what: "QMP socket",
                     timeout,
                 });
             }
@@ -295,17 +301,17 @@ impl VmProcess {
         // QEMU creates the chardev sockets before the monitor, so the console is listening by now.
         let console = GuestConsole::connect(&vm.launch.console_socket())
             .await
-            .map_err(|source| QemuError::Guest {
-                name: vm.name.clone(),
+            .map_err(|source| BackendError::Guest {
+                name: vm.launch.name.clone(),
                 source,
             })?;
         vm.console = Some(console);
         Ok(vm)
     }
 
-    fn exited(&self, status: String) -> QemuError {
+    fn exited(&self, status: String) -> BackendError {
         let mut stderr = crate::config::one_line(
-            &std::fs::read_to_string(self.launch.log_file()).unwrap_or_default(),
+            &std::fs::read_to_string(self.launch.dir.join(LOG_FILE)).unwrap_or_default(),
         );
         if let Some(c) = &self.console {
             let out = c.last_output();
@@ -313,65 +319,185 @@ impl VmProcess {
                 stderr.push_str(&format!("; guest console: {out}"));
             }
         }
-        QemuError::Exited {
-            name: self.name.clone(),
+        BackendError::Exited {
+            name: self.launch.name.clone(),
+            program: "QEMU",
             status,
             stderr,
         }
     }
 
     /// The error to report for `source`, naming the exit status if QEMU died.
-    pub fn qmp_error(&mut self, source: QmpError) -> QemuError {
+    fn control_error(&mut self, source: QmpError) -> BackendError {
         if let Some(status) = self.child.try_wait().ok().flatten() {
             return self.exited(status.to_string());
         }
-        QemuError::Qmp {
-            name: self.name.clone(),
-            source,
+        BackendError::Control {
+            name: self.launch.name.clone(),
+            source: Box::new(source),
         }
     }
 
-    /// The error to report for a console failure, naming the exit status and QEMU's last words if it
-    /// died (a guest kernel panic ends QEMU: `-no-reboot`).
-    pub fn guest_error(&mut self, source: GuestError) -> QemuError {
-        if let Some(status) = self.child.try_wait().ok().flatten() {
-            return self.exited(status.to_string());
-        }
-        QemuError::Guest {
-            name: self.name.clone(),
-            source,
-        }
-    }
-
-    pub fn qmp(&mut self) -> Result<&mut Qmp, QemuError> {
-        let name = self.name.clone();
-        self.qmp.as_mut().ok_or(QemuError::Qmp {
-            name,
-            source: QmpError::Closed {
+    /// Runs `f` on the QMP connection; a failure is reported by [`QemuVm::control_error`].
+    async fn qmp<T>(
+        &mut self,
+        f: impl AsyncFnOnce(&mut Qmp) -> Result<T, QmpError>,
+    ) -> Result<T, BackendError> {
+        let r = match self.qmp.as_mut() {
+            Some(q) => f(q).await,
+            None => Err(QmpError::Closed {
                 command: "(connection already handed off)".into(),
-            },
+            }),
+        };
+        r.map_err(|e| self.control_error(e))
+    }
+
+    /// Loads a template's device state into this `-incoming defer` QEMU, bounded by `timeout`.
+    async fn load_state(&mut self, state: &Path, timeout: Duration) -> Result<(), BackendError> {
+        let channel = self.launch.socket(MIGRATION_SOCKET)?;
+        // QEMU listens on a socket in the VM's own directory and noded streams the state into it.
+        let uri = format!("unix:{}", channel.display());
+        self.qmp(async |q| {
+            q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
+                .await?;
+            q.migrate_incoming(&uri, QMP_TIMEOUT).await
+        })
+        .await?;
+        let sent = tokio::time::timeout(timeout, send_state(state, &channel))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("QEMU did not take the device state within {timeout:?}"),
+                ))
+            });
+        let _ = std::fs::remove_file(&channel);
+        sent.map_err(|source| BackendError::Io {
+            path: state.to_path_buf(),
+            source,
+        })?;
+        let info = self
+            .qmp(async |q| q.wait_migration(timeout, QMP_TIMEOUT).await)
+            .await?;
+        self.completed(info, |name, outcome| BackendError::Restore {
+            name,
+            outcome,
         })
     }
 
-    pub fn console(&mut self) -> Result<&mut GuestConsole, QemuError> {
-        let name = self.name.clone();
-        self.console.as_mut().ok_or(QemuError::Guest {
-            name,
-            source: GuestError::Closed,
-        })
+    fn completed(
+        &self,
+        info: MigrationInfo,
+        err: impl FnOnce(String, String) -> BackendError,
+    ) -> Result<(), BackendError> {
+        if info.status == Some(MigrationStatus::Completed) {
+            return Ok(());
+        }
+        Err(err(
+            self.launch.name.clone(),
+            format!("{:?}: {}", info.status, info.error_desc.unwrap_or_default()),
+        ))
     }
 
     /// Kills QEMU and waits for it, then removes its socket directory.
-    pub async fn kill(mut self) {
+    async fn kill_and_clean(mut self) {
         self.qmp = None;
         self.console = None;
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         let _ = std::fs::remove_dir_all(&self.launch.dir);
     }
+}
 
-    /// Asks QEMU to quit; kills it if it does not exit within `timeout`.
-    pub async fn quit(mut self, timeout: Duration) {
+#[async_trait]
+impl Vm for QemuVm {
+    fn launch(&self) -> &Launch {
+        &self.launch
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    fn console(&mut self) -> Result<&mut GuestConsole, BackendError> {
+        let name = self.launch.name.clone();
+        self.console.as_mut().ok_or(BackendError::Guest {
+            name,
+            source: GuestError::Closed,
+        })
+    }
+
+    /// A guest kernel panic ends QEMU (`-no-reboot`): its log and the console's last lines say why.
+    async fn console_failed(&mut self, source: GuestError, grace: Duration) -> BackendError {
+        if !grace.is_zero() {
+            let _ = tokio::time::timeout(grace, self.child.wait()).await;
+        }
+        if let Some(status) = self.child.try_wait().ok().flatten() {
+            return self.exited(status.to_string());
+        }
+        BackendError::Guest {
+            name: self.launch.name.clone(),
+            source,
+        }
+    }
+
+    async fn save(&mut self, state: &Path) -> Result<(), BackendError> {
+        // QEMU runs with `-sandbox spawn=deny`, so `exec:cat > state` is out: QEMU sends the state
+        // to a socket noded listens on, and only QEMU's own pid is accepted there.
+        let channel = self.launch.socket(MIGRATION_SOCKET)?;
+        let receiver = receive_state(&channel, state, self.pid())?;
+        let uri = format!("unix:{}", channel.display());
+        let r = self
+            .qmp(async |q| {
+                q.stop(QMP_TIMEOUT).await?;
+                q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
+                    .await?;
+                q.migrate(&uri, QMP_TIMEOUT).await?;
+                q.wait_migration(SAVE_TIMEOUT, QMP_TIMEOUT).await
+            })
+            .await;
+        let info = match r {
+            Ok(i) => i,
+            Err(e) => {
+                receiver.abort();
+                let _ = std::fs::remove_file(&channel);
+                return Err(e);
+            }
+        };
+        // QEMU closes the connection once the stream is complete; the file is whole after that.
+        let received = tokio::time::timeout(SAVE_STREAM_TIMEOUT, receiver).await;
+        let _ = std::fs::remove_file(&channel);
+        self.completed(info, |name, outcome| BackendError::Save { name, outcome })?;
+        match received {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "QEMU did not close the migration stream",
+            )),
+        }
+        .map_err(|source| BackendError::Io {
+            path: state.to_path_buf(),
+            source,
+        })
+    }
+
+    async fn pause(&mut self) -> Result<(), BackendError> {
+        self.qmp(async |q| q.stop(QMP_TIMEOUT).await).await
+    }
+
+    async fn resume(&mut self) -> Result<(), BackendError> {
+        self.qmp(async |q| q.cont(QMP_TIMEOUT).await).await
+    }
+
+    fn hand_off(&mut self) {
+        // QEMU accepts one client per socket; QMP itself is never handed out (it can run host
+        // commands as root through `migrate exec:`).
+        self.qmp = None;
+        self.console = None;
+    }
+
+    async fn quit(mut self: Box<Self>, timeout: Duration) {
         if let Some(q) = self.qmp.as_mut() {
             let _ = q.quit(timeout).await;
         }
@@ -379,110 +505,131 @@ impl VmProcess {
             .await
             .is_err()
         {
-            tracing::warn!(vm = %self.name, "QEMU did not quit; killing it");
+            tracing::warn!(vm = %self.launch.name, "QEMU did not quit; killing it");
         }
-        self.kill().await;
+        self.kill_and_clean().await;
+    }
+
+    async fn kill(self: Box<Self>) {
+        self.kill_and_clean().await;
     }
 }
 
-/// Writes the [`VmRecord`](super::reap::VmRecord) of the QEMU just spawned into its socket dir.
-fn record_vm(launch: &VmLaunch, pid: Option<u32>) -> Result<(), QemuError> {
-    let io = |source| QemuError::Io {
-        path: launch.dir.join(super::reap::RECORD_FILE),
+/// Listens on `channel` for QEMU's outgoing migration and writes the stream to `state`. Only QEMU's
+/// own pid (SO_PEERCRED) is taken: anything else connecting first is dropped, not recorded.
+fn receive_state(
+    channel: &Path,
+    state: &Path,
+    qemu_pid: Option<u32>,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, BackendError> {
+    let _ = std::fs::remove_file(channel);
+    let listener = tokio::net::UnixListener::bind(channel).map_err(|source| BackendError::Io {
+        path: channel.to_path_buf(),
         source,
-    };
-    let pid = pid.ok_or_else(|| io(std::io::Error::other("QEMU exited before it was recorded")))?;
-    super::reap::VmRecord::of_pid(pid, &launch.name)
-        .and_then(|r| r.write(&launch.dir))
-        .map_err(io)
+    })?;
+    let state = state.to_path_buf();
+    Ok(tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = loop {
+            let (conn, _) = listener.accept().await?;
+            let pid = conn.peer_cred().ok().and_then(|c| c.pid());
+            if qemu_pid.is_some() && pid.and_then(|p| u32::try_from(p).ok()) == qemu_pid {
+                break conn;
+            }
+            tracing::warn!(
+                ?pid,
+                "migration socket: connection from another process dropped"
+            );
+        };
+        let mut file = tokio::fs::File::create(&state).await?;
+        tokio::io::copy(&mut conn, &mut file).await?;
+        file.flush().await
+    }))
 }
 
-/// `QEMU emulator version 7.2.22 (...)` → the first line.
-pub async fn qemu_version() -> Result<String, QemuError> {
-    let out = Command::new(QEMU_BINARY)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|e| QemuError::Version(e.to_string()))?;
-    if !out.status.success() {
-        return Err(QemuError::Version(out.status.to_string()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string())
+/// Streams the template's device state into QEMU's incoming migration socket.
+async fn send_state(state: &Path, channel: &Path) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let bytes = tokio::fs::read(state).await?;
+    let mut conn = tokio::net::UnixStream::connect(channel).await?;
+    conn.write_all(&bytes).await?;
+    conn.shutdown().await
 }
 
-/// Host TSC frequency in kHz, from `/proc/cpuinfo`.
-pub fn host_tsc_khz() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = text
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0).round() as u64)
-}
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
 
-/// Whether KVM can really run a guest here. `/dev/kvm` existing is not enough (on nested or
-/// restricted hosts QEMU starts with `accel=kvm` and the guest then hangs in early boot), so this boots
-/// the real guest under KVM and waits for it to answer a request. A KVM guest answers in well under a
-/// second; `deadline` bounds the cost of the probe on hosts where it fails.
-pub async fn probe_kvm(spec: &MachineSpec, scratch: &Path, deadline: Duration) -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        tracing::info!("no usable /dev/kvm; guests run under TCG");
-        return false;
-    }
-    let mut kvm = spec.clone();
-    kvm.accel = Accel::Kvm;
-    kvm.memory_mib = kvm.memory_mib.min(128);
-    let launch = VmLaunch {
-        name: format!("{NAME_PREFIX}probe-kvm-{}", std::process::id()),
-        dir: scratch.join("kvm-probe"),
-        memory_file: scratch.join("kvm-probe.mem"),
-        mapping: Mapping::Private,
-        incoming: false,
-        vmgenid: uuid::Uuid::new_v4(),
-    };
-    let mem = launch.memory_file.clone();
-    let result = async {
-        let mut vm = VmProcess::spawn(
-            launch,
-            &kvm.machine_args(None),
-            kvm.memory_mib,
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let ok = vm
-            .console()
-            .map_err(|e| e.to_string())?
-            .wait_ready(deadline)
-            .await
-            .map_err(|e| e.to_string());
-        vm.kill().await;
-        ok
-    }
-    .await;
-    let _ = std::fs::remove_file(&mem);
-    match result {
-        Ok(_) => {
-            tracing::info!("KVM runs guests here; using accel=kvm");
-            true
+    use super::*;
+
+    fn launch(mapping: Mapping) -> Launch {
+        let spec = MachineSpec {
+            accel: Accel::Tcg,
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            append: super::super::guest::GUEST_APPEND.into(),
+        };
+        Launch {
+            name: "noded-t-abc".into(),
+            dir: PathBuf::from("/run/noded/vms/abc"),
+            memory_file: PathBuf::from("/run/noded/templates/t/memory"),
+            memory_mib: 128,
+            mapping,
+            machine_args: Qemu::default().machine_args(&spec, Some(2_000_000)),
+            vmgenid: uuid::Uuid::nil(),
         }
-        Err(e) => {
-            tracing::info!(reason = %e, "/dev/kvm exists but cannot run a guest; using accel=tcg");
-            false
+    }
+
+    fn argv(launch: &Launch, incoming: bool) -> Vec<String> {
+        std::iter::once(QEMU_BINARY.to_string())
+            .chain(
+                vm_args(launch, incoming)
+                    .into_iter()
+                    .map(|a| a.to_string_lossy().into_owned()),
+            )
+            .collect()
+    }
+
+    #[test]
+    fn rendered_command_lines_read_back_as_their_boot() {
+        let q = Qemu::default();
+        for (mapping, incoming, boot) in [
+            (Mapping::Shared, false, Boot::TemplateSource),
+            (Mapping::Private, true, Boot::Restore),
+            (Mapping::Private, false, Boot::Cold),
+        ] {
+            let id = q.identify(&argv(&launch(mapping), incoming));
+            assert_eq!(
+                id,
+                Some(Identity {
+                    name: Some("noded-t-abc".into()),
+                    boot
+                })
+            );
         }
+        assert_eq!(q.identify(&["/usr/bin/cloud-hypervisor".into()]), None);
+        assert_eq!(q.identify(&[]), None);
+    }
+
+    #[test]
+    fn sandboxed_and_tsc_hint_only_under_tcg() {
+        let a = argv(&launch(Mapping::Private), true);
+        let sandbox = a.iter().position(|x| x == "-sandbox").expect("-sandbox");
+        assert!(a[sandbox + 1].contains("spawn=deny"), "{a:?}");
+        assert!(a.iter().any(|x| x.contains("tsc_early_khz=2000000")));
+        assert!(!a.iter().any(|x| x.starts_with("exec:")));
+        let kvm = MachineSpec {
+            accel: Accel::Kvm,
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: PathBuf::from("/k"),
+            initrd: PathBuf::from("/i"),
+            append: String::new(),
+        };
+        let m = Qemu::default().machine_args(&kvm, Some(2_000_000));
+        assert!(!m.iter().any(|x| x.contains("tsc_early_khz")));
+        assert!(m.windows(2).any(|w| w == ["-cpu", "host"]));
     }
 }

@@ -1,5 +1,5 @@
 //! VM templates, built exactly like Kata's factory: guest RAM in a file on a private tmpfs mapped
-//! shared, boot, wait until the guest answers, pause, save device state with `x-ignore-shared` (RAM is
+//! shared, boot, wait until the guest answers, pause and save the device state (`Vm::save`: RAM is
 //! not copied — it already is the file), stop. A manifest records what the template was built from and
 //! the size and sha256 of both files so damage is detected before a clone is handed out.
 
@@ -10,16 +10,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::assets::sha256_file;
-use super::qemu::{MachineSpec, Mapping, QemuError, VmLaunch, VmProcess};
-use super::qmp::{Capability, MigrationStatus};
+use super::backend::{Backend, BackendError, Launch, MachineSpec, Mapping};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const MEMORY: &str = "memory";
 pub const STATE: &str = "state";
 /// tmpfs headroom above guest RAM for the state file and manifest (what Kata's factory uses).
 pub const TMPFS_HEADROOM_MIB: u64 = 8;
-
-const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every VM noded starts is named `noded-<template>-...` (what operators see). The name identifies
+/// nothing: the reaper and the observer go by the spawn record (`reap::VmRecord`).
+pub const NAME_PREFIX: &str = "noded-";
+/// A cold boot under TCG takes seconds; a loaded machine takes far longer.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -44,13 +46,7 @@ pub enum TemplateError {
         source: nix::Error,
     },
     #[error("template {name}: {source}")]
-    Qemu { name: String, source: QemuError },
-    #[error("template {name}: saving device state ended as {status:?}: {detail}")]
-    Migration {
-        name: String,
-        status: Option<MigrationStatus>,
-        detail: String,
-    },
+    Backend { name: String, source: BackendError },
     #[error("template {name}: {damage}")]
     Damaged { name: String, damage: Damage },
 }
@@ -94,7 +90,10 @@ impl Damage {
 /// What a template is built from; any change means the template is stale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
-    pub qemu_version: String,
+    /// The backend's version line. Named `qemu_version` on disk, so templates built before there
+    /// was a backend seam keep their fingerprint.
+    #[serde(rename = "qemu_version")]
+    pub hypervisor_version: String,
     /// Machine arguments (no per-VM paths, no host TSC hint).
     pub machine_args: Vec<String>,
     pub kernel_sha256: String,
@@ -104,14 +103,15 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn new(
-        qemu_version: String,
+        backend: &dyn Backend,
+        hypervisor_version: String,
         spec: &MachineSpec,
         kernel_sha256: String,
         initrd_sha256: String,
     ) -> Self {
         Self {
-            qemu_version,
-            machine_args: spec.machine_args(None),
+            hypervisor_version,
+            machine_args: backend.machine_args(spec, None),
             kernel_sha256,
             initrd_sha256,
             memory_mib: spec.memory_mib,
@@ -186,8 +186,8 @@ pub struct TemplateSpec {
 }
 
 /// Where templates and VM sockets live. VMs are named `noded-<template>-<id>` (what the observer and
-/// operators see); a VM belongs to this noded when its QMP socket lies under `run_dir`, which is how
-/// the reaper tells our orphans from another noded's (or a parallel test's) VMs.
+/// operators see); a VM belongs to this noded when a spawn record under `run_dir/vms` matches it,
+/// which is how the reaper tells our orphans from another noded's (or a parallel test's) VMs.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub run_dir: PathBuf,
@@ -209,7 +209,7 @@ impl Layout {
         self.run_dir.join("vms")
     }
     pub fn vm_name(&self, template: &str, id: &str) -> String {
-        format!("{}{template}-{id}", super::qemu::NAME_PREFIX)
+        format!("{NAME_PREFIX}{template}-{id}")
     }
 }
 
@@ -218,40 +218,8 @@ pub fn new_vm_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
-/// Listens on `channel` for QEMU's outgoing migration and writes the stream to `state`. Only QEMU's
-/// own pid (SO_PEERCRED) is taken: anything else connecting first is dropped, not recorded.
-fn receive_state(
-    channel: &Path,
-    state: &Path,
-    qemu_pid: Option<u32>,
-) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, QemuError> {
-    let _ = std::fs::remove_file(channel);
-    let listener = tokio::net::UnixListener::bind(channel).map_err(|source| QemuError::Io {
-        path: channel.to_path_buf(),
-        source,
-    })?;
-    let state = state.to_path_buf();
-    Ok(tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        let mut conn = loop {
-            let (conn, _) = listener.accept().await?;
-            let pid = conn.peer_cred().ok().and_then(|c| c.pid());
-            if qemu_pid.is_some() && pid.and_then(|p| u32::try_from(p).ok()) == qemu_pid {
-                break conn;
-            }
-            tracing::warn!(
-                ?pid,
-                "migration socket: connection from another process dropped"
-            );
-        };
-        let mut file = tokio::fs::File::create(&state).await?;
-        tokio::io::copy(&mut conn, &mut file).await?;
-        file.flush().await
-    }))
-}
-
-/// Quotes a path for `/bin/sh -c` (test harnesses that script guests; noded's own QEMU never
-/// runs a shell: see `receive_state`).
+/// Quotes a path for `/bin/sh -c` (test harnesses that script guests; noded's own VMs never
+/// run a shell: QEMU's state moves over unix sockets, see `qemu.rs`).
 pub fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
@@ -457,9 +425,13 @@ pub fn validate(dir: &Path, expected: &Fingerprint, deep: bool) -> Result<Templa
     Ok(t)
 }
 
-/// Builds the template `spec.name` under `layout`, replacing whatever is there.
+/// Builds the template `spec.name` under `layout` with `backend`, replacing whatever is there.
 #[tracing::instrument(name = "template_build", skip_all, fields(template = %spec.name))]
-pub async fn build(layout: &Layout, spec: &TemplateSpec) -> Result<Template, TemplateError> {
+pub async fn build(
+    backend: &dyn Backend,
+    layout: &Layout,
+    spec: &TemplateSpec,
+) -> Result<Template, TemplateError> {
     let name = spec.name.clone();
     let dir = layout.template_dir(&name);
     let io = |path: &Path| {
@@ -491,7 +463,7 @@ pub async fn build(layout: &Layout, spec: &TemplateSpec) -> Result<Template, Tem
         path: dir.clone(),
         source,
     })?;
-    let result = build_on_tmpfs(layout, spec, &dir).await;
+    let result = build_on_tmpfs(backend, layout, spec, &dir).await;
     if result.is_err() {
         destroy_dir(&dir);
     }
@@ -499,104 +471,49 @@ pub async fn build(layout: &Layout, spec: &TemplateSpec) -> Result<Template, Tem
 }
 
 async fn build_on_tmpfs(
+    backend: &dyn Backend,
     layout: &Layout,
     spec: &TemplateSpec,
     dir: &Path,
 ) -> Result<Template, TemplateError> {
     let name = spec.name.clone();
-    let qemu = |source| TemplateError::Qemu {
+    let failed = |source| TemplateError::Backend {
         name: name.clone(),
         source,
     };
-    let machine_args = spec.machine.machine_args(spec.tsc_khz);
-    let launch = VmLaunch {
+    let machine_args = backend.machine_args(&spec.machine, spec.tsc_khz);
+    let launch = Launch {
         name: layout.vm_name(&name, "template"),
         dir: layout.vms_dir().join(format!("tpl-{name}")),
         memory_file: dir.join(MEMORY),
+        memory_mib: spec.machine.memory_mib,
         mapping: Mapping::Shared,
-        incoming: false,
+        machine_args: machine_args.clone(),
         // Clones replace it with their own; the device must be present in both (DESIGN §6).
         vmgenid: uuid::Uuid::new_v4(),
     };
     let t0 = Instant::now();
-    let mut vm = VmProcess::spawn(launch, &machine_args, spec.machine.memory_mib, QMP_TIMEOUT)
-        .await
-        .map_err(qemu)?;
+    let mut vm = backend.spawn(launch).await.map_err(failed)?;
     let outcome = async {
-        let ready = vm.console()?.wait_ready(Duration::from_secs(120)).await;
+        let ready = vm.console()?.wait_ready(BOOT_TIMEOUT).await;
         let ready = match ready {
             Ok(a) => a,
-            Err(source) => {
-                return Err(QemuError::Guest {
-                    name: vm.name.clone(),
-                    source,
-                });
-            }
+            Err(source) => return Err(vm.console_failed(source, Duration::ZERO).await),
         };
         let boot_ms = t0.elapsed().as_millis() as u64;
         let t1 = Instant::now();
-        // QEMU runs with `-sandbox spawn=deny`, so `exec:cat > state` is out: QEMU sends the state
-        // to a socket noded listens on, and only QEMU's own pid is accepted there.
-        let channel = vm.launch.migration_socket();
-        let receiver = receive_state(&channel, &dir.join(STATE), vm.pid())?;
-        let q = vm.qmp()?;
-        let r: Result<_, super::qmp::QmpError> = async {
-            q.stop(QMP_TIMEOUT).await?;
-            q.migrate_set_capability(Capability::XIgnoreShared, true, QMP_TIMEOUT)
-                .await?;
-            q.migrate(&format!("unix:{}", channel.display()), QMP_TIMEOUT)
-                .await?;
-            q.wait_migration(Duration::from_secs(60), QMP_TIMEOUT).await
-        }
-        .await;
-        let info = match r {
-            Ok(i) => i,
-            Err(e) => {
-                receiver.abort();
-                let _ = std::fs::remove_file(&channel);
-                return Err(vm.qmp_error(e));
-            }
-        };
-        // QEMU closes the connection once the stream is complete; the file is whole after that.
-        let received = tokio::time::timeout(Duration::from_secs(30), receiver).await;
-        let _ = std::fs::remove_file(&channel);
-        let received = match received {
-            Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(std::io::Error::other(join.to_string())),
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "QEMU did not close the migration stream",
-            )),
-        };
-        if info.status == Some(MigrationStatus::Completed) {
-            received.map_err(|source| QemuError::Io {
-                path: dir.join(STATE),
-                source,
-            })?;
-        }
-        Ok((
-            ready.counter,
-            boot_ms,
-            t1.elapsed().as_millis() as u64,
-            info,
-        ))
+        vm.save(&dir.join(STATE)).await?;
+        Ok((ready.counter, boot_ms, t1.elapsed().as_millis() as u64))
     }
     .await;
-    let (guest_counter, boot_ms, save_ms, info) = match outcome {
+    let (guest_counter, boot_ms, save_ms) = match outcome {
         Ok(v) => v,
         Err(e) => {
             vm.kill().await;
-            return Err(qemu(e));
+            return Err(failed(e));
         }
     };
     vm.quit(Duration::from_secs(5)).await;
-    if info.status != Some(MigrationStatus::Completed) {
-        return Err(TemplateError::Migration {
-            name,
-            status: info.status,
-            detail: info.error_desc.unwrap_or_default(),
-        });
-    }
     let state = dir.join(STATE);
     let memory = dir.join(MEMORY);
     // Hashing hundreds of MiB of guest memory blocks for seconds: off the async workers.

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use noded::vm::assets::GuestAssets;
 use noded::vm::guest::GuestConsole;
-use noded::vm::qmp::{Capability, MigrationStatus, Qmp};
+use noded::vm::qemu::qmp::{Capability, MigrationStatus, Qmp};
 
 /// Kata's default `[factory] template_path`.
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
@@ -164,9 +164,9 @@ impl QemuConfig {
 
     /// Machine and boot arguments shared by the template and its clones (they must be identical).
     pub fn machine_args(&self) -> Result<Vec<String>, BadConfig> {
-        let mut append = noded::vm::qemu::GUEST_APPEND.to_owned();
+        let mut append = noded::vm::guest::GUEST_APPEND.to_owned();
         // Under TCG the kernel's TSC calibration hangs at random without it (DESIGN §6).
-        if let Some(khz) = noded::vm::qemu::host_tsc_khz() {
+        if let Some(khz) = noded::vm::backend::host_tsc_khz() {
             append.push_str(&format!(" tsc_early_khz={khz}"));
         }
         if !self.kernel_params.trim().is_empty() {
