@@ -268,4 +268,25 @@ mod tests {
         );
         assert_eq!(parse_version("nothing here\n"), None);
     }
+
+    #[test]
+    fn the_hypervisor_table_names_the_vmm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (table, expected) in [
+            ("qemu", Some(Hypervisor::Qemu)),
+            ("clh", Some(Hypervisor::CloudHypervisor)),
+            ("firecracker", Some(Hypervisor::Firecracker)),
+            ("dragonball", None),
+        ] {
+            let config = dir.path().join(format!("configuration-{table}.toml"));
+            std::fs::write(
+                &config,
+                format!("[hypervisor.{table}]\npath = \"/v/{table}\"\n"),
+            )
+            .expect("write config");
+            let (hypervisor, path) = hypervisor_table(&config).expect("parse");
+            assert_eq!(hypervisor, expected, "{table}");
+            assert_eq!(path, Some(PathBuf::from(format!("/v/{table}"))));
+        }
+    }
 }
