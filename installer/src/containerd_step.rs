@@ -1,13 +1,13 @@
-//! The containerd part of boot and uninstall, through noded's library (the same code as
-//! `noded containerd apply|revert`): strategy by containerd version, ownership record, backup of the
-//! original bytes, byte-identical revert.
+//! The container-runtime part of boot and uninstall, through noded's
+//! [`RuntimeConfigurator`](noded::runtime::RuntimeConfigurator) (the same code as `noded run` and
+//! `noded containerd apply|revert`): for containerd, strategy by version, ownership record, backup of
+//! the original bytes, byte-identical revert.
 
 use std::path::{Path, PathBuf};
 
 use noded::config::NodedConfig;
-use noded::containerd::apply::{self, Request};
 use noded::containerd::handler::parse_handlers;
-use noded::containerd::restart::Restart;
+use noded::runtime::{self, Access, RuntimeConfigurator};
 use serde::Serialize;
 
 use crate::assets;
@@ -37,11 +37,28 @@ fn binary(ledger: &Ledger) -> PathBuf {
     host::containerd_binary(&ledger.root).unwrap_or_else(|| PathBuf::from("containerd"))
 }
 
+/// The runtime's configurator under the ledger's root, never asking a running daemon (boot runs
+/// before it starts; uninstall reads the version from the binary, as boot did).
+fn configurator(
+    ledger: &Ledger,
+    config: &NodedConfig,
+    may_restart: bool,
+    adopt: bool,
+) -> Result<Box<dyn RuntimeConfigurator>, String> {
+    let access = Access {
+        root: Some(ledger.root.path("/")),
+        binary: Some(binary(ledger)),
+        running: false,
+        may_restart,
+        adopt,
+    };
+    runtime::configurator(config, &access).map_err(|e| e.to_string())
+}
+
 /// Registers the handlers of noded.toml before containerd starts (so never restarts it).
 pub fn apply(ledger: &mut Ledger, config: &NodedConfig) -> Result<Applied, String> {
     let root = ledger.root.clone();
     let handlers = parse_handlers(&config.containerd.runtimes).map_err(|e| e.to_string())?;
-    let state_dir = root.path(&config.daemon.data_dir);
     // The library's record lives in noded's data dir; if boot is the one creating it, uninstall
     // removes it (after the revert that needs it).
     let ownership_node = config.daemon.data_dir.join(OWNERSHIP);
@@ -58,33 +75,23 @@ pub fn apply(ledger: &mut Ledger, config: &NodedConfig) -> Result<Applied, Strin
         });
         ledger.save().map_err(|e| e.to_string())?;
     }
-    let req = Request {
-        config: root.path(&config.containerd.config),
-        handlers,
-        kata_root: root.path(&config.containerd.kata_root),
-        state_dir,
-        // With the nodeadm drop-in, nodeadm itself renders identical handler tables into
-        // config.toml; noded takes those over instead of reporting them as foreign.
-        adopt: ledger.entry(Path::new(assets::NODEADM_DROPIN)).is_some(),
-        containerd_version: None,
-        containerd_binary: binary(ledger),
-        socket: None,
-    };
+    // With the nodeadm drop-in, nodeadm itself renders identical handler tables into config.toml;
+    // noded takes those over instead of reporting them as foreign.
+    let adopt = ledger.entry(Path::new(assets::NODEADM_DROPIN)).is_some();
+    let configurator = configurator(ledger, config, false, adopt)?;
     // Recorded before the apply (intent first): a boot killed mid-apply is still reverted by
     // uninstall; reverting a config noded never touched is a no-op.
     ledger.manifest.containerd_applied = Some(config.containerd.config.clone());
     ledger.save().map_err(|e| e.to_string())?;
-    let report = runtime()?
-        .block_on(apply::apply(&req, &Restart::Never))
+    let change = runtime()?
+        .block_on(configurator.apply(&handlers))
         .map_err(|e| e.to_string())?;
     Ok(Applied {
-        config: req.config,
-        changed: report.changed,
-        handlers: report.handlers,
-        strategy: serde_json::to_value(report.strategy)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned)),
-        files: report.files,
+        config: root.path(&config.containerd.config),
+        changed: change.changed,
+        handlers: change.handlers,
+        strategy: Some(change.strategy),
+        files: change.files,
     })
 }
 
@@ -94,25 +101,19 @@ pub fn revert(ledger: &mut Ledger, config: Option<&NodedConfig>) -> Result<bool,
     let Some(applied) = ledger.manifest.containerd_applied.clone() else {
         return Ok(false);
     };
-    let data_dir = config.map_or_else(
-        || PathBuf::from("/var/lib/noded"),
-        |c| c.daemon.data_dir.clone(),
-    );
-    let restart = if ledger.root.is_host() {
-        config
-            .and_then(|c| c.containerd.restart.parse::<Restart>().ok())
-            .unwrap_or_else(Restart::auto)
-    } else {
-        Restart::Never
+    // Without a readable noded.toml: its defaults (data dir /var/lib/noded, restart auto).
+    let mut config = match config {
+        Some(c) => c.clone(),
+        None => {
+            NodedConfig::parse(Path::new("<noded.toml defaults>"), "").map_err(|e| e.to_string())?
+        }
     };
+    // The file boot applied to, whatever noded.toml says now.
+    config.containerd.config = applied;
+    // On a live node the runtime reloads the reverted config; under another root it is not running.
+    let may_restart = ledger.root.is_host();
     let report = runtime()?
-        .block_on(apply::revert(
-            &ledger.root.path(&applied),
-            &ledger.root.path(&data_dir),
-            &restart,
-            None,
-            &binary(ledger),
-        ))
+        .block_on(configurator(ledger, &config, may_restart, false)?.revert())
         .map_err(|e| e.to_string())?;
     ledger.manifest.containerd_applied = None;
     ledger.save().map_err(|e| e.to_string())?;

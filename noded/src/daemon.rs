@@ -14,6 +14,7 @@ use crate::config::{LogFormat, NodedConfig};
 use crate::exit::{self, ExitStatus};
 use crate::metrics::Metrics;
 use crate::observe::{Observer, ObserverConfig};
+use crate::runtime::RuntimeConfigurator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -223,19 +224,24 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
         }
     }));
     if config.containerd.private {
+        // Local mode is containerd by definition: noded starts its own.
         parts.private_containerd = Some(
             crate::containerd::manage::start_private(config, &metrics)
                 .await
                 .map_err(|e| DaemonError::Component(e.to_string()))?,
         );
     } else {
-        crate::containerd::manage::apply_on_start(config, &metrics)
+        let runtime: Arc<dyn RuntimeConfigurator> =
+            crate::runtime::configurator(config, &crate::runtime::Access::daemon())
+                .map_err(|e| DaemonError::Component(e.to_string()))?
+                .into();
+        crate::runtime::apply_on_start(runtime.as_ref(), config, &metrics)
             .await
-            .map_err(|e| DaemonError::Component(e.to_string()))?;
+            .map_err(|e| DaemonError::Component(format!("{} config: {e}", runtime.runtime())))?;
         if config.containerd.apply_on_start && config.containerd.reconcile_seconds > 0 {
             parts.tasks.push(health.spawn(
                 "containerd-reconcile",
-                reconcile_loop(config.clone(), Arc::clone(&metrics)),
+                reconcile_loop(config.clone(), runtime, Arc::clone(&metrics)),
             ));
         }
     }
@@ -288,11 +294,15 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
 
 /// Re-applies the handlers every `containerd.reconcile_seconds`: a drifted config is written again and
 /// containerd restarted (only then); a failure is logged and counted, and the next round tries again.
-async fn reconcile_loop(config: NodedConfig, metrics: Arc<Metrics>) {
+async fn reconcile_loop(
+    config: NodedConfig,
+    runtime: Arc<dyn RuntimeConfigurator>,
+    metrics: Arc<Metrics>,
+) {
     let interval = Duration::from_secs(config.containerd.reconcile_seconds);
     loop {
         tokio::time::sleep(interval).await;
-        match crate::containerd::manage::apply_on_start(&config, &metrics).await {
+        match crate::runtime::apply_on_start(runtime.as_ref(), &config, &metrics).await {
             Ok(Some(r)) if r.changed => {
                 tracing::warn!(
                     restarted = r.restarted,
@@ -300,7 +310,7 @@ async fn reconcile_loop(config: NodedConfig, metrics: Arc<Metrics>) {
                 )
             }
             Ok(_) => {}
-            Err(e) => error!("re-applying containerd config: {e}"),
+            Err(e) => error!("re-applying {} config: {e}", runtime.runtime()),
         }
     }
 }

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod names;
 pub mod observe;
 pub mod proctable;
+pub mod runtime;
 pub mod vm;

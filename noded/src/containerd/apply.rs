@@ -45,6 +45,16 @@ pub enum Strategy {
     DropIn,
 }
 
+impl Strategy {
+    /// The name `--output json` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InPlace => "in-place",
+            Self::DropIn => "drop-in",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -125,6 +135,10 @@ pub struct Report {
     /// Set when a restart was needed but the strategy did not allow one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// The effective config changed (containerd reads it only after a restart). Not printed: the CLI's
+    /// JSON is a contract; `restarted` and `warning` say it there.
+    #[serde(skip)]
+    pub restart_needed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -580,6 +594,7 @@ fn report_of(plan: &Plan) -> Report {
         restarted: false,
         verified: false,
         warning: None,
+        restart_needed: plan.effective_change(),
     }
 }
 
@@ -653,6 +668,7 @@ pub async fn revert_with(
             restarted: false,
             verified: false,
             warning: None,
+            restart_needed: false,
         };
         return Ok(plan_report);
     }
@@ -748,6 +764,7 @@ pub async fn revert_with(
         restarted,
         verified: false,
         warning: None,
+        restart_needed: effective,
     })
 }
 

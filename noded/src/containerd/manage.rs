@@ -1,26 +1,25 @@
-//! What `noded run` does with containerd at start: apply the handlers (restarting containerd only if
-//! the effective config changed) or, in local mode, create, configure and start a private containerd.
+//! Local mode of `noded run`: create, configure (through the
+//! [`RuntimeConfigurator`](crate::runtime::RuntimeConfigurator) seam, like a real node) and start a
+//! private containerd. On a real node the daemon applies the handlers with
+//! [`crate::runtime::apply_on_start`].
 
 use std::path::{Path, PathBuf};
 
 use tracing::{info, info_span, warn};
 
-use super::apply::{self, ApplyError, Report, Request};
 use super::handler::{UnknownHandler, parse_handlers};
 use super::image::{self, DEFAULT_BUSYBOX, PAUSE_IMAGE};
 use super::private::{self, PrivateContainerd, PrivateContainerdError, PrivateLayout};
-use super::restart::{BadRestart, Restart};
 use crate::config::NodedConfig;
-use crate::metrics::{ApplyOutcome, Metrics};
+use crate::metrics::Metrics;
+use crate::runtime::{self, Access, RuntimeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManageError {
     #[error("containerd.runtimes: {0}")]
     Handler(#[from] UnknownHandler),
-    #[error("containerd.restart: {0}")]
-    Restart(#[from] BadRestart),
     #[error("containerd config: {0}")]
-    Apply(#[from] ApplyError),
+    Runtime(#[from] RuntimeError),
     #[error("private containerd: {0}")]
     Private(#[from] PrivateContainerdError),
     #[error("{path}: {source}")]
@@ -32,53 +31,6 @@ pub enum ManageError {
     Image(#[from] image::ImageError),
     #[error("the CRI plugin does not see the imported local images: {0}")]
     Cri(#[from] crate::cri::CriError),
-}
-
-fn request(config: &NodedConfig) -> Result<Request, ManageError> {
-    Ok(Request {
-        config: config.containerd.config.clone(),
-        handlers: parse_handlers(&config.containerd.runtimes)?,
-        kata_root: config.containerd.kata_root.clone(),
-        state_dir: config.daemon.data_dir.clone(),
-        adopt: false,
-        containerd_version: None,
-        containerd_binary: PathBuf::from("containerd"),
-        socket: Some(super::apply::config_socket(&config.containerd.config)),
-    })
-}
-
-fn record(metrics: &Metrics, result: &Result<Report, ApplyError>) {
-    match result {
-        Ok(r) => {
-            metrics.record_apply(if r.changed {
-                ApplyOutcome::Changed
-            } else {
-                ApplyOutcome::Unchanged
-            });
-            if r.restarted {
-                metrics.record_containerd_restart();
-            }
-        }
-        Err(_) => metrics.record_apply(ApplyOutcome::Failed),
-    }
-}
-
-/// Applies the configured handlers to the host's containerd. Returns the report (None when
-/// `apply_on_start` is off).
-pub async fn apply_on_start(
-    config: &NodedConfig,
-    metrics: &Metrics,
-) -> Result<Option<Report>, ManageError> {
-    if !config.containerd.apply_on_start {
-        return Ok(None);
-    }
-    let req = request(config)?;
-    let restart: Restart = config.containerd.restart.parse()?;
-    let result = apply::apply(&req, &restart).await;
-    record(metrics, &result);
-    let report = result?;
-    info!(changed = report.changed, restarted = report.restarted, handlers = ?report.handlers, "containerd config applied");
-    Ok(Some(report))
 }
 
 /// Local mode: the private containerd lives next to its config file (`containerd.config`'s directory).
@@ -112,11 +64,16 @@ pub async fn start_private(
         })?;
     }
     // containerd is not running yet: write only, it reads the result when it starts.
-    let req = request(config)?;
-    let result = apply::apply(&req, &Restart::Never).await;
-    record(metrics, &result);
-    let report = result?;
-    info!(changed = report.changed, handlers = ?report.handlers, "private containerd configured");
+    let configurator = runtime::configurator(
+        config,
+        &Access {
+            may_restart: false,
+            ..Access::daemon()
+        },
+    )?;
+    let handlers = parse_handlers(&config.containerd.runtimes)?;
+    let change = runtime::apply_recorded(configurator.as_ref(), &handlers, metrics).await?;
+    info!(changed = change.changed, handlers = ?change.handlers, "private containerd configured");
     let ctrd = PrivateContainerd::start(&dir, cfg_path).await?;
     if let Err(e) = image::ensure_local_images(ctrd.socket(), Path::new(DEFAULT_BUSYBOX)).await {
         warn!("probe image import failed: {e}");

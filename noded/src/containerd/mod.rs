@@ -1,8 +1,14 @@
-//! containerd: config model and edit, restart, verification, and a private containerd for local mode.
+//! containerd: config model and edit, restart, version, verification, and a private containerd for local
+//! mode. Its [`configurator::ContainerdConfigurator`] is what the daemon and the installer reach through
+//! [`crate::runtime::RuntimeConfigurator`]; CRI itself (client, probe) is runtime-agnostic and lives
+//! in [`crate::cri`]. What stays here although it talks to containerd over gRPC is containerd's own
+//! API or format: `cri_plugin` (the handler table in containerd's verbose CRI status), `version`
+//! (containerd's Version service), `image` (import through containerd's content and images services).
 
 pub mod apply;
 pub mod atomic;
 pub mod cli;
+pub mod configurator;
 pub mod cri_plugin;
 pub mod document;
 pub mod handler;

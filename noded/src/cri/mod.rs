@@ -1,6 +1,6 @@
 //! CRI, whatever runtime serves it: the client ([`CriClient`]), runtime status, and the probe sandbox
 //! that proves a runtime handler runs pods ([`probe`]). Nothing here depends on which runtime answers on
-//! the socket; the runtime's own configuration stays in the runtime's module.
+//! the socket; the runtime's own configuration is behind [`crate::runtime::RuntimeConfigurator`].
 //!
 //! containerd-specific clients stay in [`crate::containerd`], because they speak containerd's own API or
 //! formats rather than CRI:
