@@ -333,6 +333,7 @@ async fn startup_reap_kills_recorded_qemu_only() {
         mapping: Mapping::Private,
         machine_args: machine.to_vec(),
         vmgenid: uuid::Uuid::new_v4(),
+        dies_with_noded: false,
     };
     let vm = Qemu::default().spawn(launch).await.expect("spawn QEMU");
     let qemu_pid = vm.pid().expect("QEMU pid");

@@ -92,6 +92,7 @@ pub async fn restore_with_timeout(
         mapping: Mapping::Private,
         machine_args: template.manifest.machine_args.clone(),
         vmgenid: uuid::Uuid::new_v4(),
+        dies_with_noded: false,
     };
     let t0 = Instant::now();
     let mut vm = backend
@@ -163,6 +164,7 @@ pub async fn cold_boot(
         mapping: Mapping::Private,
         machine_args: backend.machine_args(spec, tsc_khz),
         vmgenid: uuid::Uuid::new_v4(),
+        dies_with_noded: false,
     };
     let err = |source| CloneError::Backend {
         id: id.clone(),
