@@ -233,6 +233,10 @@ pub struct DaemonSection {
     pub metrics_listen: SocketAddr,
     /// `json` in the DaemonSet, `text` for humans.
     pub log_format: LogFormat,
+    /// Cgroup, relative to `/sys/fs/cgroup`, that each VM's QEMU moves into at spawn (one child cgroup
+    /// per VM), so VMs handed out survive a restart of noded's container. `""` = off: VMs stay in
+    /// noded's cgroup and die with its container.
+    pub vm_cgroup: String,
 }
 
 impl Default for DaemonSection {
@@ -244,7 +248,17 @@ impl Default for DaemonSection {
             api_allowed_uids: vec![0],
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
             log_format: LogFormat::Json,
+            vm_cgroup: "noded-vms".into(),
         }
+    }
+}
+
+impl DaemonSection {
+    /// `vm_cgroup` as a setting (`None`: off). Checked at load, so this only fails for a config
+    /// built in code.
+    pub fn vm_cgroup_setting(&self) -> Result<Option<crate::vm::cgroup::Setting>, String> {
+        crate::vm::cgroup::Setting::parse(&self.vm_cgroup)
+            .map_err(|e| format!("daemon.vm_cgroup: {e}"))
     }
 }
 
@@ -404,6 +418,7 @@ impl NodedConfig {
     /// What serde cannot see: values that only their own parsers know. A typo here must stop noded at
     /// load (exit 2), not surface as a runtime failure minutes later.
     fn validate(&self) -> Result<(), String> {
+        self.daemon.vm_cgroup_setting()?;
         crate::containerd::handler::parse_handlers(&self.containerd.runtimes)
             .map_err(|e| format!("containerd.runtimes: {e}"))?;
         self.containerd
@@ -585,6 +600,36 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
             assert!(msg.contains(field), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn vm_cgroup_default_and_bad_values() {
+        let c = NodedConfig::parse(Path::new("noded.toml"), "").expect("defaults");
+        let s = c.daemon.vm_cgroup_setting().expect("valid").expect("on");
+        assert_eq!(s.path, Path::new("noded-vms"));
+        let off = NodedConfig::parse(Path::new("noded.toml"), "[daemon]\nvm_cgroup = \"\"\n")
+            .expect("off");
+        assert_eq!(off.daemon.vm_cgroup_setting().expect("valid"), None);
+        for bad in [
+            "/sys/fs/cgroup/noded",
+            "../noded",
+            "a/../../b",
+            "a/cgroup.procs",
+        ] {
+            let text = format!("[daemon]\nvm_cgroup = \"{bad}\"\n");
+            let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), &text)
+                .expect_err("refused at load");
+            assert_eq!(
+                crate::exit::ExitStatus::exit_code(&err),
+                crate::exit::BAD_INPUT
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with("/etc/noded/noded.toml: daemon.vm_cgroup: "),
+                "{msg}"
+            );
             assert!(!msg.contains('\n'), "{msg}");
         }
     }

@@ -44,6 +44,10 @@ pub struct WriteOptions {
     /// A symlink at the path is kept and the file it points at is replaced (what readers see
     /// through the link). Off: the link itself is replaced by the file.
     pub follow_symlink: bool,
+    /// fsync the file and its directory. Off only for files that mean nothing after a power loss
+    /// (noded's VM records under the run dir, a tmpfs): the rename alone is atomic for every
+    /// process, and an fsync costs milliseconds on a disk, on AcquireVm's path.
+    pub durable: bool,
 }
 
 impl WriteOptions {
@@ -53,6 +57,7 @@ impl WriteOptions {
             mode,
             keep_existing: true,
             follow_symlink: true,
+            durable: true,
         }
     }
 
@@ -62,6 +67,15 @@ impl WriteOptions {
             mode,
             keep_existing: false,
             follow_symlink: false,
+            durable: true,
+        }
+    }
+
+    /// The same write without fsync (see [`WriteOptions::durable`]).
+    pub fn volatile(self) -> Self {
+        Self {
+            durable: false,
+            ..self
         }
     }
 }
@@ -179,9 +193,14 @@ pub fn write_atomic_with(path: &Path, bytes: &[u8], opts: WriteOptions) -> Resul
         }
         f.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(ctx(&tmp, "set mode"))?;
-        f.sync_all().map_err(ctx(&tmp, "fsync temp file"))?;
+        if opts.durable {
+            f.sync_all().map_err(ctx(&tmp, "fsync temp file"))?;
+        }
         std::fs::rename(&tmp, path).map_err(ctx(path, "rename into place"))?;
-        fsync_dir(dir)
+        if opts.durable {
+            fsync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

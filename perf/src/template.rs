@@ -58,6 +58,7 @@ fn options(args: &Args, run_dir: &Path, target: u32, mode: After) -> EngineOptio
         accel: None,
         observer: None,
         guest: noded::vm::engine::GuestSource::download(),
+        vm_cgroup: None,
     }
 }
 

@@ -239,7 +239,10 @@ pub fn record_spawn(launch: &Launch, pid: Option<u32>) -> Result<(), BackendErro
         source,
     };
     let pid = pid.ok_or_else(|| io(std::io::Error::other("VM exited before it was recorded")))?;
+    // Out of noded's cgroup first (vm::cgroup): a VM handed out must outlive noded's container.
+    let cgroup = super::cgroup::enter(pid, &launch.dir);
     super::reap::VmRecord::of_pid(pid, &launch.name)
+        .map(|r| r.in_cgroup(cgroup.as_ref()))
         .and_then(|r| r.write(&launch.dir))
         .map_err(io)
 }

@@ -72,6 +72,9 @@ pub struct EngineOptions {
     pub observer: Option<Arc<dyn PoolObserver>>,
     /// Where templates without their own kernel/initrd get them.
     pub guest: GuestSource,
+    /// The cgroup VM processes move into at spawn (`daemon.vm_cgroup`); `None`: they stay in
+    /// noded's.
+    pub vm_cgroup: Option<super::cgroup::Setting>,
 }
 
 /// The origin of the guest kernel + initramfs.
@@ -133,6 +136,8 @@ impl EngineOptions {
             },
             observer: None,
             guest: GuestSource::from_config(cfg),
+            // Checked when the config was loaded.
+            vm_cgroup: cfg.daemon.vm_cgroup_setting().ok().flatten(),
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct Engine {
     pub accel: Accel,
     pub reaped: Reaped,
     pub hypervisor_version: String,
+    /// VMs in use adopted for templates whose pool could not start.
+    strays: super::pool::Strays,
 }
 
 /// Resolved inputs of one template.
@@ -400,7 +407,11 @@ impl Engine {
             .map(|t| layout.template_dir(&t.name))
             .collect();
         let keep_refs: Vec<&Path> = keep.iter().map(PathBuf::as_path).collect();
-        let reaped = reap::reap(&layout, &keep_refs).await;
+        super::cgroup::install(opts.vm_cgroup.as_ref());
+        // VMs in use of configured templates outlive the previous noded: adopted, not reaped.
+        let configured = opts.templates.iter().map(|t| t.name.clone()).collect();
+        let (reaped, mut adopted) =
+            reap::reap_adopting(&layout, &keep_refs, reap::KeepLeases::Of(configured)).await;
         if !reaped.processes.is_empty() || !reaped.mounts.is_empty() {
             tracing::warn!(
                 processes = reaped.processes.len(),
@@ -471,6 +482,11 @@ impl Engine {
                 resolved.backend,
                 opts.observer.clone(),
             );
+            let mine;
+            (mine, adopted) = std::mem::take(&mut adopted)
+                .into_iter()
+                .partition(|a| a.lease.template == section.name);
+            pool.adopt(mine);
             pools.insert(section.name.clone(), pool);
             tasks.insert(section.name.clone(), task);
         }
@@ -490,6 +506,7 @@ impl Engine {
             accel,
             reaped,
             hypervisor_version,
+            strays: super::pool::Strays::new(adopted),
         }))
     }
 
@@ -529,6 +546,9 @@ impl Engine {
                 return Ok(());
             }
         }
+        if self.strays.release(vm_id).await {
+            return Ok(());
+        }
         Err(EngineError::UnknownVm(vm_id.into()))
     }
 
@@ -536,7 +556,12 @@ impl Engine {
     /// reason in `last_damage`).
     pub fn snapshot(&self) -> Vec<TemplateSnapshot> {
         let mut all: Vec<TemplateSnapshot> = self.pools.values().map(Pool::snapshot).collect();
-        all.extend(self.failed.values().cloned());
+        all.extend(self.failed.values().map(|f| {
+            let mut s = f.clone();
+            s.vms_in_use = self.strays.in_use(&s.name);
+            s.in_use = s.vms_in_use.len() as u32;
+            s
+        }));
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
@@ -556,7 +581,9 @@ impl Engine {
         true
     }
 
-    /// Kills every VM, removes templates and sockets. Safe to call more than once.
+    /// Kills every idle VM, removes templates and sockets. VMs in use keep running, in their own
+    /// cgroups, with their records: the next engine adopts them (or reaps them if their template
+    /// is gone). Safe to call more than once.
     pub async fn shutdown(&self) {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let mut tasks = tasks;
@@ -565,7 +592,8 @@ impl Engine {
             pool.shutdown(task).await;
         }
         // Anything else carrying our marker (a clone mid-restore when the task was stopped).
-        let _ = reap::reap(&self.layout, &[]).await;
+        let _ = reap::reap_adopting(&self.layout, &[], reap::KeepLeases::All).await;
+        super::cgroup::remove_empty_parents();
         tracing::info!("VM engine stopped");
     }
 }

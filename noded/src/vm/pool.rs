@@ -1,6 +1,11 @@
 //! Per-template pool of pre-forked clones: keeps `target` clones restored (paused or running) within a
 //! memory budget, refills in the background, watches the template's health and rebuilds it when it is
 //! missing, stale or damaged. Released VMs are destroyed, never reused.
+//!
+//! A VM handed out belongs to its caller until ReleaseVm: its spawn record carries the lease
+//! (`reap::Lease`), written before AcquireVm answers, and noded stopping, crashing or being dropped
+//! never kills it. The next noded adopts it ([`Pool::adopt`]): listed and counted here again,
+//! released with the same handle.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -11,6 +16,7 @@ use tokio::sync::{Notify, watch};
 
 use super::backend::Backend;
 use super::clone::{After, CloneError, StartedVm, cold_boot, restore};
+use super::reap::{self, AdoptedVm, Lease};
 use super::template::{self, Damage, Layout, Template, TemplateError, TemplateSpec};
 
 /// Estimate of one idle clone's host cost until one has been measured.
@@ -34,6 +40,12 @@ pub enum PoolError {
         template: String,
         id: String,
         detail: String,
+    },
+    #[error("template {template}: VM {id}: cannot record its lease: {source}")]
+    Lease {
+        template: String,
+        id: String,
+        source: std::io::Error,
     },
 }
 
@@ -87,6 +99,10 @@ pub struct TemplateSnapshot {
     pub last_clone_error: String,
     pub acquires: u64,
     pub acquire_seconds_sum: f64,
+    /// `max_vms_in_use`.
+    pub max_in_use: u32,
+    /// VMs handed out and not released (adopted ones included), oldest first.
+    pub vms_in_use: Vec<InUseVm>,
     /// Template memory file + host private memory of the pool's idle clones.
     pub memory_bytes: u64,
     pub template_dir: PathBuf,
@@ -104,6 +120,60 @@ pub struct AcquiredVm {
     /// No template was usable: the VM cold-booted (a miss).
     pub cold: bool,
     pub acquire: Duration,
+}
+
+/// One VM in use, as listed in the status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InUseVm {
+    pub vm_id: String,
+    pub pid: u32,
+    pub acquired_unix_ms: u64,
+    /// Started by an earlier noded run and adopted by this one.
+    pub adopted: bool,
+}
+
+/// The VM behind a lease: started by this run, or adopted from an earlier one.
+enum Leased {
+    Started(StartedVm),
+    Adopted(Box<AdoptedVm>),
+}
+
+/// A VM in use. Dropping one (noded exiting for any reason, the pool dropped) never kills the VM:
+/// only [`InUse::destroy`] (ReleaseVm) does, or the reaper of a later run once its template is gone.
+struct InUse {
+    vm: Option<Leased>,
+    lease: Lease,
+    pid: u32,
+}
+
+impl InUse {
+    fn listed(&self) -> InUseVm {
+        InUseVm {
+            vm_id: self.lease.vm_id.clone(),
+            pid: self.pid,
+            acquired_unix_ms: self.lease.acquired_unix_ms,
+            adopted: matches!(self.vm, Some(Leased::Adopted(_))),
+        }
+    }
+
+    /// Kills the VM and removes its directory and cgroup.
+    async fn destroy(mut self) {
+        match self.vm.take() {
+            Some(Leased::Started(vm)) => vm.vm.kill().await,
+            Some(Leased::Adopted(vm)) => vm.destroy().await,
+            None => {}
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(Leased::Started(vm)) = self.vm.take() {
+            // Dropping the process handle would kill the VM: its caller still uses it, and the
+            // next noded adopts it from its record. What is forgotten is only the handle's memory.
+            std::mem::forget(vm);
+        }
+    }
 }
 
 /// One acquire's reservation against `max_in_use`, returned on drop unless the VM landed in `in_use`.
@@ -127,7 +197,7 @@ struct Idle {
 struct State {
     template: Option<Arc<Template>>,
     ready: VecDeque<Idle>,
-    in_use: HashMap<String, StartedVm>,
+    in_use: HashMap<String, InUse>,
     /// Acquires past the cap check that have not yet landed in `in_use`.
     acquiring: u32,
     clone_cost: u64,
@@ -181,6 +251,7 @@ impl Pool {
             name: cfg.name.clone(),
             runtime_handler: cfg.runtime_handler.clone(),
             pool_target: cfg.target,
+            max_in_use: cfg.max_in_use,
             fingerprint: spec.fingerprint.id(),
             template_dir: layout.template_dir(&cfg.name),
             ..TemplateSnapshot::default()
@@ -219,6 +290,9 @@ impl Pool {
             .unwrap_or_default();
         s.pool_ready = st.ready.len() as u32;
         s.in_use = st.in_use.len() as u32;
+        s.vms_in_use = st.in_use.values().map(InUse::listed).collect();
+        s.vms_in_use
+            .sort_by(|a, b| (a.acquired_unix_ms, &a.vm_id).cmp(&(b.acquired_unix_ms, &b.vm_id)));
         s.memory_bytes = st.template.as_ref().map_or(0, |t| t.manifest.memory.size)
             + st.ready.iter().map(|i| i.cost).sum::<u64>();
         s
@@ -350,11 +424,33 @@ impl Pool {
         };
         // Hand the console over: it accepts one client.
         started.vm.hand_off();
+        let pid = started.vm.pid().unwrap_or_default();
+        let lease = Lease {
+            vm_id: started.id.clone(),
+            template: name.clone(),
+            generation: started.generation.clone(),
+            console: started.vm.launch().console_socket(),
+            acquired_unix_ms: Lease::now_unix_ms(),
+            from_pool,
+            cold,
+        };
+        // Recorded before the caller hears of the VM, so a noded killed right after still finds it
+        // in use; a VM whose lease cannot be recorded is not handed out (it would not survive).
+        if let Err(source) = reap::record_lease(&started.vm.launch().dir, pid, &lease) {
+            tracing::error!(vm = %started.id, error = %source, "cannot record the VM's lease; not handing it out");
+            let id = started.id.clone();
+            started.vm.kill().await;
+            return Err(PoolError::Lease {
+                template: name,
+                id,
+                source,
+            });
+        }
         let acquired = AcquiredVm {
             vm_id: started.id.clone(),
             template: name.clone(),
-            console: started.vm.launch().console_socket(),
-            pid: started.vm.pid().unwrap_or_default(),
+            console: lease.console.clone(),
+            pid,
             from_pool,
             cold,
             acquire: t0.elapsed(),
@@ -368,7 +464,14 @@ impl Pool {
             }
             st.stats.acquires += 1;
             st.stats.acquire_seconds_sum += acquired.acquire.as_secs_f64();
-            st.in_use.insert(started.id.clone(), started);
+            st.in_use.insert(
+                started.id.clone(),
+                InUse {
+                    vm: Some(Leased::Started(started)),
+                    lease,
+                    pid,
+                },
+            );
             st.acquiring -= 1;
             std::mem::forget(slot);
         }
@@ -380,17 +483,40 @@ impl Pool {
         Ok(acquired)
     }
 
-    /// Destroys an acquired VM. Returns false if this pool does not own `vm_id`.
+    /// Destroys an acquired VM (or one adopted from an earlier run). Returns false if this pool
+    /// does not own `vm_id`.
     pub async fn release(&self, vm_id: &str) -> bool {
         let vm = self.inner.lock().in_use.remove(vm_id);
         match vm {
             Some(vm) => {
-                vm.vm.kill().await;
+                vm.destroy().await;
                 self.inner.bump();
                 true
             }
             None => false,
         }
+    }
+
+    /// Takes over VMs in use that an earlier noded handed out (found by the reaper): they count
+    /// against `max_vms_in_use` and are released like any other.
+    pub fn adopt(&self, vms: Vec<AdoptedVm>) {
+        if vms.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.inner.lock();
+            for vm in vms {
+                st.in_use.insert(
+                    vm.lease.vm_id.clone(),
+                    InUse {
+                        lease: vm.lease.clone(),
+                        pid: vm.pid(),
+                        vm: Some(Leased::Adopted(Box::new(vm))),
+                    },
+                );
+            }
+        }
+        self.inner.bump();
     }
 
     pub fn owns(&self, vm_id: &str) -> bool {
@@ -403,7 +529,9 @@ impl Pool {
         check_health(&self.inner).await
     }
 
-    /// Stops the background task, kills every VM of this pool and removes its template.
+    /// Stops the background task, kills every idle VM of this pool and removes its template. VMs in
+    /// use keep running (their callers still use them): the next noded adopts them. The template's
+    /// tmpfs is unmounted lazily, so the memory file stays mapped in their clones until they end.
     pub async fn shutdown(&self, task: tokio::task::JoinHandle<()>) {
         let inner = &self.inner;
         inner.shutdown.send_replace(true);
@@ -420,9 +548,10 @@ impl Pool {
         for i in ready {
             i.vm.vm.kill().await;
         }
-        for (_, vm) in in_use {
-            vm.vm.kill().await;
+        if !in_use.is_empty() {
+            tracing::info!(template = %inner.cfg.name, vms = in_use.len(), "leaving VMs in use running");
         }
+        drop(in_use);
         template::destroy_dir(&inner.layout.template_dir(&inner.cfg.name));
         inner.bump();
     }
@@ -652,5 +781,61 @@ async fn run(inner: Arc<Inner>) {
             }
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// VMs in use adopted for a configured template whose pool could not start (its inputs did not
+/// resolve this time): still listed, counted and released with their handles, never killed for it.
+#[derive(Default)]
+pub struct Strays {
+    vms: Mutex<HashMap<String, InUse>>,
+}
+
+impl Strays {
+    pub fn new(vms: Vec<AdoptedVm>) -> Self {
+        let vms = vms
+            .into_iter()
+            .map(|vm| {
+                (
+                    vm.lease.vm_id.clone(),
+                    InUse {
+                        lease: vm.lease.clone(),
+                        pid: vm.pid(),
+                        vm: Some(Leased::Adopted(Box::new(vm))),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            vms: Mutex::new(vms),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, InUse>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Destroys `vm_id` if it is one of these.
+    pub async fn release(&self, vm_id: &str) -> bool {
+        let vm = self.lock().remove(vm_id);
+        match vm {
+            Some(vm) => {
+                vm.destroy().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The stray VMs of `template`.
+    pub fn in_use(&self, template: &str) -> Vec<InUseVm> {
+        let mut vms: Vec<InUseVm> = self
+            .lock()
+            .values()
+            .filter(|v| v.lease.template == template)
+            .map(InUse::listed)
+            .collect();
+        vms.sort_by(|a, b| (a.acquired_unix_ms, &a.vm_id).cmp(&(b.acquired_unix_ms, &b.vm_id)));
+        vms
     }
 }

@@ -250,6 +250,9 @@ impl QemuVm {
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
+            // Its own process group: a signal to noded's group (Ctrl-C, `kill -- -<pgid>`) must not
+            // end a VM in use, which outlives noded.
+            .process_group(0)
             .spawn()
             .map_err(|source| BackendError::Spawn {
                 binary: binary.into(),
@@ -405,7 +408,8 @@ impl QemuVm {
         self.console = None;
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-        let _ = std::fs::remove_dir_all(&self.launch.dir);
+        // The directory, then the cgroup its spawn record names.
+        super::reap::remove_vm_dir(&self.launch.dir);
     }
 }
 

@@ -225,15 +225,7 @@ pub fn shell_quote(p: &Path) -> String {
 }
 
 fn mem_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = text
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024)
+    crate::fsutil::mem_available_bytes(Path::new("/proc")).map(|b| b >> 20)
 }
 
 /// Mount points (from /proc/self/mountinfo) at or below `dir`.

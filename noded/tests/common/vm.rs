@@ -79,6 +79,7 @@ impl VmHarness {
             accel: None,
             observer: None,
             guest: noded::vm::engine::GuestSource::download(),
+            vm_cgroup: None,
         }
     }
 
