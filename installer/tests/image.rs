@@ -392,9 +392,13 @@ async fn image_imports_into_containerd_and_its_binaries_run_under_cri() {
         .expect("pause image imports");
     let t = Duration::from_secs(60);
     let mut cri = CriClient::connect(&socket).await.expect("CRI connects");
-    cri.wait_image(&ds_image, Duration::from_secs(10))
-        .await
-        .expect("CRI sees the imported image");
+    // CRI learns about imports from image events, asynchronously: a sandbox started before it has
+    // seen the pause image tries to pull it from the network.
+    for name in [ds_image.as_str(), PAUSE_IMAGE] {
+        cri.wait_image(name, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("CRI sees the imported image {name}: {e}"));
+    }
     let pod = PodSpec::unique("noded-image", "runc");
     let sandbox = cri.run_pod(&pod, t).await.expect("RunPodSandbox");
     // The DaemonSet's binary with a flag that needs no host mounts; then the installer.
