@@ -414,6 +414,7 @@ async fn the_engine_runs_a_pool_on_another_backend() {
         accel: Some(Accel::Tcg),
         observer: None,
         guest: GuestSource::Off,
+        vm_cgroup: None,
     };
     let engine = Engine::start_with(Arc::new(Skeleton), opts)
         .await

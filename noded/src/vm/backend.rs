@@ -126,6 +126,10 @@ pub struct Launch {
     pub machine_args: Vec<String>,
     /// VM generation id; a fresh one per clone gives each clone its own RNG state after restore.
     pub vmgenid: uuid::Uuid,
+    /// Killed by the kernel when the noded thread that spawned it dies (template sources, the KVM
+    /// probe): nothing else could stop a VM whose noded was killed before its spawn record was
+    /// written. Never for clones: one may be handed out, and VMs in use outlive noded.
+    pub dies_with_noded: bool,
 }
 
 impl Launch {
@@ -259,4 +263,26 @@ pub fn host_tsc_khz() -> Option<u64> {
         .parse()
         .ok()?;
     Some((mhz * 1000.0).round() as u64)
+}
+
+/// Makes `cmd`'s process get SIGKILL when the thread that spawns it exits (`PR_SET_PDEATHSIG`).
+/// noded spawns VMs from async tasks on its runtime's worker (or main) threads, which live as long as
+/// the process, so in practice: when noded dies. Never call this from a `spawn_blocking` thread: the
+/// blocking pool retires idle threads, and the VM would die with one.
+#[allow(unsafe_code)]
+pub fn die_with_spawner(cmd: &mut tokio::process::Command) {
+    let spawner = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid, _exit); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)?;
+            // The spawner may have died between fork and prctl: then no signal would ever come.
+            if nix::unistd::getppid() != spawner {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }

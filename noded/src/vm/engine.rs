@@ -1,6 +1,6 @@
 //! The VM engine: reaps what a previous run left, resolves each configured template's inputs (guest
-//! assets, hypervisor version, accelerator), and runs one [`Pool`] per template on a [`Backend`]. This
-//! is what `noded run`, the gRPC API, `noded template ...`, the tests and the benchmark use.
+//! assets, hypervisor version, accelerator), and runs one [`Pool`] per template on a [`Backend`].
+//! This is what `noded run`, the gRPC API, `noded template ...`, the tests and the benchmark use.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -235,6 +235,7 @@ async fn probe_kvm(
         mapping: Mapping::Private,
         machine_args: backend.machine_args(&kvm, None),
         vmgenid: uuid::Uuid::new_v4(),
+        dies_with_noded: true,
     };
     let mem = launch.memory_file.clone();
     let result = async {

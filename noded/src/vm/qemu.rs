@@ -244,7 +244,11 @@ impl QemuVm {
             path: log_path,
             source,
         })?;
-        let child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        if launch.dies_with_noded {
+            super::backend::die_with_spawner(&mut cmd);
+        }
+        let child = cmd
             .args(vm_args(&launch, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -583,6 +587,7 @@ mod tests {
             mapping,
             machine_args: Qemu::default().machine_args(&spec, Some(2_000_000)),
             vmgenid: uuid::Uuid::nil(),
+            dies_with_noded: false,
         }
     }
 

@@ -483,6 +483,8 @@ async fn build_on_tmpfs(
         machine_args: machine_args.clone(),
         // Clones replace it with their own; the device must be present in both (DESIGN §6).
         vmgenid: uuid::Uuid::new_v4(),
+        // A killed builder must not leave its source VM running: the next build starts over.
+        dies_with_noded: true,
     };
     let t0 = Instant::now();
     let mut vm = backend.spawn(launch).await.map_err(failed)?;

@@ -18,5 +18,4 @@ pub mod scenario;
 pub mod scrape;
 pub mod shim;
 pub mod strace;
-pub mod strace;
 pub mod synthetic;
