@@ -52,23 +52,6 @@ pub fn grep(text: &str, name: &str) -> String {
         .join(" | ")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_and_sums_labelled_samples() {
-        let text = "# HELP x\nnoded_b_total{outcome=\"ok\"} 2\nnoded_b_total{outcome=\"failed\"} 1\nnoded_b_total_x 9\nnoded_c 4\n";
-        assert_eq!(metric(text, "noded_b_total", &[]), Some(3.0));
-        assert_eq!(
-            metric(text, "noded_b_total", &[("outcome", "ok")]),
-            Some(2.0)
-        );
-        assert_eq!(metric(text, "noded_c", &[]), Some(4.0));
-        assert_eq!(metric(text, "noded_d", &[]), None);
-    }
-}
-
 /// One HTTP response as [`http_get`] reads it.
 pub struct HttpResponse {
     pub status: u16,
@@ -137,4 +120,21 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_and_sums_labelled_samples() {
+        let text = "# HELP x\nnoded_b_total{outcome=\"ok\"} 2\nnoded_b_total{outcome=\"failed\"} 1\nnoded_b_total_x 9\nnoded_c 4\n";
+        assert_eq!(metric(text, "noded_b_total", &[]), Some(3.0));
+        assert_eq!(
+            metric(text, "noded_b_total", &[("outcome", "ok")]),
+            Some(2.0)
+        );
+        assert_eq!(metric(text, "noded_c", &[]), Some(4.0));
+        assert_eq!(metric(text, "noded_d", &[]), None);
+    }
 }
