@@ -14,6 +14,7 @@ use crate::vm::engine::{Engine, EngineError};
 use crate::vm::pool::PoolError;
 
 pub mod authority;
+pub mod handlers;
 
 pub mod pb {
     tonic::include_proto!("noded.v1");
@@ -394,7 +395,7 @@ pub fn status_table(s: &pb::StatusResponse) -> String {
     }
     if !s.handlers.is_empty() {
         out.push('\n');
-        out.push_str(&crate::observe::render_handler_table(&s.handlers));
+        out.push_str(&handlers::render_handler_table(&s.handlers));
     }
     out
 }

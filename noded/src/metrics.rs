@@ -16,8 +16,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::observe::procscan::BootKind;
-
 /// `Content-Type` of [`Metrics::encode`].
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -58,6 +56,24 @@ const ACQUIRE_BUCKETS: [f64; 12] = [
 
 fn encode_str(e: &mut LabelValueEncoder<'_>, s: &str) -> std::fmt::Result {
     e.write_str(s)
+}
+
+/// The `boot` label of boot and VM-count metrics: a template clone or a cold boot. Defined here, with
+/// the other label values, so the registry depends on no module that records into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootKind {
+    Template,
+    Cold,
+}
+
+impl BootKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootKind::Template => "template",
+            BootKind::Cold => "cold",
+        }
+    }
 }
 
 impl EncodeLabelValue for BootKind {

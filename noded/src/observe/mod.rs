@@ -12,7 +12,6 @@ pub mod procscan;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -172,109 +171,6 @@ pub struct HandlerSnapshot {
     pub memory: MemoryUsage,
     pub boot_p50_seconds: Option<f64>,
     pub boot_p90_seconds: Option<f64>,
-}
-
-impl HandlerSnapshot {
-    pub fn to_proto(&self) -> crate::api::pb::HandlerStatus {
-        crate::api::pb::HandlerStatus {
-            runtime_handler: self.runtime_handler.clone(),
-            ready: self.ready,
-            last_probe_error: self
-                .probe
-                .as_ref()
-                .and_then(|p| p.error.clone())
-                .unwrap_or_default(),
-            last_probe_seconds: self.probe.as_ref().map_or(0.0, |p| p.seconds),
-            slots_total: self.slots_total,
-            slots_free: self.slots_free,
-            vms: self.vms,
-            vms_template: self.vms_template,
-            vms_cold: self.vms_cold,
-            pss_bytes: self.memory.pss,
-            rss_bytes: self.memory.rss,
-            private_bytes: self.memory.private,
-            boot_p50_seconds: self.boot_p50_seconds.unwrap_or(0.0),
-            boot_p90_seconds: self.boot_p90_seconds.unwrap_or(0.0),
-        }
-    }
-}
-
-/// The handler part of the Status RPC (`noded status`).
-impl crate::api::StatusProvider for Observer {
-    fn fill(&self, status: &mut crate::api::pb::StatusResponse) {
-        status.handlers = self
-            .handler_snapshots()
-            .iter()
-            .map(HandlerSnapshot::to_proto)
-            .collect();
-    }
-}
-
-/// The handler table of `noded status` (from the Status RPC's handlers).
-pub fn render_handler_table(handlers: &[crate::api::pb::HandlerStatus]) -> String {
-    fn mib(b: u64) -> String {
-        format!("{:.0}Mi", b as f64 / (1024.0 * 1024.0))
-    }
-    fn ms(s: f64) -> String {
-        if s > 0.0 {
-            format!("{:.0}ms", s * 1e3)
-        } else {
-            "-".into()
-        }
-    }
-    let header = [
-        "HANDLER", "READY", "SLOTS", "VMS", "TEMPLATE", "COLD", "PSS", "RSS", "PRIVATE",
-        "BOOT-P50", "BOOT-P90", "PROBE",
-    ];
-    let rows: Vec<[String; 12]> = handlers
-        .iter()
-        .map(|h| {
-            let probe = if h.ready {
-                format!("ok {}", ms(h.last_probe_seconds))
-            } else if h.last_probe_error.is_empty() {
-                "not proven".into()
-            } else {
-                format!("failed: {}", h.last_probe_error)
-            };
-            [
-                h.runtime_handler.clone(),
-                if h.ready { "yes" } else { "no" }.into(),
-                format!("{}/{}", h.slots_free, h.slots_total),
-                h.vms.to_string(),
-                h.vms_template.to_string(),
-                h.vms_cold.to_string(),
-                mib(h.pss_bytes),
-                mib(h.rss_bytes),
-                mib(h.private_bytes),
-                ms(h.boot_p50_seconds),
-                ms(h.boot_p90_seconds),
-                probe,
-            ]
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r.iter()) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len() - 1;
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == last {
-                let _ = write!(out, "{c}");
-            } else {
-                let _ = write!(out, "{c:<w$}  ");
-            }
-        }
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    out
 }
 
 /// `/readyz`: every probe handler's latest probe passed.

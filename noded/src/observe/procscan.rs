@@ -24,6 +24,8 @@ use procfs::process::Process;
 
 use super::memory::{MemoryUsage, read_rollup};
 pub use crate::hypervisor::Hypervisor;
+/// Defined by the metrics registry (it is a metric label); the scan classifies VMs by it.
+pub use crate::metrics::BootKind;
 use crate::vm::reap::{ProcIdentity, VmRecord};
 
 /// Where Kata's VM factory keeps its template (`kata-runtime factory init`).
@@ -77,23 +79,6 @@ pub enum VmRole {
     Cold,
     /// The template VM itself (memory file mapped shared, being saved); not a workload VM.
     TemplateSource,
-}
-
-/// The `boot` label of boot and VM-count metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BootKind {
-    Template,
-    Cold,
-}
-
-impl BootKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BootKind::Template => "template",
-            BootKind::Cold => "cold",
-        }
-    }
 }
 
 impl VmRole {
