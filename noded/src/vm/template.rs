@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::assets::sha256_file;
 use super::backend::{Backend, BackendError, Launch, MachineSpec, Mapping};
@@ -120,9 +119,7 @@ impl Fingerprint {
 
     /// Stable short hash, shown in status and compared on validation.
     pub fn id(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(serde_json::to_vec(self).unwrap_or_default());
-        hex::encode(h.finalize())[..16].to_string()
+        crate::fsutil::sha256_bytes(&serde_json::to_vec(self).unwrap_or_default())[..16].to_string()
     }
 }
 
