@@ -539,6 +539,20 @@ pub fn one_line(message: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The one-line message a refused `text` gives at load: exit 2, the file first, no newline.
+    fn refused(text: &str) -> String {
+        let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), text)
+            .expect_err("refused at load");
+        assert_eq!(
+            crate::exit::ExitStatus::exit_code(&err),
+            crate::exit::BAD_INPUT
+        );
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        msg
+    }
+
     #[test]
     fn embedded_default_parses() {
         let c = NodedConfig::local_default().expect("embedded default must parse");
@@ -555,16 +569,8 @@ mod tests {
                 "containerd.runtimes",
             ),
         ] {
-            let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), text)
-                .expect_err("a typo must fail at load");
-            assert_eq!(
-                crate::exit::ExitStatus::exit_code(&err),
-                crate::exit::BAD_INPUT
-            );
-            let msg = err.to_string();
-            assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
+            let msg = refused(text);
             assert!(msg.contains(field), "{msg}");
-            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 
@@ -592,15 +598,8 @@ mod tests {
                 "guest.kernel_package",
             ),
         ] {
-            let err = parse(text).expect_err("a bad value must fail at load");
-            assert_eq!(
-                crate::exit::ExitStatus::exit_code(&err),
-                crate::exit::BAD_INPUT
-            );
-            let msg = err.to_string();
-            assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
+            let msg = refused(text);
             assert!(msg.contains(field), "{msg}");
-            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 
@@ -618,19 +617,11 @@ mod tests {
             "a/../../b",
             "a/cgroup.procs",
         ] {
-            let text = format!("[daemon]\nvm_cgroup = \"{bad}\"\n");
-            let err = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), &text)
-                .expect_err("refused at load");
-            assert_eq!(
-                crate::exit::ExitStatus::exit_code(&err),
-                crate::exit::BAD_INPUT
-            );
-            let msg = err.to_string();
+            let msg = refused(&format!("[daemon]\nvm_cgroup = \"{bad}\"\n"));
             assert!(
                 msg.starts_with("/etc/noded/noded.toml: daemon.vm_cgroup: "),
                 "{msg}"
             );
-            assert!(!msg.contains('\n'), "{msg}");
         }
     }
 
