@@ -104,6 +104,25 @@ fn healthz_and_readyz_follow_the_probes() {
         "{m}"
     );
     assert!(m.contains("noded_vm_boot_seconds_count{runtime_handler=\"kata-qemu-warm\",boot=\"template\",outcome=\"failed\"} 1"), "{m}");
+
+    // A proven node stays ready while a failure streak is below probe.failure_threshold (3), as the
+    // node taint stays off; at the threshold both say not ready.
+    for n in 1..=3 {
+        d.observer.record_probe(
+            "kata-qemu",
+            false,
+            Duration::from_millis(10),
+            Some("shim died".into()),
+        );
+        let r = http_get(d.addr, "/readyz", "*/*");
+        let want = if n < 3 { 200 } else { 503 };
+        assert_eq!(r.status, want, "after {n} failure(s): {}", r.body);
+    }
+    let r = http_get(d.addr, "/readyz", "*/*");
+    assert!(r.body.contains("kata-qemu: shim died"), "{}", r.body);
+    d.observer
+        .record_probe("kata-qemu", true, Duration::from_millis(700), None);
+    assert_eq!(http_get(d.addr, "/readyz", "*/*").status, 200);
 }
 
 /// Metric names Prometheus has stored, or None while it is starting.

@@ -260,6 +260,7 @@ fn observer_on(root: &Path) -> Observer {
         proc_root: root.to_path_buf(),
         handlers: vec!["kata-qemu".into(), "kata-qemu-warm".into()],
         probe_handlers: vec!["kata-qemu".into(), "kata-qemu-warm".into()],
+        probe_failure_threshold: 3,
         templates: vec![TemplateRef {
             name: "default".into(),
             runtime_handler: "kata-qemu-warm".into(),

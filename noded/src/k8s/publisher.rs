@@ -6,7 +6,7 @@
 //! are `watch` channels (only the latest value matters; a slow API server coalesces them), notices
 //! are an `mpsc` queue (each one becomes an Event, none may be coalesced away).
 //!
-//! Readiness rules:
+//! Readiness rules (the shared model of `crate::observe::readiness`, which `/readyz` follows too):
 //! - The startup taint is removed only after EVERY configured handler's latest probe succeeded.
 //! - A handler failing `failure_threshold` probes in a row puts the taint back (condition False).
 //! - Before the first sync with a probe result, the taint is not touched at all: on a fresh node it is
@@ -39,38 +39,8 @@ use super::{
     runtimeclass,
 };
 use crate::config::NodedConfig;
-
-/// Latest probe result of one handler, plus how many failed in a row (counted by the sender so that
-/// coalescing in the watch channel cannot lose failures).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HandlerHealth {
-    /// Probes recorded so far; the publisher uses it to notice new results.
-    pub probes: u64,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub consecutive_failures: u32,
-}
-
-/// Health of every probed runtime handler.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RuntimeHealth {
-    pub handlers: BTreeMap<String, HandlerHealth>,
-}
-
-impl RuntimeHealth {
-    /// Records one probe outcome; call through `watch::Sender::send_modify`.
-    pub fn record(&mut self, handler: &str, ok: bool, error: Option<String>) {
-        let h = self.handlers.entry(handler.to_string()).or_default();
-        h.probes += 1;
-        h.ok = ok;
-        h.consecutive_failures = if ok {
-            0
-        } else {
-            h.consecutive_failures.saturating_add(1)
-        };
-        h.error = if ok { None } else { error };
-    }
-}
+// The readiness model is shared with `/readyz` (observe::readiness); re-exported for the k8s API.
+pub use crate::observe::readiness::{HandlerHealth, Readiness, ReadinessModel, RuntimeHealth};
 
 /// What the node can take, as measured by the observers and the template pool.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -177,18 +147,6 @@ impl PublisherSettings {
     }
 }
 
-/// Readiness as the publisher last decided it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Readiness {
-    /// No probe result yet: the node is left as it is.
-    #[default]
-    Unknown,
-    /// Every handler passed its latest probe.
-    Ready,
-    /// A probe failed; `taint` when a handler failed `failure_threshold` times in a row.
-    NotReady { taint: bool, message: String },
-}
-
 /// What the publisher has achieved, for health endpoints, tests and benchmarks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PublisherStatus {
@@ -287,7 +245,7 @@ pub async fn run_with_client(
                 in_backoff = false;
                 next_sync = Instant::now() + p.settings.resync;
                 status.send_modify(|s| {
-                    s.readiness = p.readiness.clone();
+                    s.readiness = p.readiness.readiness().clone();
                     s.synced = true;
                     s.last_error = None;
                 });
@@ -315,7 +273,8 @@ struct Publisher {
     client: Client,
     node: NodeApi,
     settings: PublisherSettings,
-    readiness: Readiness,
+    /// The startup taint, condition and label follow it; `/readyz` decides with the same model.
+    readiness: ReadinessModel,
     /// Probe counter per handler already turned into events.
     seen_probes: BTreeMap<String, u64>,
     capacity: Option<Capacity>,
@@ -345,8 +304,8 @@ impl Publisher {
             node: NodeApi::new(client.clone(), settings.node_name.clone()),
             client,
             governor: LabelGovernor::new(settings.label_interval),
+            readiness: ReadinessModel::new(settings.handlers.clone(), settings.failure_threshold),
             settings,
-            readiness: Readiness::Unknown,
             seen_probes: BTreeMap::new(),
             capacity: None,
             label_hold: None,
@@ -429,13 +388,9 @@ impl Publisher {
         for ev in failures {
             self.queue_event(ev);
         }
-        let Some(next) = evaluate(health, &self.settings.handlers, threshold, &self.readiness)
-        else {
+        let Some(next) = self.readiness.update(health.clone()).cloned() else {
             return;
         };
-        if next == self.readiness {
-            return;
-        }
         match &next {
             Readiness::Ready => {
                 info!("every runtime handler passed its probe: lifting the startup taint");
@@ -463,7 +418,6 @@ impl Publisher {
             }
             Readiness::NotReady { .. } | Readiness::Unknown => {}
         }
-        self.readiness = next;
         self.dirty = true;
     }
 
@@ -510,7 +464,7 @@ impl Publisher {
     }
 
     fn desired_taint(&self) -> Option<bool> {
-        match self.readiness {
+        match self.readiness.readiness() {
             Readiness::Ready => Some(false),
             Readiness::NotReady { taint: true, .. } => Some(true),
             _ => None,
@@ -545,7 +499,7 @@ impl Publisher {
             n = self.patch(true, JSON_PATCH, &p, "status vm-slots").await?;
         }
         let mut labels: Vec<(&str, String)> = Vec::new();
-        match self.readiness {
+        match self.readiness.readiness() {
             Readiness::Ready => labels.push((LABEL_KATA_READY, "true".into())),
             Readiness::NotReady { .. } => labels.push((LABEL_KATA_READY, "false".into())),
             Readiness::Unknown => {}
@@ -589,7 +543,7 @@ impl Publisher {
     }
 
     fn desired_condition(&self) -> Option<DesiredCondition> {
-        match &self.readiness {
+        match self.readiness.readiness() {
             Readiness::Unknown => None,
             Readiness::Ready => Some(DesiredCondition {
                 type_: CONDITION_KATA_RUNTIME_READY,
@@ -694,55 +648,6 @@ impl Publisher {
     }
 }
 
-/// The readiness the health implies, or `None` to keep the current one (no result yet, or a failure
-/// streak on a proven node that has not reached the threshold).
-fn evaluate(
-    health: &RuntimeHealth,
-    handlers: &[String],
-    threshold: u32,
-    current: &Readiness,
-) -> Option<Readiness> {
-    let results: Vec<(&String, Option<&HandlerHealth>)> = handlers
-        .iter()
-        .map(|h| (h, health.handlers.get(h).filter(|x| x.probes > 0)))
-        .collect();
-    if !results.is_empty() && results.iter().all(|(_, h)| h.is_some_and(|h| h.ok)) {
-        return Some(Readiness::Ready);
-    }
-    let failing: Vec<(&String, &HandlerHealth)> = results
-        .iter()
-        .filter_map(|(name, h)| h.filter(|h| !h.ok).map(|h| (*name, h)))
-        .collect();
-    if failing.is_empty() {
-        return None;
-    }
-    let message = failing
-        .iter()
-        .map(|(name, h)| {
-            format!(
-                "runtime handler {name}: probe failed {} time(s) in a row: {}",
-                h.consecutive_failures,
-                h.error.as_deref().unwrap_or("no error message")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    let broken = failing
-        .iter()
-        .any(|(_, h)| h.consecutive_failures >= threshold);
-    match current {
-        Readiness::Ready if !broken => None,
-        Readiness::NotReady { taint: true, .. } => Some(Readiness::NotReady {
-            taint: true,
-            message,
-        }),
-        _ => Some(Readiness::NotReady {
-            taint: broken,
-            message,
-        }),
-    }
-}
-
 fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -751,85 +656,4 @@ fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::from_second(i64::try_from(secs).unwrap_or(0))
         .map(|t| t.to_string())
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hs(entries: &[(&str, bool, u32)]) -> RuntimeHealth {
-        let mut h = RuntimeHealth::default();
-        for (name, ok, n) in entries {
-            for _ in 0..*n {
-                h.record(name, *ok, (!ok).then(|| "boom".to_string()));
-            }
-        }
-        h
-    }
-
-    fn handlers() -> Vec<String> {
-        vec!["a".into(), "b".into()]
-    }
-
-    #[test]
-    fn ready_needs_every_handler() {
-        assert_eq!(
-            evaluate(&hs(&[("a", true, 1)]), &handlers(), 3, &Readiness::Unknown),
-            None
-        );
-        assert_eq!(
-            evaluate(
-                &hs(&[("a", true, 1), ("b", true, 1)]),
-                &handlers(),
-                3,
-                &Readiness::Unknown
-            ),
-            Some(Readiness::Ready)
-        );
-        assert_eq!(
-            evaluate(&RuntimeHealth::default(), &[], 3, &Readiness::Unknown),
-            None
-        );
-    }
-
-    #[test]
-    fn first_failure_on_fresh_node_is_not_ready_without_taint_change() {
-        let r = evaluate(&hs(&[("a", false, 1)]), &handlers(), 3, &Readiness::Unknown);
-        assert!(
-            matches!(r, Some(Readiness::NotReady { taint: false, .. })),
-            "{r:?}"
-        );
-    }
-
-    #[test]
-    fn proven_node_keeps_ready_until_threshold() {
-        assert_eq!(
-            evaluate(
-                &hs(&[("a", true, 1), ("b", false, 2)]),
-                &handlers(),
-                3,
-                &Readiness::Ready
-            ),
-            None
-        );
-        let r = evaluate(
-            &hs(&[("a", true, 1), ("b", false, 3)]),
-            &handlers(),
-            3,
-            &Readiness::Ready,
-        );
-        assert!(
-            matches!(r, Some(Readiness::NotReady { taint: true, .. })),
-            "{r:?}"
-        );
-    }
-
-    #[test]
-    fn record_counts_streaks() {
-        let mut h = hs(&[("a", false, 2)]);
-        assert_eq!(h.handlers["a"].consecutive_failures, 2);
-        h.record("a", true, None);
-        assert_eq!(h.handlers["a"].consecutive_failures, 0);
-        assert_eq!(h.handlers["a"].probes, 3);
-    }
 }

@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod latency;
 pub mod memory;
 pub mod procscan;
+pub mod readiness;
 pub mod warm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -54,6 +55,8 @@ pub struct ObserverConfig {
     pub handlers: Vec<String>,
     /// Handlers that must pass their probe for `/readyz`.
     pub probe_handlers: Vec<String>,
+    /// `probe.failure_threshold`: failures in a row that make a proven node not ready (as the taint).
+    pub probe_failure_threshold: u32,
     pub templates: Vec<TemplateRef>,
     /// Kata handlers served from Kata's own factory template (`kata-qemu-warm`).
     pub warm_handlers: Vec<String>,
@@ -93,6 +96,7 @@ impl ObserverConfig {
             proc_root: o.proc_root.clone(),
             handlers,
             probe_handlers,
+            probe_failure_threshold: cfg.probe.failure_threshold,
             templates,
             warm_handlers: cfg
                 .warm_handlers()
@@ -173,11 +177,13 @@ pub struct HandlerSnapshot {
     pub boot_p90_seconds: Option<f64>,
 }
 
-/// `/readyz`: every probe handler's latest probe passed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Readiness {
+/// `/readyz`: ready exactly when the node's startup taint is lifted or kept off
+/// ([`readiness::ReadinessModel`], the publisher's model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyzStatus {
     pub ready: bool,
-    /// Handlers not ready and why.
+    /// Probe handlers whose latest probe did not pass, and why (a proven node stays ready while a
+    /// failure streak is below the threshold).
     pub failing: Vec<(String, String)>,
 }
 
@@ -215,6 +221,8 @@ struct State {
     pending: VecDeque<PendingBoot>,
     /// Boot samples dropped because [`PENDING_MAX`] were waiting.
     pending_dropped: u64,
+    /// `/readyz`, decided like the node taint from every probe outcome.
+    readiness: readiness::ReadinessModel,
 }
 
 /// Observes VMs and keeps the latest figures. Share it as `Arc<Observer>`.
@@ -239,12 +247,19 @@ impl Observer {
         if let Some(dir) = &config.own_vms_dir {
             scanner = scanner.with_own_vms(dir.clone());
         }
+        let state = State {
+            readiness: readiness::ReadinessModel::new(
+                config.probe_handlers.clone(),
+                config.probe_failure_threshold,
+            ),
+            ..State::default()
+        };
         Observer {
             warm: warm::WarmTemplates::new(config.warm_handlers.iter().cloned()),
             config,
             scanner,
             metrics,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
         }
     }
@@ -374,8 +389,9 @@ impl Observer {
             );
         }
         self.metrics.set_runtime_ready(handler, ok);
-        self.state()
-            .probes
+        let mut st = self.state();
+        st.readiness.record(handler, ok, error.clone());
+        st.probes
             .insert(handler.to_string(), ProbeRecord { ok, seconds, error });
     }
 
@@ -399,24 +415,12 @@ impl Observer {
         }
     }
 
-    pub fn readiness(&self) -> Readiness {
+    /// `/readyz`'s answer, from the same readiness model as the node taint.
+    pub fn readiness(&self) -> ReadyzStatus {
         let st = self.state();
-        let failing: Vec<(String, String)> = self
-            .config
-            .probe_handlers
-            .iter()
-            .filter_map(|h| match st.probes.get(h) {
-                Some(p) if p.ok => None,
-                Some(p) => Some((
-                    h.clone(),
-                    p.error.clone().unwrap_or_else(|| "probe failed".into()),
-                )),
-                None => Some((h.clone(), "no probe has run yet".into())),
-            })
-            .collect();
-        Readiness {
-            ready: failing.is_empty(),
-            failing,
+        ReadyzStatus {
+            ready: st.readiness.readiness().is_ready(),
+            failing: st.readiness.failing(),
         }
     }
 

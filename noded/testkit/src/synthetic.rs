@@ -305,6 +305,7 @@ pub fn observer_on(proc_root: &Path, handlers: &[&str]) -> Observer {
         proc_root: proc_root.to_path_buf(),
         handlers: handlers.iter().map(|h| (*h).to_owned()).collect(),
         probe_handlers: handlers.iter().take(1).map(|h| (*h).to_owned()).collect(),
+        probe_failure_threshold: 3,
         templates: vec![],
         warm_handlers: vec![],
         template_dirs: vec![],
