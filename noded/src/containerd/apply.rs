@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use super::atomic::{self, write_atomic};
 use super::document::{ConfigDocument, ConfigVersion, DocumentError};
@@ -520,9 +520,9 @@ async fn restart_and_verify(
 
 /// Applies the plan: writes, restarts containerd only if the effective config changed, verifies, and
 /// rolls back (file + another restart) if containerd does not show the handlers.
+// `instrument`, not an entered guard: the span must follow the future across its awaits.
+#[tracing::instrument(name = "containerd_apply", skip_all, fields(config = %req.config.display()))]
 pub async fn apply(req: &Request, restart: &Restart) -> Result<Report, ApplyError> {
-    let span = info_span!("containerd_apply", config = %req.config.display());
-    let _g = span.enter();
     let req = &req.resolved().await?;
     let plan = plan(req)?;
     let store = StateStore::new(&req.state_dir);
@@ -619,6 +619,7 @@ pub async fn revert(
 }
 
 /// [`revert`], asking the containerd on `socket` for its version when it runs there.
+#[tracing::instrument(name = "containerd_revert", skip_all, fields(config = %config.display()))]
 pub async fn revert_with(
     config: &Path,
     state_dir: &Path,
@@ -627,8 +628,6 @@ pub async fn revert_with(
     containerd_binary: &Path,
     socket: Option<&Path>,
 ) -> Result<Report, ApplyError> {
-    let span = info_span!("containerd_revert", config = %config.display());
-    let _g = span.enter();
     let store = StateStore::new(state_dir);
     let mut state = store.load()?;
     let version = match containerd_version {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use super::handler::{UnknownHandler, parse_handlers};
 use super::image::{self, DEFAULT_BUSYBOX, PAUSE_IMAGE};
@@ -36,6 +36,8 @@ pub enum ManageError {
 /// Local mode: the private containerd lives next to its config file (`containerd.config`'s directory).
 /// A missing config is created from the recipe that works on this kind of machine, then noded applies
 /// its handlers to it exactly as on a real node, starts containerd and imports the probe image.
+// `instrument`, not an entered guard: the span must follow the future across its awaits.
+#[tracing::instrument(name = "private_containerd", skip_all, fields(dir = tracing::field::Empty))]
 pub async fn start_private(
     config: &NodedConfig,
     metrics: &Metrics,
@@ -45,8 +47,7 @@ pub async fn start_private(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let span = info_span!("private_containerd", dir = %dir.display());
-    let _g = span.enter();
+    tracing::Span::current().record("dir", tracing::field::display(dir.display()));
     let layout = PrivateLayout::new(&dir);
     if !cfg_path.exists() {
         std::fs::create_dir_all(&dir).map_err(|source| ManageError::Io {
