@@ -254,8 +254,7 @@ fn bake_steps(
     // kata-deploy installs them, so the handler runs on every containerd series.
     let config = noded::config::NodedConfig::load(&root.path(assets::NODED_TOML))
         .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
-    let handlers = noded::containerd::handler::parse_handlers(&config.containerd.runtimes)
-        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
+    let handlers = config.kata_handlers();
     let shim = Path::new(assets::KATA_ROOT).join("bin/containerd-shim-kata-v2");
     for h in handlers {
         let link = Path::new(assets::SHIM_LINK_DIR).join(assets::shim_link_name(h.name()));

@@ -154,9 +154,7 @@ pub fn check(root: &Root) -> CheckReport {
         || Path::new("/etc/containerd/config.toml").to_path_buf(),
         |c| c.containerd.config.clone(),
     );
-    let wanted: Vec<String> = config
-        .as_ref()
-        .map_or_else(Vec::new, |c| c.containerd.runtimes.clone());
+    let wanted: Vec<String> = config.as_ref().map_or_else(Vec::new, |c| c.runtime_names());
     match std::fs::read_to_string(root.path(&cfg_path)) {
         Ok(text) => {
             let present: Vec<&String> = wanted.iter().filter(|h| has_handler(&text, h)).collect();

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use noded::config::NodedConfig;
-use noded::containerd::handler::parse_handlers;
 use noded::runtime::{self, Access, RuntimeConfigurator};
 use serde::Serialize;
 
@@ -58,7 +57,7 @@ fn configurator(
 /// Registers the handlers of noded.toml before containerd starts (so never restarts it).
 pub fn apply(ledger: &mut Ledger, config: &NodedConfig) -> Result<Applied, String> {
     let root = ledger.root.clone();
-    let handlers = parse_handlers(&config.containerd.runtimes).map_err(|e| e.to_string())?;
+    let handlers = config.kata_handlers();
     // The library's record lives in noded's data dir; if boot is the one creating it, uninstall
     // removes it (after the revert that needs it).
     let ownership_node = config.daemon.data_dir.join(OWNERSHIP);

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::containerd::handler::KataHandler;
+use crate::containerd::restart::Restart;
+
 /// The default used by `noded run` without `--config`: everything local and private, so it can run on
 /// any Debian machine without touching the host's containerd.
 pub const LOCAL_DEFAULT: &str = include_str!("../local-default.toml");
@@ -274,11 +277,13 @@ pub enum LogFormat {
 pub struct ContainerdSection {
     /// containerd's config file that noded edits.
     pub config: PathBuf,
-    /// Kata handlers to register.
-    pub runtimes: Vec<String>,
+    /// Kata handlers to register, by name (`kata-qemu`, ...), in the order given.
+    #[serde(deserialize_with = "runtimes_setting")]
+    pub runtimes: Vec<KataHandler>,
     pub kata_root: PathBuf,
     /// `auto|never|systemd|command:CMD`.
-    pub restart: String,
+    #[serde(deserialize_with = "restart_setting")]
+    pub restart: Restart,
     /// containerd's gRPC socket (also serves CRI).
     pub socket: PathBuf,
     /// Local mode: noded starts and owns a private containerd under `daemon.data_dir`.
@@ -295,9 +300,9 @@ impl Default for ContainerdSection {
     fn default() -> Self {
         Self {
             config: PathBuf::from("/etc/containerd/config.toml"),
-            runtimes: vec!["kata-qemu".into(), "kata-qemu-warm".into()],
+            runtimes: vec![KataHandler::Qemu, KataHandler::QemuWarm],
             kata_root: PathBuf::from("/opt/kata"),
-            restart: "auto".into(),
+            restart: Restart::auto(),
             socket: PathBuf::from("/run/containerd/containerd.sock"),
             private: false,
             apply_on_start: true,
@@ -419,12 +424,6 @@ impl NodedConfig {
     /// load (exit 2), not surface as a runtime failure minutes later.
     fn validate(&self) -> Result<(), String> {
         self.daemon.vm_cgroup_setting()?;
-        crate::containerd::handler::parse_handlers(&self.containerd.runtimes)
-            .map_err(|e| format!("containerd.runtimes: {e}"))?;
-        self.containerd
-            .restart
-            .parse::<crate::containerd::restart::Restart>()
-            .map_err(|e| format!("containerd.restart: {e}"))?;
         for h in &self.probe.handlers {
             if h.trim().is_empty() {
                 return Err("probe.handlers: empty handler name".into());
@@ -500,11 +499,25 @@ impl NodedConfig {
 
     /// Runtime handlers served from Kata's factory template (`kata-qemu-warm`), whose template noded
     /// keeps built.
-    pub fn warm_handlers(&self) -> Vec<crate::containerd::handler::KataHandler> {
-        crate::containerd::handler::parse_handlers(&self.containerd.runtimes)
-            .unwrap_or_default()
+    pub fn warm_handlers(&self) -> Vec<KataHandler> {
+        self.kata_handlers()
             .into_iter()
             .filter(|h| h.is_warm())
+            .collect()
+    }
+
+    /// The handlers to register in the runtime's config: `containerd.runtimes` sorted, each once, the
+    /// default pair when empty.
+    pub fn kata_handlers(&self) -> Vec<KataHandler> {
+        crate::containerd::handler::normalize(&self.containerd.runtimes)
+    }
+
+    /// `containerd.runtimes` as configured, by name.
+    pub fn runtime_names(&self) -> Vec<String> {
+        self.containerd
+            .runtimes
+            .iter()
+            .map(|h| h.name().to_owned())
             .collect()
     }
 
@@ -516,11 +529,27 @@ impl NodedConfig {
     /// Handlers that must pass a probe before the node is ready.
     pub fn probe_handlers(&self) -> Vec<String> {
         if self.probe.handlers.is_empty() {
-            self.containerd.runtimes.clone()
+            self.runtime_names()
         } else {
             self.probe.handlers.clone()
         }
     }
+}
+
+/// `containerd.runtimes`: handler names, checked at load (one line naming the field, exit 2).
+fn runtimes_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<KataHandler>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|n| n.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| serde::de::Error::custom(format!("containerd.runtimes: {e}")))
+}
+
+/// `containerd.restart`: `auto|never|systemd|command:CMD`, checked at load.
+fn restart_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Restart, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(|e| serde::de::Error::custom(format!("containerd.restart: {e}")))
 }
 
 /// Collapses a multi-line parser message (toml prints a source excerpt) into one line.
@@ -572,6 +601,29 @@ mod tests {
             let msg = refused(text);
             assert!(msg.contains(field), "{msg}");
         }
+    }
+
+    #[test]
+    fn restart_and_runtimes_are_typed_with_their_toml_spelling() {
+        let c = NodedConfig::parse(
+            Path::new("/etc/noded/noded.toml"),
+            "[containerd]\nrestart = \"command:systemctl restart containerd\"\n\
+             runtimes = [\"kata-qemu-warm\", \"kata-clh\", \"kata-qemu-warm\"]\n",
+        )
+        .expect("valid settings");
+        assert_eq!(
+            c.containerd.restart,
+            Restart::Command("systemctl restart containerd".into())
+        );
+        // As configured for probes and RuntimeClasses; sorted and once each for the runtime config.
+        assert_eq!(
+            c.runtime_names(),
+            ["kata-qemu-warm", "kata-clh", "kata-qemu-warm"]
+        );
+        assert_eq!(c.kata_handlers(), [KataHandler::QemuWarm, KataHandler::Clh]);
+        let d = NodedConfig::parse(Path::new("/etc/noded/noded.toml"), "").expect("empty");
+        assert_eq!(d.containerd.restart, Restart::auto());
+        assert_eq!(d.runtime_names(), ["kata-qemu", "kata-qemu-warm"]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::config::NodedConfig;
 pub use crate::containerd::configurator::ContainerdConfigurator;
-use crate::containerd::handler::{KataHandler, UnknownHandler, parse_handlers};
+use crate::containerd::handler::{KataHandler, UnknownHandler};
 use crate::exit::{self, ExitStatus};
 use crate::metrics::{ApplyOutcome, Metrics};
 
@@ -138,7 +138,7 @@ pub fn configurator(
     config: &NodedConfig,
     access: &Access,
 ) -> Result<Box<dyn RuntimeConfigurator>, RuntimeError> {
-    Ok(Box::new(ContainerdConfigurator::new(config, access)?))
+    Ok(Box::new(ContainerdConfigurator::new(config, access)))
 }
 
 /// Applies `handlers` through `runtime` and counts the outcome (`noded_containerd_config_applies_total`
@@ -175,7 +175,7 @@ pub async fn apply_on_start(
     if !config.containerd.apply_on_start {
         return Ok(None);
     }
-    let handlers = parse_handlers(&config.containerd.runtimes)?;
+    let handlers = config.kata_handlers();
     let change = apply_recorded(runtime, &handlers, metrics).await?;
     info!(
         changed = change.changed,

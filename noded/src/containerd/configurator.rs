@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use super::apply::{self, ApplyError, Plan, Report, Request};
 use super::handler::KataHandler;
-use super::restart::{BadRestart, Restart};
+use super::restart::Restart;
 use crate::config::NodedConfig;
 use crate::runtime::{Access, Change, RuntimeConfigurator, RuntimeError};
 
@@ -23,14 +23,14 @@ pub struct ContainerdConfigurator {
 impl ContainerdConfigurator {
     /// `containerd.config`, `containerd.kata_root` and `daemon.data_dir` (noded's ownership record) as
     /// `access` sees them; `containerd.restart` when `access` may restart.
-    pub fn new(config: &NodedConfig, access: &Access) -> Result<Self, BadRestart> {
+    pub fn new(config: &NodedConfig, access: &Access) -> Self {
         let restart = if access.may_restart {
-            config.containerd.restart.parse()?
+            config.containerd.restart.clone()
         } else {
             Restart::Never
         };
         let main = access.path(&config.containerd.config);
-        Ok(Self {
+        Self {
             request: Request {
                 socket: access.running.then(|| apply::config_socket(&main)),
                 config: main,
@@ -45,7 +45,7 @@ impl ContainerdConfigurator {
                     .unwrap_or_else(|| PathBuf::from("containerd")),
             },
             restart,
-        })
+        }
     }
 
     /// containerd's config file this configurator edits.

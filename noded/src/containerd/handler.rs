@@ -147,14 +147,20 @@ pub fn builtin_runc_table(containerd: ContainerdVersion) -> toml_edit::Table {
 
 /// Parses `--runtime` values; an empty list means the default pair.
 pub fn parse_handlers(names: &[String]) -> Result<Vec<KataHandler>, UnknownHandler> {
-    let mut out: Vec<KataHandler> = if names.is_empty() {
+    let handlers: Vec<KataHandler> = names.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
+    Ok(normalize(&handlers))
+}
+
+/// The handlers to register: sorted, each once; an empty list means the default pair.
+pub fn normalize(handlers: &[KataHandler]) -> Vec<KataHandler> {
+    let mut out: Vec<KataHandler> = if handlers.is_empty() {
         vec![KataHandler::Qemu, KataHandler::QemuWarm]
     } else {
-        names.iter().map(|n| n.parse()).collect::<Result<_, _>>()?
+        handlers.to_vec()
     };
     out.sort();
     out.dedup();
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

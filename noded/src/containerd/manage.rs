@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::handler::{UnknownHandler, parse_handlers};
+use super::handler::UnknownHandler;
 use super::image::{self, DEFAULT_BUSYBOX, PAUSE_IMAGE};
 use super::private::{self, PrivateContainerd, PrivateContainerdError, PrivateLayout};
 use crate::config::NodedConfig;
@@ -72,7 +72,7 @@ pub async fn start_private(
             ..Access::daemon()
         },
     )?;
-    let handlers = parse_handlers(&config.containerd.runtimes)?;
+    let handlers = config.kata_handlers();
     let change = runtime::apply_recorded(configurator.as_ref(), &handlers, metrics).await?;
     info!(changed = change.changed, handlers = ?change.handlers, "private containerd configured");
     let ctrd = PrivateContainerd::start(&dir, cfg_path).await?;

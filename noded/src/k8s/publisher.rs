@@ -138,7 +138,7 @@ impl PublisherSettings {
             startup_taint: cfg.kubernetes.startup_taint.clone(),
             handlers,
             failure_threshold: cfg.probe.failure_threshold.max(1),
-            runtime_classes: runtimeclass::class_names(&cfg.containerd.runtimes),
+            runtime_classes: runtimeclass::class_names(&cfg.runtime_names()),
             label_interval: Duration::from_secs(cfg.kubernetes.label_interval_seconds),
             resync: Duration::from_secs(30),
             backoff_base: Duration::from_millis(500),

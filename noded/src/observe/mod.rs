@@ -78,10 +78,9 @@ impl ObserverConfig {
             })
             .collect();
         let probe_handlers = cfg.probe_handlers();
+        let runtimes = cfg.runtime_names();
         let mut handlers: Vec<String> = Vec::new();
-        for h in cfg
-            .containerd
-            .runtimes
+        for h in runtimes
             .iter()
             .chain(&probe_handlers)
             .chain(templates.iter().map(|t| &t.runtime_handler))
