@@ -326,7 +326,9 @@ impl Conn {
             return false;
         }
         let last = self.last_response.load(Ordering::Acquire);
-        last == 0 || now_ms().saturating_sub(last) >= FLUSH_GRACE.as_millis() as u64
+        last == 0
+            || now_ms().saturating_sub(last)
+                >= u64::try_from(FLUSH_GRACE.as_millis()).unwrap_or(u64::MAX)
     }
 }
 

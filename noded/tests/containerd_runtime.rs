@@ -280,7 +280,7 @@ async fn a_runc_container_survives_a_containerd_restart(series) {
         .unwrap();
     let shims = common::containerd::pids_with_cmdline(&pod.sandbox_id);
     assert!(!shims.is_empty(), "no shim for sandbox {}", pod.sandbox_id);
-    let sleepers: Vec<i32> = shims.into_iter().chain([pid as i32]).collect();
+    let sleepers: Vec<i32> = shims.into_iter().chain([pid.cast_signed()]).collect();
     ctrd.restart().await.unwrap();
     common::containerd::assert_running(ctrd.socket(), &pod.container_id).await;
     assert!(

@@ -255,7 +255,7 @@ fn processes() -> Vec<ProcInfo> {
 /// `/pause` — ends up here). Zombies are dead and are not counted; `noded` processes are the tests' own
 /// children, waited for by whoever spawned them.
 fn leftovers(dir: &Path) -> Vec<ProcInfo> {
-    let me = std::process::id() as i32;
+    let me = std::process::id().cast_signed();
     let all = processes();
     let needle = dir.display().to_string();
     let descends_from_me = |p: &ProcInfo| {
@@ -304,7 +304,7 @@ impl Reaper {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let me = std::process::id() as i32;
+            let me = std::process::id().cast_signed();
             while !flag.load(Ordering::Relaxed) {
                 for p in processes() {
                     if p.ppid == me && p.state == 'Z' && p.comm != "noded" {

@@ -247,7 +247,10 @@ fn scrapes_answer_during_slowloris_and_connection_flood() {
                 });
                 for (ip, n) in per_ip.iter_mut().enumerate() {
                     while *n < 50 {
-                        let Ok(mut s) = client.connect([127, 0, 0, 1 + ip as u8], addr) else {
+                        let Ok(mut s) = client.connect(
+                            [127, 0, 0, 1 + u8::try_from(ip).expect("a few source IPs")],
+                            addr,
+                        ) else {
                             break;
                         };
                         let _ = s.write_all(HALF_SENT);

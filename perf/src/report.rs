@@ -23,6 +23,8 @@ impl Stats {
                 return f64::NAN;
             }
             // Nearest-rank percentile: with few samples p99 is the maximum, which is the honest answer.
+            // Float-to-int `as` saturates: a rank outside 1..=len is clamped just below.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let rank = (q * ms.len() as f64).ceil() as usize;
             ms[rank.clamp(1, ms.len()) - 1]
         };

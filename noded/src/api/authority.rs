@@ -468,6 +468,9 @@ fn put_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// RFC 7541 5.1: `flags` fills the bits above the `prefix`-bit integer in the first octet.
+// Every `as u8` is of a value below 0x80: `value < max` with `prefix <= 7`, a 7-bit mask, or the
+// loop's exit condition.
+#[allow(clippy::cast_possible_truncation)]
 fn put_int(out: &mut Vec<u8>, flags: u8, prefix: u8, value: usize) {
     let max = (1usize << prefix) - 1;
     if value < max {
@@ -637,6 +640,13 @@ fn take_string(buf: &mut &[u8]) -> Result<Vec<u8>, HpackError> {
 /// leaf for symbol `-(child + 1)`, and `MISSING` marks a code that does not exist (EOS or beyond).
 const MISSING: i32 = i32::MIN;
 
+// Symbols are below 256 and there are at most 255 inner nodes, and the sign tells leaves (negative)
+// from inner nodes, so the i32 <-> usize casts neither wrap nor lose a sign.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 fn huffman_tree() -> &'static Vec<[i32; 2]> {
     static TREE: OnceLock<Vec<[i32; 2]>> = OnceLock::new();
     TREE.get_or_init(|| {
@@ -661,6 +671,9 @@ fn huffman_tree() -> &'static Vec<[i32; 2]> {
 }
 
 /// RFC 7541 5.2 / Appendix B; padding must be < 8 bits and all ones, EOS inside the string is an error.
+// A leaf is `-(symbol + 1)` with symbol < 256 (EOS has no leaf), an inner node a non-negative
+// index: see `huffman_tree`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn huffman_decode(src: &[u8]) -> Result<Vec<u8>, HpackError> {
     let tree = huffman_tree();
     let mut out = Vec::with_capacity(src.len() * 8 / 5);

@@ -616,7 +616,8 @@ async fn put_blob(
         return Ok(());
     }
     let reference = format!("noded-{digest}");
-    let total = data.len() as i64;
+    // A slice is at most isize::MAX bytes, so its length and offsets fit an i64.
+    let total = i64::try_from(data.len()).unwrap_or(i64::MAX);
     let mut msgs = Vec::new();
     let mut offset = 0usize;
     for chunk in data.chunks(CHUNK) {
@@ -625,7 +626,7 @@ async fn put_blob(
             r#ref: reference.clone(),
             total,
             expected: digest.to_string(),
-            offset: offset as i64,
+            offset: i64::try_from(offset).unwrap_or(i64::MAX),
             data: chunk.to_vec(),
             labels: Default::default(),
         });

@@ -81,8 +81,8 @@ fn binary_id(binary: &Path) -> Option<BinaryId> {
     let meta = std::fs::metadata(&path).ok()?;
     let mtime = meta.modified().ok()?;
     let mtime_ns = match mtime.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
+        Ok(d) => i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
+        Err(e) => -i128::try_from(e.duration().as_nanos()).unwrap_or(i128::MAX),
     };
     Some(BinaryId {
         path,

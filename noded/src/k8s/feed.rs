@@ -25,7 +25,12 @@ pub fn capacity_from_snapshots(snaps: &[HandlerSnapshot], warm_templates: u32) -
         .fold(None, |acc: Option<f64>, v| {
             Some(acc.map_or(v, |a| a.min(v)))
         })
-        .map(|ms| ms.clamp(0.0, f64::from(u32::MAX)) as u32);
+        // Float-to-int `as` saturates (NaN is 0); the value is clamped to u32's range first anyway.
+        .map(|ms| {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let ms = ms.clamp(0.0, f64::from(u32::MAX)) as u32;
+            ms
+        });
     let vm_cost_bytes = snaps
         .iter()
         .filter(|s| s.slot_cost_measured)

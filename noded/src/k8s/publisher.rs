@@ -255,9 +255,9 @@ pub async fn run_with_client(
                 in_backoff = true;
                 next_sync = Instant::now() + delay;
                 if e.class() == ErrorClass::Permanent {
-                    error!(error = %e, retry_in_ms = delay.as_millis() as u64, "Kubernetes sync failed");
+                    error!(error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "Kubernetes sync failed");
                 } else {
-                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Kubernetes sync failed");
+                    warn!(error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "Kubernetes sync failed");
                 }
                 status.send_modify(|s| {
                     s.synced = false;

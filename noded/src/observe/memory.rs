@@ -71,6 +71,8 @@ pub fn percentile(values: &[u64], q: f64) -> Option<u64> {
     }
     let mut v = values.to_vec();
     v.sort_unstable();
+    // A rank in 0..=len: float-to-int `as` saturates, and q is clamped to 0..=1.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = (q.clamp(0.0, 1.0) * v.len() as f64).ceil() as usize;
     v.get(rank.clamp(1, v.len()) - 1).copied()
 }

@@ -649,6 +649,8 @@ fn absolute(p: &std::path::Path) -> PathBuf {
 
 fn quantile(values: &[f64], q: f64) -> Option<f64> {
     // Boot seconds → microseconds keeps the shared integer percentile honest to a µs.
+    // Float-to-int `as` saturates: a negative or NaN duration counts as 0 µs.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let micros: Vec<u64> = values.iter().map(|s| (s * 1e6).round() as u64).collect();
     percentile(&micros, q).map(|us| us as f64 / 1e6)
 }

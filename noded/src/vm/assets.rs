@@ -711,6 +711,9 @@ struct Cpio {
 }
 
 impl Cpio {
+    // newc's size fields are 32 bits; the entries are noded's guest init, busybox and its links and
+    // directories (a few MB, short names), far below 4 GiB.
+    #[allow(clippy::cast_possible_truncation)]
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.ino += 1;
         let fields = [

@@ -262,7 +262,10 @@ pub fn host_tsc_khz() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some((mhz * 1000.0).round() as u64)
+    // Float-to-int `as` saturates; a CPU's MHz is far inside u64.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let khz = (mhz * 1000.0).round() as u64;
+    Some(khz)
 }
 
 /// Makes `cmd`'s process get SIGKILL when the thread that spawns it exits (`PR_SET_PDEATHSIG`).

@@ -560,7 +560,7 @@ impl Engine {
         all.extend(self.failed.values().map(|f| {
             let mut s = f.clone();
             s.vms_in_use = self.strays.in_use(&s.name);
-            s.in_use = s.vms_in_use.len() as u32;
+            s.in_use = u32::try_from(s.vms_in_use.len()).unwrap_or(u32::MAX);
             s
         }));
         all.sort_by(|a, b| a.name.cmp(&b.name));

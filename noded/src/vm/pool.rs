@@ -288,8 +288,8 @@ impl Pool {
             .as_ref()
             .map(|t| t.manifest.generation.clone())
             .unwrap_or_default();
-        s.pool_ready = st.ready.len() as u32;
-        s.in_use = st.in_use.len() as u32;
+        s.pool_ready = u32::try_from(st.ready.len()).unwrap_or(u32::MAX);
+        s.in_use = u32::try_from(st.in_use.len()).unwrap_or(u32::MAX);
         s.vms_in_use = st.in_use.values().map(InUse::listed).collect();
         s.vms_in_use
             .sort_by(|a, b| (a.acquired_unix_ms, &a.vm_id).cmp(&(b.acquired_unix_ms, &b.vm_id)));
@@ -479,7 +479,7 @@ impl Pool {
         if let Some(o) = &inner.observer {
             o.acquired(&name, acquired.acquire, from_pool, cold);
         }
-        tracing::info!(vm = %acquired.vm_id, from_pool, cold, acquire_us = acquired.acquire.as_micros() as u64, "VM acquired");
+        tracing::info!(vm = %acquired.vm_id, from_pool, cold, acquire_us = u64::try_from(acquired.acquire.as_micros()).unwrap_or(u64::MAX), "VM acquired");
         Ok(acquired)
     }
 
@@ -560,7 +560,8 @@ impl Pool {
 /// Whether the pool is below target and one more clone fits the memory budget.
 fn wants_more(cfg: &PoolConfig, st: &State) -> bool {
     let held: u64 = st.ready.iter().map(|i| i.cost).sum();
-    (st.ready.len() as u32) < cfg.target && held + st.clone_cost <= cfg.budget_bytes
+    u32::try_from(st.ready.len()).is_ok_and(|n| n < cfg.target)
+        && held + st.clone_cost <= cfg.budget_bytes
 }
 
 fn quick_check(t: &Template) -> Result<(), Damage> {

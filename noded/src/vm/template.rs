@@ -491,10 +491,11 @@ async fn build_on_tmpfs(
             Ok(a) => a,
             Err(source) => return Err(vm.console_failed(source, Duration::ZERO).await),
         };
-        let boot_ms = t0.elapsed().as_millis() as u64;
+        let boot_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         let t1 = Instant::now();
         vm.save(&dir.join(STATE)).await?;
-        Ok((ready.counter, boot_ms, t1.elapsed().as_millis() as u64))
+        let save_ms = u64::try_from(t1.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok((ready.counter, boot_ms, save_ms))
     }
     .await;
     let (guest_counter, boot_ms, save_ms) = match outcome {
