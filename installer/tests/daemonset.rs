@@ -299,56 +299,102 @@ fn prometheus_rule_groups_pass_promtool() {
     );
 }
 
+/// Both seed pools: kata-metal (bare metal, on-demand) and kata-nested (c8i/m8i with EC2 nested
+/// virtualization, spot + on-demand, preferred by weight). Each carries the label, the kata taint and
+/// noded's startup taint, and points at its own node class on the baked AMI.
 #[test]
 fn karpenter_examples_declare_startup_taint_label_taint_and_baked_ami() {
     if !tools() {
         return;
     }
     let docs = yaml_docs(&kustomize(&daemonset_dir().join("examples/karpenter")));
-    let pool = docs
-        .iter()
-        .find(|d| d["kind"] == "NodePool")
-        .expect("NodePool");
-    let class = docs
-        .iter()
-        .find(|d| d["kind"] == "EC2NodeClass")
-        .expect("EC2NodeClass");
-    assert_eq!(pool["apiVersion"], "karpenter.sh/v1");
-    let t = &pool["spec"]["template"];
-    assert_eq!(
-        t["metadata"]["labels"]["katacontainers.io/kata-runtime"],
-        "true"
-    );
-    assert_eq!(
-        t["spec"]["startupTaints"],
-        serde_json::json!([{"key": "noded.io/runtime-not-ready", "effect": "NoSchedule"}])
-    );
-    assert_eq!(
-        t["spec"]["taints"],
-        serde_json::json!([{"key": "kata", "value": "true", "effect": "NoSchedule"}])
-    );
-    assert_eq!(t["spec"]["nodeClassRef"]["name"], class["metadata"]["name"]);
-    assert!(
-        t["spec"]["requirements"]
-            .as_array()
-            .expect("reqs")
+    let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
+        docs.iter().filter(|d| d["kind"] == kind).collect()
+    };
+    let pools = of_kind("NodePool");
+    let classes = of_kind("EC2NodeClass");
+    let names = |v: &[&serde_json::Value]| -> Vec<String> {
+        let mut n: Vec<String> = v
             .iter()
-            .any(|r| r["key"] == "karpenter.k8s.aws/instance-size"
-                && r["values"] == serde_json::json!(["metal"]))
-    );
-    assert_eq!(class["apiVersion"], "karpenter.k8s.aws/v1");
-    assert_eq!(class["spec"]["amiFamily"], "AL2023");
-    // The AMI the Packer template tags (noded.io/kata, noded.io/k8s).
-    let ami = &class["spec"]["amiSelectorTerms"][0];
-    assert!(
-        ami["tags"]["noded.io/kata"].is_string() && ami["tags"]["noded.io/k8s"].is_string(),
-        "{ami}"
-    );
+            .map(|d| d["metadata"]["name"].as_str().expect("name").to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&pools), ["kata-metal", "kata-nested"]);
+    assert_eq!(names(&classes), ["kata-metal", "kata-nested"]);
     let packer = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../ami/noded-kata.pkr.hcl"),
     )
     .expect("packer");
     assert!(packer.contains("\"noded.io/kata\"") && packer.contains("\"noded.io/k8s\""));
+    let requirement = |pool: &serde_json::Value, key: &str| -> serde_json::Value {
+        pool["spec"]["template"]["spec"]["requirements"]
+            .as_array()
+            .expect("reqs")
+            .iter()
+            .find(|r| r["key"] == key)
+            .unwrap_or_else(|| panic!("no requirement {key}: {pool}"))
+            .clone()
+    };
+    for pool in &pools {
+        assert_eq!(pool["apiVersion"], "karpenter.sh/v1");
+        let t = &pool["spec"]["template"];
+        assert_eq!(
+            t["metadata"]["labels"]["katacontainers.io/kata-runtime"],
+            "true"
+        );
+        assert_eq!(
+            t["spec"]["startupTaints"],
+            serde_json::json!([{"key": "noded.io/runtime-not-ready", "effect": "NoSchedule"}])
+        );
+        assert_eq!(
+            t["spec"]["taints"],
+            serde_json::json!([{"key": "kata", "value": "true", "effect": "NoSchedule"}])
+        );
+        let class = classes
+            .iter()
+            .find(|c| c["metadata"]["name"] == t["spec"]["nodeClassRef"]["name"])
+            .unwrap_or_else(|| panic!("nodeClassRef resolves: {pool}"));
+        assert_eq!(class["apiVersion"], "karpenter.k8s.aws/v1");
+        assert_eq!(class["spec"]["amiFamily"], "AL2023");
+        // The AMI the Packer template tags (noded.io/kata, noded.io/k8s).
+        let ami = &class["spec"]["amiSelectorTerms"][0];
+        assert!(
+            ami["tags"]["noded.io/kata"].is_string() && ami["tags"]["noded.io/k8s"].is_string(),
+            "{ami}"
+        );
+        let nested = &class["spec"]["cpuOptions"]["nestedVirtualization"];
+        if pool["metadata"]["name"] == "kata-metal" {
+            assert_eq!(
+                requirement(pool, "karpenter.k8s.aws/instance-size"),
+                serde_json::json!({"key": "karpenter.k8s.aws/instance-size", "operator": "In", "values": ["metal"]})
+            );
+            assert!(
+                nested.is_null(),
+                "metal needs no nested virtualization: {class}"
+            );
+        } else {
+            // EC2 offers NestedVirtualization only on the 8th-generation Intel families.
+            let fam = requirement(pool, "karpenter.k8s.aws/instance-family");
+            assert_eq!(fam["operator"], "In");
+            assert_eq!(fam["values"], serde_json::json!(["c8i", "m8i"]));
+            assert_eq!(
+                requirement(pool, "karpenter.sh/capacity-type")["values"],
+                serde_json::json!(["spot", "on-demand"])
+            );
+            assert_eq!(nested, "enabled", "{class}");
+        }
+    }
+    // kata-nested is the default, kata-metal the fallback: Karpenter prefers the higher weight.
+    let weight = |name: &str| {
+        pools
+            .iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .and_then(|p| p["spec"]["weight"].as_i64())
+            .unwrap_or(0)
+    };
+    assert!(weight("kata-nested") > weight("kata-metal"));
 }
 
 /// The RBAC is exactly what noded/src/k8s calls (the fake API's recorded requests in
