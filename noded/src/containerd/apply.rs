@@ -14,6 +14,7 @@ use super::atomic::{self, write_atomic};
 use super::document::{ConfigDocument, ConfigVersion, DocumentError};
 use super::handler::{HandlerSpec, KataHandler};
 use super::restart::{self, Restart, RestartError};
+use super::snapshotter::SnapshotterError;
 use super::state::{FileRecord, StateError, StateStore};
 use super::version::{ContainerdVersion, VersionError};
 use crate::cri::CriClient;
@@ -151,10 +152,16 @@ pub enum ApplyError {
     Version(#[from] VersionError),
     #[error(transparent)]
     Write(#[from] atomic::WriteError),
+    #[error(transparent)]
+    Snapshotter(#[from] SnapshotterError),
     #[error(
         "{path}: runtime handler `{handler}` exists and was not written by noded; refusing to overwrite it (pass --adopt to take it over)"
     )]
     Foreign { path: PathBuf, handler: String },
+    #[error(
+        "{path}: `plugins.\"io.containerd.cri.v1.images\".runtime_platforms.{handler}` exists and was not written by noded; refusing to override it (pass --adopt to take it over)"
+    )]
+    ForeignRuntimePlatform { path: PathBuf, handler: String },
     #[error("{path}: noded has no record of changing this file; nothing to revert")]
     NothingToRevert { path: PathBuf },
     #[error("{0}")]
@@ -168,7 +175,7 @@ pub enum ApplyError {
 impl ExitStatus for ApplyError {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Document(_) | Self::Version(_) => exit::BAD_INPUT,
+            Self::Document(_) | Self::Version(_) | Self::Snapshotter(_) => exit::BAD_INPUT,
             Self::State(StateError::Corrupt { .. }) => exit::BAD_INPUT,
             _ => exit::RUNTIME_FAILURE,
         }
@@ -253,6 +260,13 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
     let state = store.load()?;
     let main = ConfigDocument::load(&req.config, default_version)?;
     let specs = req.specs();
+    // A snapshotter the series cannot honour is refused before anything is written: 1.6 would drop
+    // the key and unpack with its default snapshotter, which Firecracker cannot boot from.
+    for spec in &specs {
+        if let Some(s) = &spec.snapshotter {
+            s.check(&spec.name, version)?;
+        }
+    }
     let socket = socket_of(&main);
     let strategy = strategy_for(version);
     let record = |p: &Path| state.files.get(p).cloned().unwrap_or_default();
@@ -320,6 +334,15 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
                         handler: spec.name.clone(),
                     });
                 }
+                // The drop-in's entry would be merged over the operator's (containerd 2.x merges
+                // plugin tables key by key): as with a handler table, not without --adopt.
+                if spec.snapshotter.is_some() && main.has_runtime_platform(&spec.name) && !req.adopt
+                {
+                    return Err(ApplyError::ForeignRuntimePlatform {
+                        path: req.config.clone(),
+                        handler: spec.name.clone(),
+                    });
+                }
             }
             let mut new_main = main.clone();
             let dir = import_dir(&main).unwrap_or_else(|| {
@@ -333,11 +356,15 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
             });
             let path = dir.join(DROP_IN_NAME);
             let existing = ConfigDocument::load(&path, main.version)?;
-            let drop_in = main.drop_in(&path, &specs);
+            let drop_in = main.drop_in(&path, &specs, version);
             for spec in &specs {
+                let platform_kept = existing.runtime_platform_snapshotter(&spec.name)
+                    == spec.snapshotter.as_ref().map(|s| s.name());
                 let action = match existing.handler_value(&spec.name) {
                     None => Action::Add,
-                    Some(v) if Some(&v) == spec_value(spec).as_ref() => Action::Unchanged,
+                    Some(v) if Some(&v) == spec_value(spec).as_ref() && platform_kept => {
+                        Action::Unchanged
+                    }
                     Some(_) => Action::Update,
                 };
                 actions.push(HandlerAction {

@@ -37,6 +37,15 @@ impl ConfigVersion {
         }
     }
 
+    /// containerd 2.x's images plugin: its `runtime_platforms.<handler>.snapshotter` decides which
+    /// snapshotter unpacks the images a handler's pods pull (the runtime table's `snapshotter` only
+    /// covers their containers). containerd 1.x has no such table.
+    pub const IMAGES_PLUGIN: &'static str = "io.containerd.cri.v1.images";
+
+    fn runtime_platforms_path() -> [&'static str; 3] {
+        ["plugins", Self::IMAGES_PLUGIN, "runtime_platforms"]
+    }
+
     fn runtimes_path(self) -> [&'static str; 4] {
         [
             "plugins",
@@ -289,7 +298,32 @@ impl ConfigDocument {
         self.runtimes().is_some_and(|r| r.contains_key(name))
     }
 
-    /// Writes (or replaces) one handler table, for a file read by containerd `containerd`.
+    /// The images plugin's `runtime_platforms.<name>` entry, if the file has one (containerd 2.x).
+    fn runtime_platform(&self, name: &str) -> Option<&Item> {
+        let mut cur: &dyn TableLike = self.doc.as_table();
+        let path = ConfigVersion::runtime_platforms_path();
+        for seg in path {
+            cur = cur.get(seg)?.as_table_like()?;
+        }
+        cur.get(name)
+    }
+
+    pub fn has_runtime_platform(&self, name: &str) -> bool {
+        self.runtime_platform(name).is_some()
+    }
+
+    /// `runtime_platforms.<name>.snapshotter` as written (None: no entry or no snapshotter in it).
+    pub fn runtime_platform_snapshotter(&self, name: &str) -> Option<String> {
+        self.runtime_platform(name)?
+            .as_table_like()?
+            .get("snapshotter")?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Writes (or replaces) one handler table, for a file read by containerd `containerd`. This is the
+    /// in-place (containerd 1.x) edit: the runtime table is all 1.x reads, snapshotter included; a 2.x
+    /// handler's images-plugin entry is written by [`drop_in`](Self::drop_in).
     pub fn set_handler(&mut self, spec: &HandlerSpec, containerd: ContainerdVersion) {
         let created_runtimes = self.runtimes().is_none();
         let version = self.version;
@@ -385,8 +419,16 @@ impl ConfigDocument {
         self.declare_version();
     }
 
-    /// A fresh document for a drop-in file holding only `specs`, quoted like this file.
-    pub fn drop_in(&self, path: &Path, specs: &[HandlerSpec]) -> ConfigDocument {
+    /// A fresh document for a drop-in file holding only `specs`, quoted like this file. For containerd
+    /// 2.x (`containerd`), a spec with a snapshotter also gets its images-plugin `runtime_platforms`
+    /// entry: without it 2.x unpacks the handler's images with the default snapshotter, and its
+    /// version 2 → 3 migration does not derive one from the runtime table.
+    pub fn drop_in(
+        &self,
+        path: &Path,
+        specs: &[HandlerSpec],
+        containerd: ContainerdVersion,
+    ) -> ConfigDocument {
         let mut d = ConfigDocument {
             path: path.to_path_buf(),
             original: Vec::new(),
@@ -408,6 +450,24 @@ impl ConfigDocument {
                 ensure_path(d.doc.as_item_mut(), &d.version.runtimes_path(), d.quote)
             {
                 insert_table_like(runtimes, &s.name, s.to_table());
+            }
+        }
+        if containerd.merges_imports() {
+            for s in specs {
+                let Some(snapshotter) = &s.snapshotter else {
+                    continue;
+                };
+                // `platform` stays unset: containerd then uses the node's default platform, as for
+                // every other handler; naming one here would pin an architecture.
+                let mut entry = Table::new();
+                entry.insert("snapshotter", toml_edit::value(snapshotter.name()));
+                if let Some(platforms) = ensure_path(
+                    d.doc.as_item_mut(),
+                    &ConfigVersion::runtime_platforms_path(),
+                    d.quote,
+                ) {
+                    insert_table_like(platforms, &s.name, entry);
+                }
             }
         }
         d

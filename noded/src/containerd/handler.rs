@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use super::snapshotter::Snapshotter;
 use super::version::ContainerdVersion;
 use crate::hypervisor::Hypervisor;
 
@@ -64,7 +65,7 @@ impl KataHandler {
             )),
             // Firecracker has no shared filesystem: Kata needs a block-device snapshotter for it.
             snapshotter: (self.hypervisor() == Hypervisor::Firecracker)
-                .then(|| "devmapper".to_owned()),
+                .then_some(Snapshotter::Devmapper),
         }
     }
 }
@@ -104,7 +105,9 @@ pub struct HandlerSpec {
     pub runtime_type: String,
     pub runtime_path: PathBuf,
     pub config_path: PathBuf,
-    pub snapshotter: Option<String>,
+    /// Rendered by [`to_table`](Self::to_table) (runtime table, containerd >= 1.7) and, on containerd
+    /// 2.x, also as the images plugin's `runtime_platforms` entry ([`crate::containerd::document`]).
+    pub snapshotter: Option<Snapshotter>,
 }
 
 impl HandlerSpec {
@@ -121,7 +124,7 @@ impl HandlerSpec {
         annotations.push("io.katacontainers.*");
         t.insert("pod_annotations", toml_edit::value(annotations));
         if let Some(s) = &self.snapshotter {
-            t.insert("snapshotter", toml_edit::value(s.as_str()));
+            t.insert("snapshotter", toml_edit::value(s.name()));
         }
         let mut options = toml_edit::Table::new();
         options.insert(
@@ -177,8 +180,8 @@ mod tests {
         );
         assert_eq!(s.snapshotter, None);
         assert_eq!(
-            KataHandler::Fc.spec(Path::new("/k")).snapshotter.as_deref(),
-            Some("devmapper")
+            KataHandler::Fc.spec(Path::new("/k")).snapshotter,
+            Some(Snapshotter::Devmapper)
         );
     }
 
