@@ -4,6 +4,10 @@
 //!
 //! The order (lowest first) is the one the code satisfies; a new top-level module must be put in a
 //! layer here, so the rule covers it from its first commit.
+//!
+//! A second rule of the source: no span guard (`span.enter()`) inside an `async` fn or block, where it
+//! would stay entered across `.await`s on whatever the worker polls next; such code uses
+//! `#[tracing::instrument]` or `.instrument(span)`.
 
 use std::path::{Path, PathBuf};
 
@@ -238,4 +242,111 @@ fn the_rule_flags_an_upward_import() {
     // The crate roots and same-layer use are fine.
     assert!(violations(Path::new("lib.rs"), "use crate::daemon::run;\n").is_empty());
     assert!(violations(Path::new("k8s/feed.rs"), "use crate::api::pb;\n").is_empty());
+}
+
+/// `file:line` of every `.enter()` inside the body of an `async fn` or an `async` block. Bodies are
+/// found by brace matching on the comment-free text (a heuristic: a brace inside a string literal
+/// must be balanced, as format strings are).
+fn guards_in_async(relative: &Path, text: &str) -> Vec<String> {
+    let code = strip_comments(text);
+    let bytes = code.as_bytes();
+    let mut bodies: Vec<(usize, usize)> = Vec::new();
+    let mut from = 0;
+    while let Some(pos) = code[from..].find("async") {
+        let at = from + pos;
+        from = at + "async".len();
+        let before = code[..at].chars().next_back();
+        let after = code[from..].chars().next();
+        if before.is_some_and(is_ident) || after.is_some_and(is_ident) {
+            continue;
+        }
+        // The body: the first `{` after `async` that is not inside the signature's parentheses
+        // (`;` first means a declaration without a body, as in a trait).
+        let mut depth = 0usize;
+        let mut open = None;
+        for (i, &b) in bytes.iter().enumerate().skip(from) {
+            match b {
+                b'(' | b'<' | b'[' => depth += 1,
+                b')' | b'>' | b']' => depth = depth.saturating_sub(1),
+                b';' if depth == 0 => break,
+                b'{' if depth == 0 => {
+                    open = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = open else { continue };
+        let mut level = 0usize;
+        for (i, &b) in bytes.iter().enumerate().skip(open) {
+            match b {
+                b'{' => level += 1,
+                b'}' => {
+                    level -= 1;
+                    if level == 0 {
+                        bodies.push((open, i));
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(pos) = code[from..].find(".enter()") {
+        let at = from + pos;
+        from = at + 1;
+        if bodies.iter().any(|&(a, b)| a < at && at < b) {
+            let line = code[..at].matches('\n').count() + 1;
+            out.push(format!("{}:{line}", relative.display()));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_span_guard_inside_async_code() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut all = Vec::new();
+    for file in &files {
+        let text =
+            std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let relative = file.strip_prefix(&src).unwrap_or(file);
+        all.extend(guards_in_async(relative, &text));
+    }
+    assert!(
+        all.is_empty(),
+        "span guards in async code (use #[tracing::instrument] or .instrument(span)):\n{}",
+        all.join("\n")
+    );
+}
+
+#[test]
+fn the_guard_rule_flags_async_fns_and_blocks_only() {
+    let text = "\
+pub async fn apply(req: &Request) -> Result<(), E> {
+    let span = info_span!(\"x\", c = %format!(\"{}\", 1));
+    let _g = span.enter();
+    wait().await
+}
+fn sync_one() {
+    let _g = span.enter();
+}
+fn spawner() {
+    tokio::spawn(async move {
+        let _g = span.enter();
+        tick().await;
+    });
+}
+trait T { async fn declared(&self); }
+// async fn in_a_comment() { span.enter(); }
+";
+    assert_eq!(
+        guards_in_async(Path::new("containerd/apply.rs"), text),
+        ["containerd/apply.rs:3", "containerd/apply.rs:11"]
+    );
 }
