@@ -294,6 +294,11 @@ pub struct ContainerdSection {
     /// operator, a config-management run) gets its handlers back; 0 = only at start. The no-change
     /// path reads and compares only (no write, no restart).
     pub reconcile_seconds: u64,
+    /// `containerd` (its own), or the containerd embedded in `k3s`/`k3s-server`/`rke2`/`rke2-server`:
+    /// noded writes their `config*.toml.tmpl` next to `config`, restarts their unit, and `config` and
+    /// `socket` default to theirs.
+    #[serde(deserialize_with = "flavour_setting")]
+    pub flavour: crate::containerd::embedded::Flavour,
 }
 
 impl Default for ContainerdSection {
@@ -307,6 +312,7 @@ impl Default for ContainerdSection {
             private: false,
             apply_on_start: true,
             reconcile_seconds: 60,
+            flavour: Default::default(),
         }
     }
 }
@@ -409,10 +415,11 @@ impl Default for KubernetesSection {
 impl NodedConfig {
     /// Parses `text` read from `path` (used in messages only).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut config: Self = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
             message: one_line(&e.to_string()),
         })?;
+        config.containerd.flavour_defaults();
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -543,6 +550,32 @@ fn runtimes_setting<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<KataHa
         .map(|n| n.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| serde::de::Error::custom(format!("containerd.runtimes: {e}")))
+}
+
+/// `containerd.flavour`: `containerd|k3s|k3s-server|rke2|rke2-server`, checked at load.
+fn flavour_setting<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::containerd::embedded::Flavour, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(|e| serde::de::Error::custom(format!("containerd.flavour: {e}")))
+}
+
+impl ContainerdSection {
+    /// A k3s/rke2 flavour's `config` and `socket` where noded.toml left containerd's defaults.
+    fn flavour_defaults(&mut self) {
+        let plain = Self::default();
+        if let Some(c) = self.flavour.default_config()
+            && self.config == plain.config
+        {
+            self.config = c;
+        }
+        if let Some(s) = self.flavour.default_socket()
+            && self.socket == plain.socket
+        {
+            self.socket = s;
+        }
+    }
 }
 
 /// `containerd.restart`: `auto|never|systemd|command:CMD`, checked at load.

@@ -96,6 +96,9 @@ pub enum RuntimeError {
     Restart(#[from] crate::containerd::restart::BadRestart),
     #[error(transparent)]
     Containerd(#[from] crate::containerd::apply::ApplyError),
+    /// k3s/rke2: the containerd template (`containerd.flavour`).
+    #[error(transparent)]
+    Embedded(#[from] crate::containerd::embedded::TemplateError),
 }
 
 impl ExitStatus for RuntimeError {
@@ -103,6 +106,7 @@ impl ExitStatus for RuntimeError {
         match self {
             Self::Handler(_) | Self::Restart(_) => exit::BAD_INPUT,
             Self::Containerd(e) => e.exit_code(),
+            Self::Embedded(e) => e.exit_code(),
         }
     }
 }
@@ -133,11 +137,18 @@ pub trait RuntimeConfigurator: Send + Sync {
     async fn restart(&self) -> Result<bool, RuntimeError>;
 }
 
-/// The configurator of the node's runtime as noded.toml describes it (containerd: `[containerd]`).
+/// The configurator of the node's runtime as noded.toml describes it (containerd: `[containerd]`;
+/// `containerd.flavour` k3s/rke2: the template of their embedded containerd).
 pub fn configurator(
     config: &NodedConfig,
     access: &Access,
 ) -> Result<Box<dyn RuntimeConfigurator>, RuntimeError> {
+    let flavour = config.containerd.flavour;
+    if flavour.is_embedded() {
+        return Ok(Box::new(
+            crate::containerd::embedded::EmbeddedContainerd::new(config, access, flavour),
+        ));
+    }
     Ok(Box::new(ContainerdConfigurator::new(config, access)))
 }
 
