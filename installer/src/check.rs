@@ -59,6 +59,12 @@ impl CheckReport {
     }
 }
 
+/// How a VM gets /dev/kvm on the cloud the seeds run on (EC2 API `CpuOptions.NestedVirtualization`,
+/// Karpenter's `EC2NodeClass.spec.cpuOptions`, see daemonset/examples/karpenter/).
+const NESTED_HINT: &str = "enable it at launch (EC2: CpuOptions NestedVirtualization=enabled, \
+offered on c8i/m8i/r8i and their -flex variants; Karpenter: EC2NodeClass \
+spec.cpuOptions.nestedVirtualization: enabled) or use a *.metal instance";
+
 pub fn check(root: &Root) -> CheckReport {
     let mut items = Vec::new();
     let mut push = |check, status, detail: String| {
@@ -69,11 +75,27 @@ pub fn check(root: &Root) -> CheckReport {
         })
     };
 
-    match host::kvm(root) {
+    // A guest (cpuinfo `hypervisor` flag) gets KVM only from nested virtualization: say so instead of
+    // letting a usable /dev/kvm read like bare metal, and name the launch option when it is missing.
+    let guest = host::is_guest(root);
+    let kvm = host::kvm(root);
+    match &kvm {
         Kvm::Usable => push(
             "kvm",
             Status::Ok,
             "/dev/kvm usable (opened read-write)".into(),
+        ),
+        Kvm::Missing if guest == Some(true) => push(
+            "kvm",
+            Status::Blocker,
+            format!(
+                "/dev/kvm missing in a VM ({}): the instance was launched without nested \
+                 virtualization; {NESTED_HINT}",
+                match host::virt_extensions(root) {
+                    Some(false) => "cpuinfo has `hypervisor` but no vmx/svm flag",
+                    _ => "cpuinfo `hypervisor` flag",
+                }
+            ),
         ),
         Kvm::Missing => push(
             "kvm",
@@ -92,22 +114,36 @@ pub fn check(root: &Root) -> CheckReport {
             format!("/dev/kvm cannot be opened: {e}"),
         ),
     }
-    match (host::is_guest(root), host::nested(root)) {
-        (Some(true), _) => push(
+    match (guest, &kvm, host::nested(root)) {
+        (Some(true), Kvm::Usable, _) => push(
             "nested",
             Status::Warn,
-            "this machine is itself a VM (cpuinfo `hypervisor` flag): Kata runs nested, slower than on metal"
+            "nested virtualization: KVM inside a VM (cpuinfo `hypervisor` flag). Kata VMs run as \
+             guests of a guest: slower VM boot and exits than on metal; each handler's probe sandbox \
+             decides whether it works here"
                 .into(),
         ),
-        (_, Some(n)) => push(
+        (Some(true), _, _) => push(
             "nested",
             Status::Info,
-            format!(
-                "bare metal; nested virtualization for guests {}",
-                if n { "enabled" } else { "disabled" }
-            ),
+            "this machine is a VM without usable KVM (see kvm)".into(),
         ),
-        _ => push("nested", Status::Info, "unknown (no cpuinfo, kvm vendor module not loaded)".into()),
+        (Some(false), _, n) => push(
+            "nested",
+            Status::Info,
+            match n {
+                Some(n) => format!(
+                    "bare metal (no cpuinfo `hypervisor` flag); nested virtualization for guests {}",
+                    if n { "enabled" } else { "disabled" }
+                ),
+                None => "bare metal (no cpuinfo `hypervisor` flag)".into(),
+            },
+        ),
+        (None, _, _) => push(
+            "nested",
+            Status::Info,
+            "unknown: /proc/cpuinfo unreadable, bare metal or VM cannot be told".into(),
+        ),
     }
     let configured = root.path(assets::MODULES_CONF).is_file();
     for m in assets::MODULES {

@@ -55,12 +55,30 @@ pub fn nested(root: &Root) -> Option<bool> {
 
 /// Whether this machine is itself a guest (the cpuinfo `hypervisor` flag): Kata then runs nested.
 pub fn is_guest(root: &Root) -> Option<bool> {
+    cpu_flags(root).map(|f| f.iter().any(|f| f == "hypervisor"))
+}
+
+/// Whether the CPU offers hardware virtualization to this kernel (cpuinfo `vmx` or `svm`). In a guest
+/// these flags appear only when the hypervisor underneath exposes nested virtualization (on EC2 the
+/// launch-time CPU option `NestedVirtualization=enabled`).
+pub fn virt_extensions(root: &Root) -> Option<bool> {
+    cpu_flags(root).map(|f| f.iter().any(|f| f == "vmx" || f == "svm"))
+}
+
+/// The union of the `flags` lines of `/proc/cpuinfo`; `None` when it cannot be read.
+fn cpu_flags(root: &Root) -> Option<Vec<String>> {
     std::fs::read_to_string(root.path("/proc/cpuinfo"))
         .ok()
         .map(|t| {
-            t.lines()
+            let mut flags: Vec<String> = t
+                .lines()
                 .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+                .filter_map(|l| l.split_once(':'))
+                .flat_map(|(_, v)| v.split_whitespace().map(str::to_owned))
+                .collect();
+            flags.sort();
+            flags.dedup();
+            flags
         })
 }
 
