@@ -16,9 +16,11 @@
 //! containerd's own rendering ([`super::handler::HandlerSpec::to_table`]) under the CRI plugin of
 //! the template's config version.
 //!
-//! Restarting the unit (`k3s-agent`, `rke2-agent`, or the server units) restarts its containerd;
-//! running pods survive it like a containerd restart (their shims are not children of the unit's
-//! main process group that systemd stops: k3s' units use `KillMode=process`).
+//! Restarting the unit (`k3s-agent`, `rke2-agent`, or the server units) restarts its containerd
+//! and with it the config rendered from the template. Running pods survive it as they survive a
+//! containerd restart: their shims outlive containerd (the unit k3s' install script writes has
+//! `KillMode=process`, so systemd stops only the main process; seen in a third-party playbook that
+//! patches it, not checked against `install.sh` itself).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
