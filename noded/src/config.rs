@@ -467,6 +467,12 @@ impl NodedConfig {
                 ns.display()
             ));
         }
+        if self.containerd.private && self.containerd.flavour.is_embedded() {
+            return Err(format!(
+                "containerd.flavour: `{}` is the distribution's own containerd; it cannot be combined with containerd.private = true",
+                self.containerd.flavour.as_str()
+            ));
+        }
         self.guest.validate()?;
         if self.kubernetes.enabled && self.kubernetes.startup_taint.trim().is_empty() {
             return Err("kubernetes.startup_taint: must not be empty".into());

@@ -292,6 +292,12 @@ fn flavour_is_a_typed_setting_with_the_distributions_defaults() {
         custom.containerd.config,
         Path::new("/data/k3s/agent/etc/containerd/config.toml")
     );
+    let err = NodedConfig::parse(
+        Path::new("n.toml"),
+        "[containerd]\nflavour = \"k3s\"\nprivate = true\n",
+    )
+    .expect_err("k3s and local mode");
+    assert!(err.to_string().contains("containerd.private"), "{err}");
     let err = NodedConfig::parse(Path::new("n.toml"), "[containerd]\nflavour = \"k3z\"\n")
         .expect_err("unknown flavour");
     let msg = err.to_string();

@@ -111,7 +111,10 @@ impl Flavour {
         }
     }
 
-    /// The embedded containerd binary, asked for its version while nothing answers on the socket.
+    /// The embedded containerd binary, asked for its version only while nothing answers on the
+    /// socket (`installer boot` before the unit starts). rke2-docs `install/quickstart.md` names
+    /// `/var/lib/rancher/rke2/bin` for its tools (kubectl, crictl, ctr); that containerd is there too,
+    /// and k3s's `data/current/bin`, is not verified here: `Access::binary` overrides it.
     fn default_binary(self) -> PathBuf {
         match self {
             Self::Rke2 | Self::Rke2Server => PathBuf::from("/var/lib/rancher/rke2/bin/containerd"),
