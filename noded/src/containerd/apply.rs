@@ -262,11 +262,7 @@ pub fn plan(req: &Request) -> Result<Plan, ApplyError> {
     let specs = req.specs();
     // A snapshotter the series cannot honour is refused before anything is written: 1.6 would drop
     // the key and unpack with its default snapshotter, which Firecracker cannot boot from.
-    for spec in &specs {
-        if let Some(s) = &spec.snapshotter {
-            s.check(&spec.name, version)?;
-        }
-    }
+    super::snapshotter::check_specs(&specs, version)?;
     let socket = socket_of(&main);
     let strategy = strategy_for(version);
     let record = |p: &Path| state.files.get(p).cloned().unwrap_or_default();

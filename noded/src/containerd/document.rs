@@ -454,13 +454,9 @@ impl ConfigDocument {
         }
         if containerd.merges_imports() {
             for s in specs {
-                let Some(snapshotter) = &s.snapshotter else {
+                let Some(entry) = s.runtime_platform_table() else {
                     continue;
                 };
-                // `platform` stays unset: containerd then uses the node's default platform, as for
-                // every other handler; naming one here would pin an architecture.
-                let mut entry = Table::new();
-                entry.insert("snapshotter", toml_edit::value(snapshotter.name()));
                 if let Some(platforms) = ensure_path(
                     d.doc.as_item_mut(),
                     &ConfigVersion::runtime_platforms_path(),

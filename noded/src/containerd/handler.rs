@@ -136,6 +136,19 @@ impl HandlerSpec {
     }
 }
 
+impl HandlerSpec {
+    /// The body of `[plugins."io.containerd.cri.v1.images".runtime_platforms.<name>]` that containerd
+    /// 2.x needs to unpack this handler's images with its snapshotter (None: no snapshotter pinned).
+    /// `platform` stays unset: containerd then uses the node's default platform, as for every other
+    /// handler; naming one here would pin an architecture.
+    pub fn runtime_platform_table(&self) -> Option<toml_edit::Table> {
+        let snapshotter = self.snapshotter.as_ref()?;
+        let mut t = toml_edit::Table::new();
+        t.insert("snapshotter", toml_edit::value(snapshotter.name()));
+        Some(t)
+    }
+}
+
 /// containerd 1.x's built-in `runc` handler as an explicit table, for when noded creates the runtimes
 /// map (which replaces the built-in one): runc's effective config must not change. 1.7 gives the
 /// built-in runc `sandbox_mode = "podsandbox"`; a table without it would read as `""`.

@@ -16,6 +16,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::handler::HandlerSpec;
 use super::version::ContainerdVersion;
 
 /// A snapshotter a handler can be pinned to.
@@ -103,6 +104,20 @@ impl Snapshotter {
         }
         Ok(())
     }
+}
+
+/// Refuses the first spec whose snapshotter `containerd` cannot honour. Every configurator calls it
+/// before writing (a key containerd would ignore is worse than a clear refusal).
+pub fn check_specs(
+    specs: &[HandlerSpec],
+    containerd: ContainerdVersion,
+) -> Result<(), SnapshotterError> {
+    for spec in specs {
+        if let Some(s) = &spec.snapshotter {
+            s.check(&spec.name, containerd)?;
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Snapshotter {
