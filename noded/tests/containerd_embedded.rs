@@ -436,3 +436,29 @@ async fn k3s_agent_restart_on_containerd_2_1() {
 async fn rke2_agent_restart_on_containerd_1_7() {
     restart_through_the_unit(Series::V1_7, Flavour::Rke2).await;
 }
+
+/// A full template without the base include (an operator's copy of a version 2 config) in the v3
+/// file: noded's tables follow the template's own `version = 2`, and containerd 2.1 reads them.
+#[test]
+fn a_full_version_2_template_gets_version_2_tables() {
+    let series = Series::V2_1;
+    let Some(bins) = testkit::containerd::require(series) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let c = configurator(tmp.path(), Flavour::K3s, &bins);
+    let dir = containerd_dir(tmp.path(), Flavour::K3s);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join(TEMPLATE_V3);
+    let original = std::fs::read_to_string(fixture("k3s.toml")).expect("fixture");
+    std::fs::write(&path, &original).expect("write");
+    block_on(c.apply(&HANDLERS)).expect("apply");
+    let written = std::fs::read_to_string(&path).expect("read");
+    assert!(
+        written.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata-qemu]"),
+        "{written}"
+    );
+    assert_dump_has_handlers(series, &bins, &path, "", &c.kata_root);
+    block_on(c.revert()).expect("revert");
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), original);
+}

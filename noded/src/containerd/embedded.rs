@@ -263,6 +263,30 @@ impl Template {
         format!("{operator}{block}")
     }
 
+    /// The `version = N` the operator's template declares itself, before its first table (a full
+    /// template rather than `{{ template "base" . }}` + additions): noded's tables follow it.
+    pub fn declared_version(&self) -> Option<ConfigVersion> {
+        for line in self.operator.lines() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                return None;
+            }
+            let Some(value) = t.strip_prefix("version").map(str::trim_start) else {
+                continue;
+            };
+            let Some(value) = value.strip_prefix('=') else {
+                continue;
+            };
+            return match value.split('#').next().map(str::trim) {
+                Some("1") => Some(ConfigVersion::V1),
+                Some("2") => Some(ConfigVersion::V2),
+                Some("3") => Some(ConfigVersion::V3),
+                _ => None,
+            };
+        }
+        None
+    }
+
     /// Refuses handler tables of the same name outside noded's block: a second `[...runtimes.<h>]`
     /// header makes the rendered TOML invalid and the distribution's containerd would not start.
     pub fn check_foreign(&self, specs: &[HandlerSpec]) -> Result<(), TemplateError> {
@@ -544,6 +568,7 @@ impl EmbeddedContainerd {
         let template = Template::load(&path)?;
         let specs = self.specs(handlers);
         template.check_foreign(&specs)?;
+        let config_version = template.declared_version().unwrap_or(config_version);
         let after = template.with_block(&render_block(&specs, config_version));
         Ok(Planned {
             template,
@@ -839,6 +864,17 @@ mod tests {
         let t = Template::parse(Path::new("/t"), foreign.to_owned(), true).expect("parses");
         let msg = t.check_foreign(&spec()).expect_err("foreign").to_string();
         assert!(msg.contains("line 2") && msg.contains("kata-qemu"), "{msg}");
+    }
+
+    #[test]
+    fn a_full_template_keeps_its_own_version() {
+        let t = |text: &str| Template::parse(Path::new("t"), text.to_owned(), true).expect("parse");
+        assert_eq!(
+            t("# full\nversion = 2\nroot = \"{{ .X }}\"\n").declared_version(),
+            Some(ConfigVersion::V2)
+        );
+        assert_eq!(t(BASE_INCLUDE).declared_version(), None);
+        assert_eq!(t("[a]\nversion = 3\n").declared_version(), None);
     }
 
     #[test]
