@@ -398,3 +398,42 @@ per_series! {
         .expect("revert");
     }
 }
+
+per_series! {
+    [V2_1]
+    /// A handler dropped from the set takes its `runtime_platforms` entry with it (noded's drop-in is
+    /// rendered whole); revert still gives back the original bytes.
+    fn dropped_handler_takes_its_runtime_platform_along(series) {
+        let Some((bins, version)) = bins_and_version(series) else {
+            return;
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = stage(tmp.path(), Some("nodeadm-v3.toml"));
+        let before = std::fs::read(&config).expect("read");
+        let state = tmp.path().join("state");
+        let v = version.to_string();
+        apply_never(&request(&config, &state, &HANDLERS, &v)).expect("apply both");
+        let report = apply_never(&request(&config, &state, &[KataHandler::Qemu], &v))
+            .expect("apply kata-qemu only");
+        assert!(report.changed);
+        let dropped = report
+            .actions
+            .iter()
+            .find(|a| a.handler == "kata-fc")
+            .map(|a| a.action);
+        assert_eq!(dropped, Some(apply::Action::Remove), "{report:?}");
+        let drop_in = tmp.path().join("etc/config.d/noded-kata.toml");
+        let text = std::fs::read_to_string(&drop_in).expect("drop-in");
+        assert!(!text.contains("runtime_platforms"), "{text}");
+        let dump = dump(&bins, &config);
+        assert!(!runtimes(&dump, series.runtime_plugin()).contains_key("kata-fc"));
+        assert_eq!(
+            get(&dump, &["plugins", IMAGES, "runtime_platforms", "kata-fc"]),
+            None,
+            "{series}"
+        );
+        revert_never(&request(&config, &state, &[KataHandler::Qemu], &v)).expect("revert");
+        assert_eq!(std::fs::read(&config).expect("read"), before);
+        assert!(!drop_in.exists());
+    }
+}
