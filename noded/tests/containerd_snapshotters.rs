@@ -368,6 +368,25 @@ per_series! {
             .unwrap_or_else(|e| panic!("private {series}: {e:#}"));
         let bins = testkit::containerd::binaries(series).expect("binaries");
         let version = bins.detect_version().expect("version");
+        // The premise: this containerd has no devmapper pool, so its devmapper plugin is not loaded.
+        let plugins = Command::new(&bins.ctr)
+            .arg("--address")
+            .arg(ctrd.socket())
+            .args(["plugins", "ls"])
+            .output()
+            .expect("ctr plugins ls");
+        let listing = String::from_utf8_lossy(&plugins.stdout);
+        let devmapper = listing
+            .lines()
+            .find(|l| l.contains("io.containerd.snapshotter.v1") && l.contains("devmapper"))
+            .unwrap_or_else(|| panic!("{series}: no devmapper plugin in:\n{listing}"));
+        assert!(
+            devmapper
+                .split_whitespace()
+                .last()
+                .is_some_and(|status| status == "skip" || status == "error"),
+            "{series}: devmapper is loaded here, the test proves nothing: {devmapper}"
+        );
         let config = ctrd.config_path().to_path_buf();
         let state = ctrd.dir().join("noded-state");
         let mut req = request(&config, &state, &HANDLERS, &version.to_string());
