@@ -462,3 +462,43 @@ fn a_full_version_2_template_gets_version_2_tables() {
     block_on(c.revert()).expect("revert");
     assert_eq!(std::fs::read_to_string(&path).expect("read"), original);
 }
+
+/// containerd 2.x reads the v2 template only while no v3 template exists: when one appears, noded's
+/// tables move there and its block leaves the v2 template (whose bytes are the operator's again).
+#[test]
+fn a_new_v3_template_takes_over_from_the_v2_one() {
+    let Some(bins) = testkit::containerd::require(Series::V2_1) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let c = configurator(tmp.path(), Flavour::Rke2, &bins);
+    let dir = containerd_dir(tmp.path(), Flavour::Rke2);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (v2, v3) = (dir.join(TEMPLATE_V2), dir.join(TEMPLATE_V3));
+    let v2_original = format!("{BASE_INCLUDE}# operator's v2 additions\n");
+    std::fs::write(&v2, &v2_original).expect("write v2");
+    block_on(c.apply(&HANDLERS)).expect("apply into v2");
+    assert!(
+        std::fs::read_to_string(&v2)
+            .expect("v2")
+            .contains("kata-qemu")
+    );
+    assert!(!v3.exists());
+
+    std::fs::write(&v3, BASE_INCLUDE).expect("operator adds v3");
+    let change = block_on(c.apply(&HANDLERS)).expect("apply into v3");
+    assert!(change.changed, "{change:?}");
+    assert_eq!(change.files, vec![v3.clone(), v2.clone()]);
+    assert_eq!(std::fs::read_to_string(&v2).expect("v2"), v2_original);
+    assert_dump_has_handlers(
+        Series::V2_1,
+        &bins,
+        &v3,
+        &base_for(Series::V2_1, &bins),
+        &c.kata_root,
+    );
+    assert!(!block_on(c.apply(&HANDLERS)).expect("again").changed);
+    block_on(c.revert()).expect("revert");
+    assert_eq!(std::fs::read_to_string(&v3).expect("v3"), BASE_INCLUDE);
+    assert_eq!(std::fs::read_to_string(&v2).expect("v2"), v2_original);
+}

@@ -501,6 +501,9 @@ pub fn restart_for(restart: &Restart, unit: &str) -> Restart {
 #[derive(Debug, Clone)]
 struct Planned {
     template: Template,
+    /// Templates noded wrote earlier that are no longer the one the distribution reads (a v3
+    /// template appeared): their block is cut out.
+    stale: Vec<(PathBuf, FileRecord)>,
     after: String,
     handlers: Vec<String>,
     version: ContainerdVersion,
@@ -508,7 +511,7 @@ struct Planned {
 
 impl Planned {
     fn changed(&self) -> bool {
-        !self.template.existed || self.after != self.template.original
+        !self.template.existed || self.after != self.template.original || !self.stale.is_empty()
     }
 }
 
@@ -570,8 +573,14 @@ impl EmbeddedContainerd {
         template.check_foreign(&specs)?;
         let config_version = template.declared_version().unwrap_or(config_version);
         let after = template.with_block(&render_block(&specs, config_version));
+        let stale = self
+            .recorded()?
+            .into_iter()
+            .filter(|(p, _)| *p != template.path)
+            .collect();
         Ok(Planned {
             template,
+            stale,
             after,
             handlers: specs.into_iter().map(|s| s.name).collect(),
             version,
@@ -590,7 +599,9 @@ impl EmbeddedContainerd {
                 Vec::new()
             },
             files: if changed {
-                vec![p.template.path.clone()]
+                std::iter::once(p.template.path.clone())
+                    .chain(p.stale.iter().map(|(s, _)| s.clone()))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -623,6 +634,12 @@ impl EmbeddedContainerd {
         store.save(&state)?;
         fsutil::clean_stale_temps(path);
         fsutil::write_atomic(path, p.after.as_bytes(), 0o644)?;
+        if !p.stale.is_empty() {
+            for (stale, rec) in &p.stale {
+                self.cut(&store, &mut state, stale, rec)?;
+            }
+            store.save(&state)?;
+        }
         Ok(())
     }
 
@@ -726,6 +743,39 @@ impl EmbeddedContainerd {
         Ok(change)
     }
 
+    /// Cuts noded's block out of `path` (deleting a template noded created that holds nothing else)
+    /// and forgets its record; true when the file changed.
+    fn cut(
+        &self,
+        store: &StateStore,
+        state: &mut super::state::State,
+        path: &Path,
+        rec: &FileRecord,
+    ) -> Result<bool, TemplateError> {
+        fsutil::clean_stale_temps(path);
+        let t = Template::load(path)?;
+        let after = if !rec.original_existed && t.operator == BASE_INCLUDE {
+            None
+        } else {
+            Some(t.operator.clone())
+        };
+        let changed = match &after {
+            Some(a) => t.existed && *a != t.original,
+            None => t.existed,
+        };
+        if changed {
+            match &after {
+                Some(a) => fsutil::write_atomic(path, a.as_bytes(), 0o644)?,
+                None => fsutil::remove_durable(path)?,
+            }
+        }
+        if rec.original_existed {
+            store.remove_backup(rec)?;
+        }
+        state.files.remove(path);
+        Ok(changed)
+    }
+
     /// Cuts noded's block out of every template it recorded; a template noded created and nobody
     /// changed since is deleted. Restarts the unit when a file changed.
     #[tracing::instrument(name = "embedded_containerd_revert", skip_all, fields(flavour = self.flavour.as_str()))]
@@ -737,30 +787,11 @@ impl EmbeddedContainerd {
             ..Change::default()
         };
         for (path, rec) in self.recorded()? {
-            fsutil::clean_stale_temps(&path);
-            let t = Template::load(&path)?;
-            let after = if !rec.original_existed && t.operator == BASE_INCLUDE {
-                None
-            } else {
-                Some(t.operator.clone())
-            };
-            let changed = match &after {
-                Some(a) => t.existed && *a != t.original,
-                None => t.existed,
-            };
-            if changed {
-                match &after {
-                    Some(a) => fsutil::write_atomic(&path, a.as_bytes(), 0o644)?,
-                    None => fsutil::remove_durable(&path)?,
-                }
+            if self.cut(&store, &mut state, &path, &rec)? {
                 change.changed = true;
                 change.files.push(path.clone());
                 change.handlers.extend(rec.handlers.iter().cloned());
             }
-            if rec.original_existed {
-                store.remove_backup(&rec)?;
-            }
-            state.files.remove(&path);
         }
         store.save(&state)?;
         change.restart_needed = change.changed;
