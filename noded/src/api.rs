@@ -14,7 +14,7 @@ use crate::vm::engine::{Engine, EngineError};
 use crate::vm::pool::PoolError;
 
 pub mod authority;
-pub mod handlers;
+pub(crate) mod handlers;
 
 pub mod pb {
     tonic::include_proto!("noded.v1");

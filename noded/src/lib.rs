@@ -14,7 +14,7 @@ pub mod hypervisor;
 pub mod k8s;
 pub mod kata;
 pub mod metrics;
-pub mod names;
+pub(crate) mod names;
 pub mod observe;
 pub mod proctable;
 pub mod runtime;

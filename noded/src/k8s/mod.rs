@@ -6,9 +6,9 @@
 
 pub mod daemon;
 pub mod events;
-pub mod feed;
-pub mod node;
-pub mod publisher;
+pub(crate) mod feed;
+pub(crate) mod node;
+pub(crate) mod publisher;
 pub mod retry;
 pub mod runtimeclass;
 pub mod signals;

@@ -1,9 +1,9 @@
 //! Kata Containers adapter: the install layout under a Kata root, the derived `kata-qemu-warm`
 //! configuration, and keeping Kata's own VM factory template present and current.
 
-pub mod factory;
+pub(crate) mod factory;
 pub mod keeper;
-pub mod layout;
+pub(crate) mod layout;
 pub mod warm;
 
 use std::path::{Path, PathBuf};

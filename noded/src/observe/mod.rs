@@ -5,9 +5,9 @@
 //! capacity ([`capacity`]), keeps the latest probe result and recent boot latencies per runtime
 //! handler, and publishes everything to [`crate::metrics::Metrics`].
 
-pub mod capacity;
+pub(crate) mod capacity;
 pub mod latency;
-pub mod memory;
+pub(crate) mod memory;
 pub mod procscan;
 pub mod readiness;
 pub mod warm;

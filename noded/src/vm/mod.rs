@@ -12,7 +12,7 @@ pub mod cli;
 pub mod clone;
 pub mod engine;
 pub mod guest;
-pub mod pool;
+pub(crate) mod pool;
 pub mod qemu;
 pub mod reap;
 pub mod template;
