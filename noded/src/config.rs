@@ -48,6 +48,10 @@ pub struct NodedConfig {
     pub kata: KataSection,
     #[serde(default)]
     pub guest: GuestSection,
+    /// `[[handlers]]`: operator-defined Kata handlers with their own settings, registered next to
+    /// the presets of `containerd.runtimes` (see [`crate::kata::handlers`]).
+    #[serde(default)]
+    pub handlers: Vec<crate::kata::handlers::HandlerConfig>,
 }
 
 /// Guest kernel + initramfs of noded's own `[[templates]]` (issue 11: nothing downloads on a node).
@@ -474,6 +478,19 @@ impl NodedConfig {
             ));
         }
         self.guest.validate()?;
+        let presets = self.kata_handlers();
+        for (i, h) in self.handlers.iter().enumerate() {
+            h.validate(i)?;
+            if self.handlers[..i].iter().any(|o| o.name == h.name) {
+                return Err(format!("handlers[{i}].name: {:?} is used twice", h.name));
+            }
+            if presets.iter().any(|p| p.name() == h.name) {
+                return Err(format!(
+                    "handlers[{i}].name: {:?} is also registered by containerd.runtimes (the kata-qemu/kata-qemu-warm pair when unset); list the presets you keep there without it",
+                    h.name
+                ));
+            }
+        }
         if self.kubernetes.enabled && self.kubernetes.startup_taint.trim().is_empty() {
             return Err("kubernetes.startup_taint: must not be empty".into());
         }
@@ -619,6 +636,58 @@ mod tests {
         assert!(msg.starts_with("/etc/noded/noded.toml: "), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
         msg
+    }
+
+    #[test]
+    fn handlers_are_checked_at_load() {
+        let ok = NodedConfig::parse(
+            Path::new("/n.toml"),
+            "[containerd]\nruntimes = [\"kata-qemu\"]\n[[handlers]]\nname = \"kata-qemu-rs\"\nruntime = \"rust\"\nhypervisor = \"dragonball\"\ndefault_vcpus = 2\n[handlers.kata.hypervisor.dragonball]\nblock_device_driver = \"virtio-blk\"\n",
+        )
+        .expect("valid [[handlers]]");
+        assert_eq!(ok.handlers.len(), 1);
+        assert!(ok.handlers[0].has_settings());
+        for (text, needle) in [
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
+                "vcpus",
+            ),
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"vbox\"\n",
+                "vbox",
+            ),
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"dragonball\"\n",
+                "handlers[0].hypervisor",
+            ),
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"fc\"\nwarm = true\n",
+                "handlers[0].warm",
+            ),
+            (
+                "[[handlers]]\nname = \"H_\"\nhypervisor = \"qemu\"\n",
+                "handlers[0].name",
+            ),
+            (
+                "[[handlers]]\nname = \"kata-qemu\"\nhypervisor = \"qemu\"\n",
+                "containerd.runtimes",
+            ),
+            (
+                "[[handlers]]\nname = \"a\"\nhypervisor = \"qemu\"\n[[handlers]]\nname = \"a\"\nhypervisor = \"clh\"\n",
+                "handlers[1].name",
+            ),
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nkata_root = \"opt/kata\"\n",
+                "handlers[0].kata_root",
+            ),
+            (
+                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\n[handlers.kata]\nx = 1\n",
+                "handlers[0].kata.x",
+            ),
+        ] {
+            let msg = refused(text);
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
     }
 
     #[test]

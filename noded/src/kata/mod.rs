@@ -2,6 +2,7 @@
 //! configuration, and keeping Kata's own VM factory template present and current.
 
 pub(crate) mod factory;
+pub mod handlers;
 pub mod keeper;
 pub(crate) mod layout;
 pub mod warm;
