@@ -57,6 +57,7 @@ fn request(ctrd: &PrivateContainerd, state: &Path, handlers: &[KataHandler]) -> 
             ContainerdVersion::detect(Path::new("containerd")).expect("containerd --version"),
         ),
         containerd_binary: PathBuf::from("containerd"),
+        custom: Vec::new(),
         socket: Some(ctrd.socket().to_path_buf()),
     }
 }

@@ -56,6 +56,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         adopt: false,
         containerd_version: None,
         containerd_binary: PathBuf::from("containerd"),
+        custom: Vec::new(),
         socket: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

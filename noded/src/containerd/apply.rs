@@ -26,6 +26,9 @@ use crate::fsutil::sha256_bytes;
 pub struct Request {
     pub config: PathBuf,
     pub handlers: Vec<KataHandler>,
+    /// noded.toml's `[[handlers]]`, registered after the presets of `handlers`
+    /// ([`crate::kata::handlers::HandlerConfig::spec`]).
+    pub custom: Vec<HandlerSpec>,
     pub kata_root: PathBuf,
     /// noded's ownership record and backups (`<data_dir>`, default /var/lib/noded).
     pub state_dir: PathBuf,
@@ -223,6 +226,7 @@ impl Request {
         self.handlers
             .iter()
             .map(|h| h.spec(&self.kata_root))
+            .chain(self.custom.iter().cloned())
             .collect()
     }
 }

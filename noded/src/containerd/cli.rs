@@ -99,6 +99,8 @@ fn request(o: &PlanOptions) -> Result<Request, String> {
     Ok(Request {
         config: o.config.clone(),
         handlers: parse_handlers(&o.runtimes).map_err(|e| format!("--runtime: {e}"))?,
+        // `--runtime` names presets only; [[handlers]] come from noded.toml (`noded run`, the installer).
+        custom: Vec::new(),
         kata_root: o.kata_root.clone(),
         state_dir: o.target.state_dir.clone(),
         adopt: o.adopt,

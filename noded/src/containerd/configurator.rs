@@ -35,6 +35,13 @@ impl ContainerdConfigurator {
                 socket: access.running.then(|| apply::config_socket(&main)),
                 config: main,
                 handlers: Vec::new(),
+                // Each [[handlers]] entry under its own Kata root (containerd.kata_root when unset),
+                // seen the way `access` sees the presets' root.
+                custom: config
+                    .handlers
+                    .iter()
+                    .map(|h| h.spec(&access.path(&h.kata_root(&config.containerd.kata_root))))
+                    .collect(),
                 kata_root: access.path(&config.containerd.kata_root),
                 state_dir: access.path(&config.daemon.data_dir),
                 adopt: access.adopt,

@@ -329,6 +329,7 @@ async fn sandboxes_clone_the_template_or_boot_cold() {
         adopt: false,
         containerd_version: None,
         containerd_binary: bins.containerd.clone(),
+        custom: Vec::new(),
         socket: Some(ctrd.socket().to_path_buf()),
     };
     let report = apply::apply(&req, &Restart::Command(ctrd.restart_command()))

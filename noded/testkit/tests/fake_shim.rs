@@ -129,6 +129,7 @@ async fn kata_sandbox_runs(series: Series) {
         adopt: false,
         containerd_version: None,
         containerd_binary: bins.containerd.clone(),
+        custom: Vec::new(),
         socket: Some(ctrd.socket().to_path_buf()),
     };
     let report = apply::apply(&req, &Restart::Command(ctrd.restart_command()))

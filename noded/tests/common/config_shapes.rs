@@ -57,6 +57,7 @@ pub fn request(config: &Path, state: &Path, handlers: &[KataHandler], version: &
         adopt: false,
         containerd_version: Some(version.parse::<ContainerdVersion>().expect("version")),
         containerd_binary: PathBuf::from("containerd"),
+        custom: Vec::new(),
         socket: None,
     }
 }

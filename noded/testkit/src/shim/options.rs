@@ -48,6 +48,27 @@ pub fn check_config(path: &str) -> Result<(), String> {
     })
 }
 
+/// The drop-ins Kata would merge over the configuration at `config_path`, in the order it merges
+/// them: the regular files of `config.d/` beside the symlink-resolved path (the Go runtime resolves
+/// with EvalSymlinks before looking; runtime-rs takes regular files only), sorted by file name.
+pub fn dropins(config_path: &str) -> Vec<String> {
+    let resolved =
+        std::fs::canonicalize(config_path).unwrap_or_else(|_| PathBuf::from(config_path));
+    let Some(dir) = resolved.parent().map(|d| d.join("config.d")) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_file())
+        .map(|e| e.path().display().to_string())
+        .collect();
+    files.sort();
+    files
+}
+
 /// `<dir of the shim binary>/../calls.log`: the fake Kata release's root, where its recording
 /// scripts also log.
 pub fn calls_log() -> Option<PathBuf> {
@@ -81,6 +102,7 @@ pub fn record_create(id: &str, bundle: &str, config_path: Option<&str>, error: O
         "id": id,
         "bundle": bundle,
         "config_path": config_path,
+        "dropins": config_path.map(dropins).unwrap_or_default(),
         "error": error,
     });
     append(&log, &line.to_string());
