@@ -42,6 +42,8 @@ pub struct BootReport {
     pub kvm: Kvm,
     pub modules_missing: Vec<String>,
     pub warm_config_changed: bool,
+    /// `[[handlers]]` configuration copies and drop-ins written or removed by this boot.
+    pub handler_dropins: noded::kata::handlers::DropinOutcome,
     pub containerd: crate::containerd_step::Applied,
     pub prepared_dirs: Vec<PathBuf>,
     pub warnings: Vec<String>,
@@ -88,6 +90,25 @@ pub fn boot(root: &Root) -> Result<BootReport, BootError> {
         },
     )?;
 
+    // [[handlers]] settings as noded-owned drop-ins, rewritten only when their bytes change; each
+    // handler's Kata root seen under `root` like the presets'.
+    let handlers: Vec<_> = config
+        .handlers
+        .iter()
+        .cloned()
+        .map(|mut h| {
+            h.kata_root = Some(root.path(&h.kata_root(&config.containerd.kata_root)));
+            h
+        })
+        .collect();
+    let dropins = noded::kata::handlers::apply(
+        &handlers,
+        &root.path(&config.containerd.kata_root),
+        &root
+            .path(&config.daemon.data_dir)
+            .join(noded::kata::handlers::STATE_FILE),
+    )?;
+
     let containerd =
         crate::containerd_step::apply(&mut ledger, &config).map_err(BootError::Containerd)?;
 
@@ -111,6 +132,7 @@ pub fn boot(root: &Root) -> Result<BootReport, BootError> {
         kvm,
         modules_missing,
         warm_config_changed: warm.changed,
+        handler_dropins: dropins,
         containerd,
         prepared_dirs,
         warnings,

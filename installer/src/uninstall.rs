@@ -120,6 +120,21 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
         .map_err(UninstallError::Containerd)?;
 
     let mut warnings = Vec::new();
+    // [[handlers]] drop-ins and configuration copies noded wrote, before the Kata tree goes; a file
+    // someone changed since is left and reported.
+    if let Some(c) = &config {
+        let state = root
+            .path(&c.daemon.data_dir)
+            .join(noded::kata::handlers::STATE_FILE);
+        match noded::kata::handlers::revert(&state) {
+            Ok(o) => warnings.extend(
+                o.kept_modified
+                    .iter()
+                    .map(|p| format!("{}: changed since noded wrote it; left", p.display())),
+            ),
+            Err(e) => warnings.push(format!("Kata handler drop-ins: {e}")),
+        }
+    }
     // Kata's factory template is a tmpfs Kata mounted; unmount it through Kata before its tree goes.
     let layout = KataLayout::new(root.path(assets::KATA_ROOT));
     let template = root.path(assets::KATA_TEMPLATE_DIR);

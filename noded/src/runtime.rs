@@ -99,6 +99,9 @@ pub enum RuntimeError {
     /// k3s/rke2: the containerd template (`containerd.flavour`).
     #[error(transparent)]
     Embedded(#[from] crate::containerd::embedded::TemplateError),
+    /// `[[handlers]]`: a handler's Kata configuration or drop-in.
+    #[error(transparent)]
+    Kata(#[from] crate::kata::KataError),
 }
 
 impl ExitStatus for RuntimeError {
@@ -107,6 +110,7 @@ impl ExitStatus for RuntimeError {
             Self::Handler(_) | Self::Restart(_) => exit::BAD_INPUT,
             Self::Containerd(e) => e.exit_code(),
             Self::Embedded(e) => e.exit_code(),
+            Self::Kata(e) => e.exit_code(),
         }
     }
 }
@@ -185,6 +189,18 @@ pub async fn apply_on_start(
 ) -> Result<Option<Change>, RuntimeError> {
     if !config.containerd.apply_on_start {
         return Ok(None);
+    }
+    // The drop-ins first: containerd's entries point at the handlers' own configuration copies.
+    let dropins = crate::kata::handlers::apply(
+        &config.handlers,
+        &config.containerd.kata_root,
+        &config
+            .daemon
+            .data_dir
+            .join(crate::kata::handlers::STATE_FILE),
+    )?;
+    if dropins.changed() {
+        info!(written = ?dropins.written, removed = ?dropins.removed, "Kata handler drop-ins applied");
     }
     let handlers = config.kata_handlers();
     let change = apply_recorded(runtime, &handlers, metrics).await?;

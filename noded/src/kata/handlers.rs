@@ -87,6 +87,8 @@ pub struct HandlerConfig {
 
 /// Kata's install prefix when `containerd.kata_root` is unset.
 pub const DEFAULT_KATA_ROOT: &str = "/opt/kata";
+/// noded's record of the files it wrote for `[[handlers]]`, in `daemon.data_dir`.
+pub const STATE_FILE: &str = "kata-handlers.json";
 /// The one drop-in noded writes per handler; 50 leaves room either side for an operator's own.
 pub const DROPIN_NAME: &str = "50-noded.toml";
 

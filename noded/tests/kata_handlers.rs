@@ -1,0 +1,211 @@
+//! `[[handlers]]` drop-ins on a fake Kata root: two handlers sharing one shipped configuration each
+//! get their own copy and `config.d/`, Kata's own files stay byte-identical, a second apply writes
+//! nothing, a bad key writes nothing, and revert leaves the tree exactly as the release shipped it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use noded::config::NodedConfig;
+use noded::kata::handlers::{self, STATE_FILE};
+use testkit::fake_kata::FakeKata;
+
+/// Every file under `dir` (symlinks as their target) with its bytes: what "byte-identical" means.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                out.insert(p.clone(), b"<dir>".to_vec());
+                stack.push(p);
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&p).expect("readlink");
+                out.insert(p, target.into_os_string().into_encoded_bytes());
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+fn config(kata_root: &Path, data_dir: &Path, handlers: &str) -> NodedConfig {
+    let text = format!(
+        "[daemon]\ndata_dir = \"{}\"\n[containerd]\nkata_root = \"{}\"\nruntimes = [\"kata-qemu\"]\n{handlers}",
+        data_dir.display(),
+        kata_root.display()
+    );
+    NodedConfig::parse(Path::new("/etc/noded/noded.toml"), &text).expect("config")
+}
+
+const TWO: &str = r#"
+[[handlers]]
+name = "kata-qemu-big"
+hypervisor = "qemu"
+default_vcpus = 4
+default_memory = 8192
+agent_https_proxy = "http://proxy.internal:3128"
+agent_no_proxy = "10.0.0.0/8"
+[handlers.kata.hypervisor.qemu]
+machine_type = "microvm"
+
+[[handlers]]
+name = "kata-qemu-dbg"
+hypervisor = "qemu"
+enable_debug = true
+
+[[handlers]]
+name = "kata-clh-plain"
+hypervisor = "clh"
+"#;
+
+#[test]
+fn dropins_per_handler_no_rewrite_and_byte_identical_revert() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("opt/kata");
+    FakeKata::write(&root, &root, "3.18.0");
+    let data = tmp.path().join("var/lib/noded");
+    let shipped = tree(&root);
+    let c = config(&root, &data, TWO);
+    let state = data.join(STATE_FILE);
+
+    let first = handlers::apply(&c.handlers, &c.containerd.kata_root, &state).expect("apply");
+    let noded_dir = root.join("share/defaults/kata-containers/noded");
+    let big = noded_dir.join("kata-qemu-big");
+    let dbg = noded_dir.join("kata-qemu-dbg");
+    assert_eq!(
+        first.written,
+        vec![
+            big.join("config.d/50-noded.toml"),
+            big.join("configuration-qemu.toml"),
+            dbg.join("config.d/50-noded.toml"),
+            dbg.join("configuration-qemu.toml"),
+        ]
+    );
+    // A handler without settings uses the shipped file: no copy, no drop-in.
+    assert_eq!(
+        c.handlers[2].spec(&root).config_path,
+        root.join("share/defaults/kata-containers/configuration-clh.toml")
+    );
+    assert_eq!(
+        c.handlers[0].spec(&root).config_path,
+        big.join("configuration-qemu.toml")
+    );
+    // Kata's own files are untouched; the copies are the shipped bytes.
+    let after = tree(&root);
+    for (p, bytes) in &shipped {
+        assert_eq!(after.get(p), Some(bytes), "{} changed", p.display());
+    }
+    let shipped_qemu = root.join("share/defaults/kata-containers/configuration-qemu.toml");
+    assert_eq!(
+        std::fs::read(big.join("configuration-qemu.toml")).expect("copy"),
+        std::fs::read(&shipped_qemu).expect("shipped")
+    );
+    // Each handler reads only its own settings.
+    let big_dropin: toml::Table =
+        toml::from_str(&std::fs::read_to_string(big.join("config.d/50-noded.toml")).expect("read"))
+            .expect("toml");
+    let q = &big_dropin["hypervisor"]["qemu"];
+    assert_eq!(q["default_vcpus"].as_integer(), Some(4));
+    assert_eq!(q["machine_type"].as_str(), Some("microvm"));
+    assert_eq!(
+        q["kernel_params"].as_str(),
+        Some("agent.https_proxy=http://proxy.internal:3128 agent.no_proxy=10.0.0.0/8")
+    );
+    assert!(big_dropin.get("runtime").is_none());
+    let dbg_dropin: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dbg.join("config.d/50-noded.toml")).expect("read"))
+            .expect("toml");
+    assert_eq!(dbg_dropin["runtime"]["enable_debug"].as_bool(), Some(true));
+    assert_eq!(
+        dbg_dropin["hypervisor"]["qemu"]["enable_debug"].as_bool(),
+        Some(true)
+    );
+    assert!(
+        dbg_dropin["hypervisor"]["qemu"]
+            .get("default_vcpus")
+            .is_none()
+    );
+    // Atomic writes leave no temp file behind.
+    for (p, _) in tree(&noded_dir) {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(
+            !name.starts_with(".noded-tmp"),
+            "temp left: {}",
+            p.display()
+        );
+    }
+
+    // Again: nothing written, same inode (no rename).
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat"));
+    let before = ino(&big.join("config.d/50-noded.toml"));
+    let again = handlers::apply(&c.handlers, &c.containerd.kata_root, &state).expect("again");
+    assert!(!again.changed(), "{again:?}");
+    assert_eq!(ino(&big.join("config.d/50-noded.toml")), before);
+
+    // A typo in one handler: refused naming it, and nothing changes for any handler.
+    let typo = config(
+        &root,
+        &data,
+        &format!("{TWO}[handlers.kata.hypervisor.clh]\nmachine_tipe = \"x\"\n"),
+    );
+    let tree_before = tree(&root);
+    let err = handlers::apply(&typo.handlers, &typo.containerd.kata_root, &state)
+        .expect_err("unknown Kata key");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("handlers.kata-clh-plain.kata.hypervisor.clh.machine_tipe")
+            && msg.contains("configuration-clh.toml")
+            && !msg.contains('\n'),
+        "{msg}"
+    );
+    assert_eq!(
+        noded::exit::ExitStatus::exit_code(&err),
+        noded::exit::BAD_INPUT
+    );
+    assert_eq!(tree(&root), tree_before);
+
+    // One handler dropped: only its files go.
+    let fewer = config(&root, &data, &TWO.replace("enable_debug = true", ""));
+    let o = handlers::apply(&fewer.handlers, &fewer.containerd.kata_root, &state).expect("fewer");
+    assert_eq!(
+        o.removed,
+        vec![
+            dbg.join("config.d/50-noded.toml"),
+            dbg.join("configuration-qemu.toml")
+        ]
+    );
+    assert!(!dbg.exists());
+    assert!(big.join("config.d/50-noded.toml").is_file());
+
+    // Revert: the Kata tree is exactly what the release shipped, and the record is gone.
+    let r = handlers::revert(&state).expect("revert");
+    assert!(r.kept_modified.is_empty(), "{r:?}");
+    assert_eq!(tree(&root), shipped);
+    assert!(!state.exists());
+}
+
+#[test]
+fn revert_keeps_a_file_someone_changed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("opt/kata");
+    FakeKata::write(&root, &root, "3.18.0");
+    let data = tmp.path().join("data");
+    let c = config(
+        &root,
+        &data,
+        "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\ndefault_vcpus = 2\n",
+    );
+    let state = data.join(STATE_FILE);
+    handlers::apply(&c.handlers, &c.containerd.kata_root, &state).expect("apply");
+    let dropin = c.handlers[0].dropin_path(&root);
+    std::fs::write(&dropin, "# operator edit\n").expect("edit");
+    let r = handlers::revert(&state).expect("revert");
+    assert_eq!(r.kept_modified, vec![dropin.clone()]);
+    assert_eq!(
+        std::fs::read_to_string(&dropin).expect("kept"),
+        "# operator edit\n"
+    );
+}
