@@ -502,3 +502,49 @@ fn a_new_v3_template_takes_over_from_the_v2_one() {
     assert_eq!(std::fs::read_to_string(&v3).expect("v3"), BASE_INCLUDE);
     assert_eq!(std::fs::read_to_string(&v2).expect("v2"), v2_original);
 }
+
+/// A handler with a snapshotter (kata-fc: devmapper) in a k3s template: containerd 1.7 reads it from
+/// the runtime table; 2.1 from the runtime table and the images plugin's `runtime_platforms`, both
+/// in noded's block. Revert takes both away.
+fn snapshotter_in_the_template(series: Series) {
+    let Some(bins) = testkit::containerd::require(series) else {
+        return;
+    };
+    let handlers = [KataHandler::Qemu, KataHandler::Fc];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let c = configurator(tmp.path(), Flavour::K3s, &bins);
+    let dir = containerd_dir(tmp.path(), Flavour::K3s);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    block_on(c.apply(&handlers)).expect("apply");
+    let template = dir.join(if series.version().major >= 2 {
+        TEMPLATE_V3
+    } else {
+        TEMPLATE_V2
+    });
+    let text = std::fs::read_to_string(&template).expect("template");
+    let rendered = template.with_extension("rendered.toml");
+    std::fs::write(&rendered, render_as_k3s(&text, &base_for(series, &bins))).expect("write");
+    let d = dump(&bins, &rendered);
+    let fc = &runtimes(&d, series.runtime_plugin())["kata-fc"];
+    assert_eq!(fc["snapshotter"].as_str(), Some("devmapper"), "{text}");
+    let platform = d["plugins"]
+        .get("io.containerd.cri.v1.images")
+        .and_then(|i| i.get("runtime_platforms"))
+        .and_then(|p| p.get("kata-fc"));
+    if series.version().major >= 2 {
+        let platform =
+            platform.unwrap_or_else(|| panic!("no runtime_platforms.kata-fc in:\n{text}"));
+        assert_eq!(platform["snapshotter"].as_str(), Some("devmapper"));
+    } else {
+        assert!(platform.is_none(), "1.7 has no images plugin entry");
+    }
+    block_on(c.revert()).expect("revert");
+    assert!(!template.exists(), "noded's own template removed");
+}
+
+per_series! {
+    [V1_7, V2_1]
+    fn snapshotter_reaches_the_embedded_containerd(series) {
+        snapshotter_in_the_template(series);
+    }
+}

@@ -32,6 +32,7 @@ use super::apply::verify_loaded;
 use super::document::ConfigVersion;
 use super::handler::{HandlerSpec, KataHandler};
 use super::restart::{self, Restart, RestartError};
+use super::snapshotter::{SnapshotterError, check_specs};
 use super::state::{FileRecord, StateError, StateStore};
 use super::version::{ContainerdVersion, VersionError};
 use crate::config::NodedConfig;
@@ -183,6 +184,8 @@ pub enum TemplateError {
     Write(#[from] FsError),
     #[error(transparent)]
     Version(#[from] VersionError),
+    #[error(transparent)]
+    Snapshotter(#[from] SnapshotterError),
     #[error("restarting {unit}: {source}")]
     Restart { unit: String, source: RestartError },
     #[error(
@@ -203,6 +206,7 @@ impl ExitStatus for TemplateError {
             | Self::OpenBlock { .. }
             | Self::Markers { .. }
             | Self::Version(_)
+            | Self::Snapshotter(_)
             | Self::State(StateError::Corrupt { .. }) => exit::BAD_INPUT,
             _ => exit::RUNTIME_FAILURE,
         }
@@ -419,24 +423,49 @@ fn check_actions(path: &Path, text: &str) -> Result<(), TemplateError> {
 }
 
 /// noded's block for `specs` in a template of `version`: the handler tables under the CRI runtime
-/// plugin, containerd's own rendering, between the markers. Never a `version` key or a `runc` table:
-/// the base template has both, and a second one would not parse.
+/// plugin, containerd's own rendering, between the markers; in a version 3 template also the images
+/// plugin's `runtime_platforms.<handler>` of a handler with a snapshotter (containerd 2.x unpacks that
+/// handler's images with it; it never derives the entry itself). Never a `version` key or a `runc`
+/// table: the base template has both, and a second one would not parse.
 pub fn render_block(specs: &[HandlerSpec], version: ConfigVersion) -> String {
-    // Built from the inside out: only the handler tables get headers, their parents stay implicit.
-    let mut item = toml_edit::Table::new();
-    item.set_implicit(true);
-    for spec in specs {
-        item.insert(&spec.name, toml_edit::Item::Table(spec.to_table()));
+    // Built from the inside out: only the leaf tables get headers, their parents stay implicit.
+    fn nested(path: &[&str], leaves: Vec<(&str, toml_edit::Table)>) -> toml_edit::Table {
+        let mut item = toml_edit::Table::new();
+        item.set_implicit(true);
+        for (name, table) in leaves {
+            item.insert(name, toml_edit::Item::Table(table));
+        }
+        for key in path.iter().rev() {
+            let mut parent = toml_edit::Table::new();
+            parent.set_implicit(true);
+            parent.insert(key, toml_edit::Item::Table(item));
+            item = parent;
+        }
+        item
     }
-    // `item` becomes the value of each key in turn: runtimes, containerd, the plugin id.
-    for key in ["runtimes", "containerd", version.cri_runtime_plugin()] {
-        let mut parent = toml_edit::Table::new();
-        parent.set_implicit(true);
-        parent.insert(key, toml_edit::Item::Table(item));
-        item = parent;
+    let handlers = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.to_table()))
+        .collect();
+    let mut plugins = nested(
+        &[version.cri_runtime_plugin(), "containerd", "runtimes"],
+        handlers,
+    );
+    let platforms: Vec<_> = specs
+        .iter()
+        .filter_map(|s| Some((s.name.as_str(), s.runtime_platform_table()?)))
+        .collect();
+    if version == ConfigVersion::V3 && !platforms.is_empty() {
+        let images = nested(
+            &[ConfigVersion::IMAGES_PLUGIN, "runtime_platforms"],
+            platforms,
+        );
+        for (key, item) in images {
+            plugins.insert(&key, item);
+        }
     }
     let mut doc = toml_edit::DocumentMut::new();
-    doc.insert("plugins", toml_edit::Item::Table(item));
+    doc.insert("plugins", toml_edit::Item::Table(plugins));
     let body = doc.to_string();
     format!(
         "\n{BEGIN} (noded writes and removes this block; `installer uninstall` cuts it out)\n{}{END}\n",
@@ -570,6 +599,8 @@ impl EmbeddedContainerd {
         let (path, config_version) = target(&self.dir, version);
         let template = Template::load(&path)?;
         let specs = self.specs(handlers);
+        // Before anything is written: a snapshotter this containerd would silently ignore is refused.
+        check_specs(&specs, version)?;
         template.check_foreign(&specs)?;
         let config_version = template.declared_version().unwrap_or(config_version);
         let after = template.with_block(&render_block(&specs, config_version));
