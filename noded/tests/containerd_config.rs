@@ -112,6 +112,13 @@ fn shape_roundtrip_except(series: Series, fixture_name: Option<&str>, may_change
             "pod_annotations"
         );
         assert_eq!(
+            t["container_annotations"]
+                .as_array()
+                .map(|a| a.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>()),
+            Some(vec!["io.kubernetes.container.terminationMessage*"]),
+            "{series}: container_annotations"
+        );
+        assert_eq!(
             t["options"]["ConfigPath"].as_str(),
             Some(spec.config_path.to_str().expect("utf8"))
         );

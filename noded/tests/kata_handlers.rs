@@ -209,3 +209,113 @@ fn revert_keeps_a_file_someone_changed() {
         "# operator edit\n"
     );
 }
+
+/// `[[handlers]]` entries as the real containerd of each series reads them: a runtime-rs dragonball
+/// handler with settings (runtime-rs shim, noded's configuration copy) and a plain Go Cloud
+/// Hypervisor one (shipped file) next to the kata-qemu preset; apply again writes nothing, revert
+/// removes the file noded created.
+fn custom_entries_in_dump(series: testkit::containerd::Series) {
+    let Some(bins) = testkit::containerd::require(series) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config_file = tmp.path().join("etc/config.toml");
+    std::fs::create_dir_all(tmp.path().join("etc")).expect("mkdir");
+    let c = config(
+        Path::new("/opt/kata"),
+        &tmp.path().join("data"),
+        "[[handlers]]\nname = \"kata-db-rs\"\nruntime = \"rust\"\nhypervisor = \"dragonball\"\ndefault_memory = 1024\n\n[[handlers]]\nname = \"kata-clh-go\"\nhypervisor = \"clh\"\n",
+    );
+    let version = bins.detect_version().expect("containerd --version");
+    let req = noded::containerd::apply::Request {
+        config: config_file.clone(),
+        handlers: c.kata_handlers(),
+        custom: c
+            .handlers
+            .iter()
+            .map(|h| h.spec(&c.containerd.kata_root))
+            .collect(),
+        kata_root: c.containerd.kata_root.clone(),
+        state_dir: tmp.path().join("state"),
+        adopt: false,
+        containerd_version: Some(version),
+        containerd_binary: bins.containerd.clone(),
+        socket: None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let never = noded::containerd::restart::Restart::Never;
+    let report = rt
+        .block_on(noded::containerd::apply::apply(&req, &never))
+        .unwrap_or_else(|e| panic!("{series}: apply: {e}"));
+    assert!(report.changed);
+    let dump = bins
+        .dump(&config_file)
+        .unwrap_or_else(|e| panic!("{series}: {e:#}"));
+    let rts = dump
+        .get("plugins")
+        .and_then(|p| p.get(series.runtime_plugin()))
+        .and_then(|p| p.get("containerd"))
+        .and_then(|p| p.get("runtimes"))
+        .and_then(toml::Value::as_table)
+        .unwrap_or_else(|| panic!("{series}: no runtimes in dump: {dump:#?}"));
+    let db = &rts["kata-db-rs"];
+    assert_eq!(
+        db["runtime_type"].as_str(),
+        Some("io.containerd.kata-db-rs.v2")
+    );
+    assert_eq!(
+        db["runtime_path"].as_str(),
+        Some("/opt/kata/runtime-rs/bin/containerd-shim-kata-v2")
+    );
+    assert_eq!(
+        db["options"]["ConfigPath"].as_str(),
+        Some(
+            "/opt/kata/share/defaults/kata-containers/noded/kata-db-rs/configuration-dragonball.toml"
+        )
+    );
+    assert_eq!(
+        db["container_annotations"].as_array().map(Vec::len),
+        Some(1),
+        "{series}: {db}"
+    );
+    assert_eq!(
+        db["pod_annotations"].as_array().and_then(|a| a[0].as_str()),
+        Some("io.katacontainers.*")
+    );
+    let clh = &rts["kata-clh-go"];
+    assert_eq!(
+        clh["runtime_path"].as_str(),
+        Some("/opt/kata/bin/containerd-shim-kata-v2")
+    );
+    assert_eq!(
+        clh["options"]["ConfigPath"].as_str(),
+        Some("/opt/kata/share/defaults/kata-containers/configuration-clh.toml")
+    );
+    assert!(rts.contains_key("kata-qemu"), "{series}: preset kept");
+    let again = rt
+        .block_on(noded::containerd::apply::apply(&req, &never))
+        .expect("again");
+    assert!(!again.changed, "{series}: {again:?}");
+    rt.block_on(noded::containerd::apply::revert_with(
+        &config_file,
+        &req.state_dir,
+        &never,
+        req.containerd_version,
+        &bins.containerd,
+        None,
+    ))
+    .unwrap_or_else(|e| panic!("{series}: revert: {e}"));
+    assert!(
+        !config_file.exists(),
+        "{series}: revert removes the file noded created"
+    );
+}
+
+testkit::per_series! {
+    fn custom_handlers_dump(series) {
+        custom_entries_in_dump(series);
+    }
+}

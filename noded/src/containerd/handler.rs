@@ -98,6 +98,9 @@ impl FromStr for KataHandler {
     }
 }
 
+/// The one entry of every handler's `container_annotations`, as kata-deploy registers its handlers.
+pub const CONTAINER_ANNOTATION: &str = "io.kubernetes.container.terminationMessage*";
+
 /// The keys of one handler's runtime table (DESIGN section 5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerSpec {
@@ -123,6 +126,11 @@ impl HandlerSpec {
         let mut annotations = toml_edit::Array::new();
         annotations.push("io.katacontainers.*");
         t.insert("pod_annotations", toml_edit::value(annotations));
+        // As kata-deploy writes it (tools/packaging/kata-deploy/binary/src/runtime/containerd.rs):
+        // the kubelet's termination-message annotations reach the shim.
+        let mut container = toml_edit::Array::new();
+        container.push(CONTAINER_ANNOTATION);
+        t.insert("container_annotations", toml_edit::value(container));
         if let Some(s) = &self.snapshotter {
             t.insert("snapshotter", toml_edit::value(s.name()));
         }
