@@ -97,7 +97,7 @@ pub fn boot(root: &Root) -> Result<BootReport, BootError> {
         .iter()
         .cloned()
         .map(|mut h| {
-            h.kata_root = Some(root.path(&h.kata_root(&config.containerd.kata_root)));
+            h.kata_root = Some(root.path(h.kata_root(&config.containerd.kata_root)));
             h
         })
         .collect();

@@ -542,12 +542,14 @@ impl NodedConfig {
         crate::containerd::handler::normalize(&self.containerd.runtimes)
     }
 
-    /// `containerd.runtimes` as configured, by name.
+    /// `containerd.runtimes` as configured, then the `[[handlers]]`, by name: what gets a
+    /// RuntimeClass, a probe (unless `probe.handlers` says otherwise) and observation.
     pub fn runtime_names(&self) -> Vec<String> {
         self.containerd
             .runtimes
             .iter()
             .map(|h| h.name().to_owned())
+            .chain(self.handlers.iter().map(|h| h.name.clone()))
             .collect()
     }
 
@@ -646,6 +648,7 @@ mod tests {
         )
         .expect("valid [[handlers]]");
         assert_eq!(ok.handlers.len(), 1);
+        assert_eq!(ok.runtime_names(), ["kata-qemu", "kata-qemu-rs"]);
         assert!(ok.handlers[0].has_settings());
         for (text, needle) in [
             (
