@@ -458,3 +458,73 @@ fn rbac_grants_exactly_what_noded_calls() {
         assert_eq!(b["spec"]["validationActions"], serde_json::json!(["Deny"]));
     }
 }
+
+/// The k3s/rke2 components (`daemonset/examples/{k3s,rke2}`): added to the base in a kustomization of
+/// the operator's, they move the containerd mounts to the distribution's paths, exactly the paths
+/// noded's `[containerd] flavour` uses (its template dir and socket), at the same path in the
+/// container; the result still validates strictly.
+#[test]
+fn k3s_and_rke2_components_mount_the_paths_their_flavour_uses() {
+    use noded::containerd::embedded::Flavour;
+    if !tools() {
+        return;
+    }
+    for (name, flavour) in [("k3s", Flavour::K3s), ("rke2", Flavour::Rke2)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(daemonset_dir(), tmp.path().join("base")).expect("symlink");
+        std::os::unix::fs::symlink(
+            daemonset_dir().join("examples").join(name),
+            tmp.path().join(name),
+        )
+        .expect("symlink");
+        std::fs::write(
+            tmp.path().join("kustomization.yaml"),
+            format!("resources:\n  - base\ncomponents:\n  - {name}\n"),
+        )
+        .expect("write");
+        let rendered = kustomize(tmp.path());
+        let out = validate(&rendered);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let docs = yaml_docs(&rendered);
+        let ds = docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("DaemonSet");
+        let spec = &ds["spec"]["template"]["spec"];
+        let host_path = |volume: &str| {
+            spec["volumes"]
+                .as_array()
+                .and_then(|v| v.iter().find(|v| v["name"] == volume))
+                .and_then(|v| v["hostPath"]["path"].as_str())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{name}: volume {volume}"))
+        };
+        let mount_path = |volume: &str| {
+            spec["containers"][0]["volumeMounts"]
+                .as_array()
+                .and_then(|v| v.iter().find(|m| m["name"] == volume))
+                .and_then(|m| m["mountPath"].as_str())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| panic!("{name}: mount {volume}"))
+        };
+        let config_dir = flavour
+            .default_config()
+            .and_then(|c| c.parent().map(Path::to_path_buf))
+            .expect("flavour has a config dir");
+        let socket_dir = flavour
+            .default_socket()
+            .and_then(|s| s.parent().map(Path::to_path_buf))
+            .expect("flavour has a socket");
+        for (volume, want) in [
+            ("etc-containerd", config_dir),
+            ("run-containerd", socket_dir),
+        ] {
+            assert_eq!(host_path(volume), want, "{name}: {volume} hostPath");
+            assert_eq!(mount_path(volume), want, "{name}: {volume} mountPath");
+        }
+    }
+}
