@@ -38,6 +38,9 @@ pub enum BakeError {
     Kata(#[from] noded::kata::KataError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
+    /// `--handlers`: unreadable, or not a file of `[[handlers]]` noded accepts.
+    #[error("{path}: {message}")]
+    Handlers { path: PathBuf, message: String },
 }
 
 impl noded::exit::ExitStatus for BakeError {
@@ -48,6 +51,7 @@ impl noded::exit::ExitStatus for BakeError {
             | Self::NotKata { .. }
             | Self::NodedBinary { .. }
             | Self::Guest(_)
+            | Self::Handlers { .. }
             | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
             _ => noded::exit::RUNTIME_FAILURE,
         }
@@ -93,6 +97,11 @@ pub struct BakeOptions {
     /// /opt/noded/guest and pinned in noded.toml; without it the node has no template pool.
     #[arg(long)]
     pub guest_assets: Option<PathBuf>,
+    /// A TOML file of `[[handlers]]` entries (noded.toml's syntax, nothing else) appended to the
+    /// baked noded.toml: Kata handlers beyond the kata-qemu pair, with their settings. Checked like
+    /// noded checks them at load (exit 2, one line).
+    #[arg(long)]
+    pub handlers: Option<PathBuf>,
 }
 
 impl BakeOptions {
@@ -220,10 +229,21 @@ fn bake_steps(
         0o644,
     ));
     let guest = bake_guest(ledger, o, &mut report)?;
-    let toml = assets::noded_toml(o.mode, guest.as_ref());
+    let mut toml = assets::noded_toml(o.mode, guest.as_ref());
+    if let Some(path) = &o.handlers {
+        toml.push_str(&handlers_section(path)?);
+    }
     // The file must load in noded itself; a template bug would otherwise surface on a booted node.
-    noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml)
-        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
+    noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml).map_err(|e| {
+        match &o.handlers {
+            // Only the appended handlers can make the baked file invalid beyond a template bug.
+            Some(path) => BakeError::Handlers {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+            None => IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)).into(),
+        }
+    })?;
     files.push((assets::NODED_TOML, toml.into_bytes(), 0o644));
     let nodeadm = match o.nodeadm {
         Nodeadm::Always => true,
@@ -256,9 +276,19 @@ fn bake_steps(
         .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
     let handlers = config.kata_handlers();
     let shim = Path::new(assets::KATA_ROOT).join("bin/containerd-shim-kata-v2");
-    for h in handlers {
-        let link = Path::new(assets::SHIM_LINK_DIR).join(assets::shim_link_name(h.name()));
-        if ledger.symlink(&link, &shim, Phase::Bake)? {
+    let links = handlers
+        .iter()
+        .map(|h| (h.name().to_owned(), shim.clone()))
+        .chain(config.handlers.iter().map(|h| {
+            // A [[handlers]] entry's own shim: Go or runtime-rs, under its own Kata root.
+            (
+                h.name.clone(),
+                h.shim_path(&h.kata_root(&config.containerd.kata_root)),
+            )
+        }));
+    for (name, target) in links {
+        let link = Path::new(assets::SHIM_LINK_DIR).join(assets::shim_link_name(&name));
+        if ledger.symlink(&link, &target, Phase::Bake)? {
             report.written.push(link);
         } else {
             report.unchanged.push(link);
@@ -466,4 +496,28 @@ pub fn parse_containerd_major(text: &str) -> Option<u32> {
             .then(|| major.parse().ok())
             .flatten()
     })
+}
+
+/// `--handlers`: the file's text, appended verbatim after a comment, once it parses as nothing but
+/// `[[handlers]]` entries.
+fn handlers_section(path: &Path) -> Result<String, BakeError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct HandlersFile {
+        #[allow(dead_code)]
+        // Parsed to refuse anything but [[handlers]]; the text is what is kept.
+        handlers: Vec<noded::kata::handlers::HandlerConfig>,
+    }
+    let bad = |message: String| BakeError::Handlers {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    toml::from_str::<HandlersFile>(&text)
+        .map_err(|e| bad(noded::config::one_line(&e.to_string())))?;
+    Ok(format!(
+        "\n# From `installer bake --handlers {}`.\n{text}{}",
+        path.display(),
+        if text.ends_with('\n') { "" } else { "\n" }
+    ))
 }

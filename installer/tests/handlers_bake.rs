@@ -1,0 +1,158 @@
+//! `installer bake --handlers FILE`: the [[handlers]] land in the baked noded.toml, `installer boot`
+//! writes their Kata drop-ins and registers them with containerd, a second boot and a re-bake rewrite
+//! nothing, uninstall leaves the root byte for byte as before; a bad handlers file is exit 2, one line.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Node, installer, snapshot};
+
+fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value, String) {
+    let out = installer()
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .arg("--output")
+        .arg("json")
+        .output()
+        .expect("run installer");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, stderr)
+}
+
+fn bake_args<'a>(
+    tarball: &'a Path,
+    sha: &'a str,
+    noded: &'a Path,
+    handlers: &'a Path,
+) -> Vec<&'a str> {
+    vec![
+        "bake",
+        "--kata-tarball",
+        tarball.to_str().expect("utf8"),
+        "--sha256",
+        sha,
+        "--noded-binary",
+        noded.to_str().expect("utf8"),
+        "--nodeadm",
+        "never",
+        "--handlers",
+        handlers.to_str().expect("utf8"),
+    ]
+}
+
+const HANDLERS: &str = "[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\n\n[[handlers]]\nname = \"kata-clh\"\nhypervisor = \"clh\"\n";
+
+#[test]
+fn baked_handlers_boot_rebake_and_uninstall() {
+    let node = Node::new();
+    let root = node.root();
+    let before = snapshot(&root);
+    let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
+    let noded = node.fake_noded();
+    let handlers = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(handlers.path(), HANDLERS).expect("write");
+
+    let (code, _, stderr) = run_json(&bake_args(&tarball, &sha, &noded, handlers.path()), &root);
+    assert_eq!(code, 0, "bake failed: {stderr}");
+    let toml = std::fs::read_to_string(root.join("etc/noded/noded.toml")).expect("noded.toml");
+    let config = noded::config::NodedConfig::parse(Path::new("noded.toml"), &toml).expect("loads");
+    assert_eq!(config.handlers.len(), 2, "{toml}");
+    assert_eq!(
+        std::fs::read_link(root.join("usr/local/bin/containerd-shim-kata-qemu-big-v2"))
+            .expect("1.6 shim link"),
+        Path::new("/opt/kata/bin/containerd-shim-kata-v2")
+    );
+
+    let (code, report, stderr) = run_json(&["boot"], &root);
+    assert_eq!(code, 0, "boot failed: {stderr}");
+    let own = root.join("opt/kata/share/defaults/kata-containers/noded/kata-qemu-big");
+    assert_eq!(
+        report["handler_dropins"]["written"],
+        serde_json::json!([
+            own.join("config.d/50-noded.toml"),
+            own.join("configuration-qemu.toml")
+        ]),
+        "{report}"
+    );
+    let cfg = std::fs::read_to_string(root.join("etc/containerd/config.toml")).expect("config");
+    let parsed: toml::Table = cfg.parse().expect("valid TOML");
+    let runtimes = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"];
+    let big = runtimes
+        .get("kata-qemu-big")
+        .expect("kata-qemu-big registered");
+    assert!(
+        big["options"]["ConfigPath"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("noded/kata-qemu-big/configuration-qemu.toml")),
+        "{cfg}"
+    );
+    assert!(
+        runtimes["kata-clh"]["options"]["ConfigPath"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("kata-containers/configuration-clh.toml")),
+        "{cfg}"
+    );
+
+    // Second boot and a re-bake: nothing rewritten.
+    let booted = snapshot(&root);
+    let (code, report, stderr) = run_json(&["boot"], &root);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["handler_dropins"]["written"], serde_json::json!([]));
+    let (code, _, stderr) = run_json(&bake_args(&tarball, &sha, &noded, handlers.path()), &root);
+    assert_eq!(code, 0, "re-bake: {stderr}");
+    let (code, _, stderr) = run_json(&["boot"], &root);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(snapshot(&root), booted, "re-bake + boot changed something");
+
+    let (code, _, stderr) = run_json(&["uninstall"], &root);
+    assert_eq!(code, 0, "uninstall failed: {stderr}");
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "uninstall must restore the root byte for byte"
+    );
+}
+
+#[test]
+fn bad_handlers_file_is_exit_2_one_line() {
+    let node = Node::new();
+    let root = node.root();
+    let before = snapshot(&root);
+    let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
+    let noded = node.fake_noded();
+    for (text, needle) in [
+        (
+            "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
+            "vcpus",
+        ),
+        ("[daemon]\ndata_dir = \"/x\"\n", "daemon"),
+        (
+            "[[handlers]]\nname = \"h\"\nhypervisor = \"dragonball\"\n",
+            "handlers[0].hypervisor",
+        ),
+    ] {
+        let handlers = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(handlers.path(), text).expect("write");
+        let out = installer()
+            .args(bake_args(&tarball, &sha, &noded, handlers.path()))
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&handlers.path().display().to_string()) && stderr.contains(needle),
+            "{needle}: {stderr}"
+        );
+    }
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "a refused bake leaves the root as it was"
+    );
+}
