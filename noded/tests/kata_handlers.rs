@@ -319,3 +319,49 @@ testkit::per_series! {
         custom_entries_in_dump(series);
     }
 }
+
+/// Side by side (issue 14 item 4): a canary handler on a second Kata root gets its shim, its
+/// configuration copy and its drop-in under that root; dropping it removes exactly its files and
+/// leaves the other root's handler as it was.
+#[test]
+fn two_kata_roots_side_by_side() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let current = tmp.path().join("opt/kata");
+    let canary = tmp.path().join("opt/kata-3.28");
+    FakeKata::write(&current, &current, "3.27.0");
+    FakeKata::write(&canary, &canary, "3.28.0");
+    let shipped_canary = tree(&canary);
+    let data = tmp.path().join("data");
+    let both = format!(
+        "[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\n\n\
+         [[handlers]]\nname = \"kata-qemu-big-328\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\nkata_root = \"{}\"\n",
+        canary.display()
+    );
+    let c = config(&current, &data, &both);
+    let state = data.join(STATE_FILE);
+    handlers::apply(&c.handlers, &c.containerd.kata_root, &state).expect("apply");
+    let spec = c.handlers[1].spec(&c.containerd.kata_root);
+    assert_eq!(
+        spec.runtime_path,
+        canary.join("bin/containerd-shim-kata-v2")
+    );
+    assert_eq!(
+        spec.config_path,
+        canary
+            .join("share/defaults/kata-containers/noded/kata-qemu-big-328/configuration-qemu.toml")
+    );
+    assert!(c.handlers[1].dropin_path(&canary).is_file());
+    let current_after = tree(&current);
+
+    // The canary is over: only its files go; the current root is untouched.
+    let one = config(
+        &current,
+        &data,
+        "[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\n",
+    );
+    let o = handlers::apply(&one.handlers, &one.containerd.kata_root, &state).expect("one");
+    assert!(o.removed.iter().all(|p| p.starts_with(&canary)), "{o:?}");
+    assert_eq!(o.removed.len(), 2, "{o:?}");
+    assert_eq!(tree(&canary), shipped_canary);
+    assert_eq!(tree(&current), current_after);
+}
