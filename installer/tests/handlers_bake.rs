@@ -125,12 +125,12 @@ fn bad_handlers_file_is_exit_2_one_line() {
     let noded = node.fake_noded();
     for (text, needle) in [
         (
-            "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
+            "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
             "vcpus",
         ),
         ("[daemon]\ndata_dir = \"/x\"\n", "daemon"),
         (
-            "[[handlers]]\nname = \"h\"\nhypervisor = \"dragonball\"\n",
+            "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"dragonball\"\n",
             "handlers[0].hypervisor",
         ),
     ] {

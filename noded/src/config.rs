@@ -652,19 +652,19 @@ mod tests {
         assert!(ok.handlers[0].has_settings());
         for (text, needle) in [
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"qemu\"\nvcpus = 2\n",
                 "vcpus",
             ),
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"vbox\"\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"vbox\"\n",
                 "vbox",
             ),
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"dragonball\"\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"dragonball\"\n",
                 "handlers[0].hypervisor",
             ),
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"fc\"\nwarm = true\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"fc\"\nwarm = true\n",
                 "handlers[0].warm",
             ),
             (
@@ -672,19 +672,23 @@ mod tests {
                 "handlers[0].name",
             ),
             (
+                "[[handlers]]\nname = \"gvisor\"\nhypervisor = \"qemu\"\n",
+                "must start with `kata-`",
+            ),
+            (
                 "[[handlers]]\nname = \"kata-qemu\"\nhypervisor = \"qemu\"\n",
                 "containerd.runtimes",
             ),
             (
-                "[[handlers]]\nname = \"a\"\nhypervisor = \"qemu\"\n[[handlers]]\nname = \"a\"\nhypervisor = \"clh\"\n",
+                "[[handlers]]\nname = \"kata-a\"\nhypervisor = \"qemu\"\n[[handlers]]\nname = \"kata-a\"\nhypervisor = \"clh\"\n",
                 "handlers[1].name",
             ),
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\nkata_root = \"opt/kata\"\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"qemu\"\nkata_root = \"opt/kata\"\n",
                 "handlers[0].kata_root",
             ),
             (
-                "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\n[handlers.kata]\nx = 1\n",
+                "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"qemu\"\n[handlers.kata]\nx = 1\n",
                 "handlers[0].kata.x",
             ),
         ] {

@@ -196,7 +196,7 @@ fn revert_keeps_a_file_someone_changed() {
     let c = config(
         &root,
         &data,
-        "[[handlers]]\nname = \"h\"\nhypervisor = \"qemu\"\ndefault_vcpus = 2\n",
+        "[[handlers]]\nname = \"kata-h\"\nhypervisor = \"qemu\"\ndefault_vcpus = 2\n",
     );
     let state = data.join(STATE_FILE);
     handlers::apply(&c.handlers, &c.containerd.kata_root, &state).expect("apply");

@@ -97,6 +97,14 @@ impl HandlerConfig {
     pub fn validate(&self, i: usize) -> Result<(), String> {
         let field = |f: &str| format!("handlers[{i}].{f}");
         crate::names::check_label(&self.name).map_err(|e| format!("{}: {e}", field("name")))?;
+        // noded publishes RuntimeClasses (k8s::runtimeclass::class_names) for kata-* handlers only.
+        if !self.name.starts_with("kata-") {
+            return Err(format!(
+                "{}: {:?} must start with `kata-` (the handlers noded publishes RuntimeClasses for)",
+                field("name"),
+                self.name
+            ));
+        }
         if self.hypervisor == HandlerHypervisor::Dragonball && self.runtime == KataRuntime::Go {
             return Err(format!(
                 "{}: dragonball is built into runtime-rs only; set runtime = \"rust\"",
@@ -626,15 +634,15 @@ enable_debug = false
 
     #[test]
     fn validate_names_the_field() {
-        let e = parse("name = \"d\"\nhypervisor = \"dragonball\"").validate(3);
+        let e = parse("name = \"kata-d\"\nhypervisor = \"dragonball\"").validate(3);
         assert!(
             e.expect_err("go+dragonball")
                 .starts_with("handlers[3].hypervisor:")
         );
-        let e = parse("name = \"w\"\nhypervisor = \"clh\"\nwarm = true").validate(0);
+        let e = parse("name = \"kata-w\"\nhypervisor = \"clh\"\nwarm = true").validate(0);
         assert!(e.expect_err("warm clh").starts_with("handlers[0].warm:"));
-        let e =
-            parse("name = \"p\"\nhypervisor = \"qemu\"\nagent_https_proxy = \"a b\"").validate(1);
+        let e = parse("name = \"kata-p\"\nhypervisor = \"qemu\"\nagent_https_proxy = \"a b\"")
+            .validate(1);
         assert!(
             e.expect_err("proxy")
                 .starts_with("handlers[1].agent_https_proxy:")
