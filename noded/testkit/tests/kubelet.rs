@@ -540,9 +540,13 @@ async fn drop_removes_the_sandbox() {
         .await
         .expect("image import");
     let mut cri = CriClient::connect(ctrd.socket()).await.expect("CRI");
-    cri.wait_image(IMAGE, Duration::from_secs(10))
-        .await
-        .expect("image");
+    // CRI learns imported images asynchronously: both the pod's image and the sandbox (pause) image
+    // must be known, or RunPodSandbox tries to pull the pause image from the network.
+    for image in [IMAGE, PAUSE_IMAGE] {
+        cri.wait_image(image, Duration::from_secs(10))
+            .await
+            .expect("image");
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("in")).expect("in dir");
     let _sock =
