@@ -370,6 +370,7 @@ async fn restart_through_the_unit(series: Series, flavour: Flavour) {
         listen: ctrd.socket().to_path_buf(),
         binary: bins.containerd.clone(),
         kata_root: PathBuf::from("/opt/kata"),
+        custom: Vec::new(),
         state_dir: tmp.path().join("state"),
         restart: noded::containerd::embedded::restart_for(
             &Restart::Systemd(target),
@@ -546,5 +547,83 @@ per_series! {
     [V1_7, V2_1]
     fn snapshotter_reaches_the_embedded_containerd(series) {
         snapshotter_in_the_template(series);
+    }
+}
+
+/// noded.toml's `[[handlers]]` reach the embedded containerd too: the block registers them after the
+/// presets, and the series' dump has them (a handler without settings points at the shipped file; one
+/// with settings at noded's own copy).
+fn custom_handlers_in_the_template(series: Series) {
+    let Some(bins) = testkit::containerd::require(series) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = "[containerd]\nflavour = \"k3s\"\n[daemon]\ndata_dir = \"/var/lib/noded\"\n\n\
+                [[handlers]]\nname = \"kata-clh-plain\"\nhypervisor = \"clh\"\n\n\
+                [[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\n";
+    let config = NodedConfig::parse(Path::new("noded.toml"), text).expect("noded.toml");
+    let access = Access {
+        root: Some(tmp.path().to_path_buf()),
+        ..Access::default()
+    };
+    let mut c = EmbeddedContainerd::new(&config, &access, Flavour::K3s);
+    c.version = Some(bins.detect_version().expect("containerd --version"));
+    let dir = containerd_dir(tmp.path(), Flavour::K3s);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let change = block_on(c.apply(&HANDLERS)).expect("apply");
+    for name in ["kata-clh-plain", "kata-qemu-big"] {
+        assert!(change.handlers.iter().any(|h| h == name), "{change:?}");
+    }
+    let template = dir.join(if series.version().major >= 2 {
+        TEMPLATE_V3
+    } else {
+        TEMPLATE_V2
+    });
+    let written = std::fs::read_to_string(&template).expect("template");
+    let rendered = template.with_extension("rendered.toml");
+    std::fs::write(&rendered, render_as_k3s(&written, &base_for(series, &bins))).expect("write");
+    let d = dump(&bins, &rendered);
+    let rts = runtimes(&d, series.runtime_plugin());
+    for spec in &c.custom {
+        let t = rts
+            .get(&spec.name)
+            .and_then(toml::Value::as_table)
+            .unwrap_or_else(|| {
+                panic!("{series}: {} missing in the dump of:\n{written}", spec.name)
+            });
+        assert_eq!(
+            t["options"]["ConfigPath"].as_str(),
+            spec.config_path.to_str(),
+            "{}",
+            spec.name
+        );
+    }
+    let plain = c
+        .custom
+        .iter()
+        .find(|s| s.name == "kata-clh-plain")
+        .expect("plain");
+    let big = c
+        .custom
+        .iter()
+        .find(|s| s.name == "kata-qemu-big")
+        .expect("big");
+    assert!(
+        plain.config_path.ends_with("configuration-clh.toml"),
+        "{plain:?}"
+    );
+    assert!(
+        big.config_path
+            .to_string_lossy()
+            .contains("/noded/kata-qemu-big/"),
+        "{big:?}"
+    );
+    assert!(rts.contains_key("kata-qemu"), "presets kept");
+}
+
+per_series! {
+    [V1_7, V2_1]
+    fn custom_handlers_reach_the_embedded_containerd(series) {
+        custom_handlers_in_the_template(series);
     }
 }

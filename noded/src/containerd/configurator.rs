@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use super::apply::{self, ApplyError, Plan, Report, Request};
-use super::handler::KataHandler;
+use super::handler::{HandlerSpec, KataHandler};
 use super::restart::Restart;
 use crate::config::NodedConfig;
 use crate::runtime::{Access, Change, RuntimeConfigurator, RuntimeError};
@@ -35,13 +35,7 @@ impl ContainerdConfigurator {
                 socket: access.running.then(|| apply::config_socket(&main)),
                 config: main,
                 handlers: Vec::new(),
-                // Each [[handlers]] entry under its own Kata root (containerd.kata_root when unset),
-                // seen the way `access` sees the presets' root.
-                custom: config
-                    .handlers
-                    .iter()
-                    .map(|h| h.spec(&access.path(&h.kata_root(&config.containerd.kata_root))))
-                    .collect(),
+                custom: custom_specs(config, access),
                 kata_root: access.path(&config.containerd.kata_root),
                 state_dir: access.path(&config.daemon.data_dir),
                 adopt: access.adopt,
@@ -158,4 +152,15 @@ mod tests {
             );
         }
     }
+}
+
+/// The entries of noded.toml's `[[handlers]]`, each under its own Kata root (`containerd.kata_root`
+/// when unset), seen the way `access` sees the presets' root. Every containerd shape registers them
+/// after the presets.
+pub(super) fn custom_specs(config: &NodedConfig, access: &Access) -> Vec<HandlerSpec> {
+    config
+        .handlers
+        .iter()
+        .map(|h| h.spec(&access.path(&h.kata_root(&config.containerd.kata_root))))
+        .collect()
 }

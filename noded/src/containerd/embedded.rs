@@ -505,6 +505,8 @@ pub struct EmbeddedContainerd {
     pub listen: PathBuf,
     pub binary: PathBuf,
     pub kata_root: PathBuf,
+    /// noded.toml's `[[handlers]]`, registered after the presets.
+    pub custom: Vec<HandlerSpec>,
     /// noded's ownership record (`daemon.data_dir`).
     pub state_dir: PathBuf,
     /// The restart method, already aimed at the flavour's unit.
@@ -568,6 +570,7 @@ impl EmbeddedContainerd {
                 .clone()
                 .unwrap_or_else(|| flavour.default_binary()),
             kata_root: access.path(&config.containerd.kata_root),
+            custom: super::configurator::custom_specs(config, access),
             state_dir: access.path(&config.daemon.data_dir),
             restart,
             version: None,
@@ -591,7 +594,11 @@ impl EmbeddedContainerd {
     }
 
     fn specs(&self, handlers: &[KataHandler]) -> Vec<HandlerSpec> {
-        handlers.iter().map(|h| h.spec(&self.kata_root)).collect()
+        handlers
+            .iter()
+            .map(|h| h.spec(&self.kata_root))
+            .chain(self.custom.iter().cloned())
+            .collect()
     }
 
     async fn planned(&self, handlers: &[KataHandler]) -> Result<Planned, TemplateError> {
