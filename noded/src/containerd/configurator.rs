@@ -136,6 +136,17 @@ impl RuntimeConfigurator for ContainerdConfigurator {
     }
 }
 
+/// The entries of noded.toml's `[[handlers]]`, each under its own Kata root (`containerd.kata_root`
+/// when unset), seen the way `access` sees the presets' root. Every containerd shape registers them
+/// after the presets.
+pub(super) fn custom_specs(config: &NodedConfig, access: &Access) -> Vec<HandlerSpec> {
+    config
+        .handlers
+        .iter()
+        .map(|h| h.spec(&access.path(&h.kata_root(&config.containerd.kata_root))))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use crate::containerd::apply::Strategy;
@@ -152,15 +163,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The entries of noded.toml's `[[handlers]]`, each under its own Kata root (`containerd.kata_root`
-/// when unset), seen the way `access` sees the presets' root. Every containerd shape registers them
-/// after the presets.
-pub(super) fn custom_specs(config: &NodedConfig, access: &Access) -> Vec<HandlerSpec> {
-    config
-        .handlers
-        .iter()
-        .map(|h| h.spec(&access.path(&h.kata_root(&config.containerd.kata_root))))
-        .collect()
 }
