@@ -8,23 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Node, installer, snapshot};
+use common::{Node, run_json, snapshot};
 use noded::vm::assets::{self, ExportManifest};
 use noded::vm::engine::GuestSource;
-
-fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value, String) {
-    let out = installer()
-        .args(args)
-        .arg("--root")
-        .arg(root)
-        .arg("--output")
-        .arg("json")
-        .output()
-        .expect("run installer");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap_or(-1), json, stderr)
-}
 
 /// The Kata tarball and noded artifact of `node`, made once.
 struct Inputs {

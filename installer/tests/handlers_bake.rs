@@ -6,21 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Node, installer, snapshot};
-
-fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value, String) {
-    let out = installer()
-        .args(args)
-        .arg("--root")
-        .arg(root)
-        .arg("--output")
-        .arg("json")
-        .output()
-        .expect("run installer");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap_or(-1), json, stderr)
-}
+use common::{Node, installer, run_json, snapshot};
 
 fn bake_args<'a>(
     tarball: &'a Path,

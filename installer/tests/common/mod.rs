@@ -137,3 +137,18 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
 pub fn installer() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("installer").expect("installer binary")
 }
+
+/// `installer <args> --root <root> --output json`: exit code, parsed stdout (Null if not JSON), stderr.
+pub fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value, String) {
+    let out = installer()
+        .args(args)
+        .arg("--root")
+        .arg(root)
+        .arg("--output")
+        .arg("json")
+        .output()
+        .expect("run installer");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), json, stderr)
+}

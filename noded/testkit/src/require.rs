@@ -38,3 +38,26 @@ pub fn require_root() -> bool {
     }
     root
 }
+
+/// Root (mount namespaces, runc), runc and busybox (the images) for tests that run pods through runc
+/// or the fake Kata shim: missing ones skip the test, or fail it under CI=true.
+pub fn require_runc_pods() -> bool {
+    let busybox = noded::containerd::image::DEFAULT_BUSYBOX;
+    let missing: Vec<&str> = [
+        (!nix::unistd::geteuid().is_root()).then_some("root"),
+        (!std::path::Path::new(busybox).is_file()).then_some(busybox),
+        (!std::path::Path::new("/usr/sbin/runc").is_file()).then_some("/usr/sbin/runc"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and missing: {missing:?}"
+    );
+    eprintln!("SKIP: missing {missing:?}");
+    false
+}

@@ -22,26 +22,8 @@ use testkit::fake_kata::FakeKata;
 const SHIM: &str = env!("CARGO_BIN_EXE_fake-kata-shim");
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Root (mount namespaces, runc) and busybox (the images) are needed; missing ones skip the test,
-/// or fail it under CI=true.
 fn prerequisites() -> bool {
-    let missing: Vec<&str> = [
-        (!nix::unistd::geteuid().is_root()).then_some("root"),
-        (!Path::new(DEFAULT_BUSYBOX).is_file()).then_some(DEFAULT_BUSYBOX),
-        (!Path::new("/usr/sbin/runc").is_file()).then_some("/usr/sbin/runc"),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and missing: {missing:?}"
-    );
-    eprintln!("SKIP: missing {missing:?}");
-    false
+    testkit::require::require_runc_pods()
 }
 
 /// Live processes running this release's shim binary.
