@@ -535,3 +535,56 @@ async fn runtimeclass_overhead_follows_measured_cost_outside_a_10_percent_band()
         "a 5% move must not rewrite the RuntimeClasses"
     );
 }
+
+/// A `[[handlers]]` class the cluster refuses (the shipped RBAC and admission policy name only the
+/// presets: 403) does not hold the node tainted: the presets' classes are written, the refused one is
+/// asked for once (not in a loop), and the taint goes once the probe passed. A refused preset class
+/// still blocks (it is part of the install).
+#[tokio::test]
+async fn a_refused_custom_runtimeclass_does_not_hold_the_taint() {
+    let fake = FakeApi::new(fresh_node());
+    const CUSTOM: &str = "/apis/node.k8s.io/v1/runtimeclasses/kata-qemu-big";
+    for _ in 0..20 {
+        fake.inject(Fault {
+            method: "PATCH",
+            path: CUSTOM.into(),
+            content_type: None,
+            status: 403,
+            message: "runtimeclasses.node.k8s.io \"kata-qemu-big\" is forbidden".into(),
+        });
+    }
+    let mut s = settings();
+    s.runtime_classes.push("kata-qemu-big".into());
+    let run = start(&fake, s);
+    run.probe("runc", true, None);
+    fake.wait_for("taint removed", |s| !s.has_startup_taint())
+        .await;
+    {
+        let s = fake.state();
+        assert!(s.runtime_classes.contains_key("kata-qemu"));
+        assert!(s.runtime_classes.contains_key("kata-qemu-warm"));
+        assert!(!s.runtime_classes.contains_key("kata-qemu-big"));
+        let asked = s.log.iter().filter(|r| r.path.starts_with(CUSTOM)).count();
+        assert_eq!(asked, 1, "refused class asked once, not retried in a loop");
+    }
+
+    // The same refusal for a preset keeps the node tainted.
+    let fake = FakeApi::new(fresh_node());
+    for _ in 0..20 {
+        fake.inject(Fault {
+            method: "PATCH",
+            path: "/apis/node.k8s.io/v1/runtimeclasses/kata-qemu".into(),
+            content_type: None,
+            status: 403,
+            message: "forbidden".into(),
+        });
+    }
+    let run2 = start(&fake, settings());
+    run2.probe("runc", true, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fake.state().has_startup_taint(),
+        "a preset class is part of the install"
+    );
+    drop(run);
+}

@@ -101,6 +101,17 @@ pub fn channels() -> (PublisherHandles, PublisherInputs) {
     )
 }
 
+/// How long a RuntimeClass the API server refused for good is left alone before noded asks again
+/// (an operator may have extended the RBAC and policy since).
+const REFUSED_CLASS_RETRY: Duration = Duration::from_secs(300);
+
+/// One of noded's built-in handler names, whose classes the shipped RBAC and policy allow.
+fn is_preset(class: &str) -> bool {
+    crate::containerd::handler::KataHandler::ALL
+        .iter()
+        .any(|h| h.name() == class)
+}
+
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
     pub node_name: String,
@@ -283,6 +294,9 @@ struct Publisher {
     /// RuntimeClass → memory overhead (MiB) it should carry / last carried.
     overhead_wanted: BTreeMap<String, u64>,
     overhead_applied: BTreeMap<String, u64>,
+    /// RuntimeClasses of `[[handlers]]` entries the API server refused for good (the shipped RBAC and
+    /// admission policy name only the presets), and when to ask again.
+    classes_refused: BTreeMap<String, Instant>,
     node_uid: Option<String>,
     events: VecDeque<(NodeEvent, u32)>,
     /// Something changed that the node does not show yet.
@@ -311,6 +325,7 @@ impl Publisher {
             label_hold: None,
             overhead_wanted,
             overhead_applied: BTreeMap::new(),
+            classes_refused: BTreeMap::new(),
             node_uid: None,
             events: VecDeque::new(),
             dirty: true,
@@ -473,17 +488,40 @@ impl Publisher {
 
     async fn sync(&mut self) -> Result<(), K8sError> {
         for (name, mib) in self.overhead_wanted.clone() {
-            if self.overhead_applied.get(&name) == Some(&mib) {
+            if self.overhead_applied.get(&name) == Some(&mib)
+                || self
+                    .classes_refused
+                    .get(&name)
+                    .is_some_and(|until| Instant::now() < *until)
+            {
                 continue;
             }
-            runtimeclass::apply(&self.client, &name, mib)
-                .await
-                .map_err(|source| K8sError::Api {
-                    verb: "apply",
-                    what: format!("runtimeclass {name}"),
-                    source,
-                })?;
-            self.overhead_applied.insert(name, mib);
+            match runtimeclass::apply(&self.client, &name, mib).await {
+                Ok(_) => {
+                    self.classes_refused.remove(&name);
+                    self.overhead_applied.insert(name, mib);
+                }
+                // A preset's class is part of the install: without it the node is not ready. A
+                // `[[handlers]]` class the cluster refuses (RBAC resourceNames, the admission policy)
+                // only leaves that handler unusable: pods naming it are refused at admission, which
+                // says why; holding the whole node tainted for it would not.
+                Err(source) if !is_preset(&name) && classify(&source) == ErrorClass::Permanent => {
+                    warn!(
+                        runtime_class = %name,
+                        error = %source,
+                        "RuntimeClass refused by the API server; add it to the noded ClusterRole's resourceNames and the noded-runtimeclasses admission policy (retrying in 5 minutes)"
+                    );
+                    self.classes_refused
+                        .insert(name, Instant::now() + REFUSED_CLASS_RETRY);
+                }
+                Err(source) => {
+                    return Err(K8sError::Api {
+                        verb: "apply",
+                        what: format!("runtimeclass {name}"),
+                        source,
+                    });
+                }
+            }
         }
 
         let mut n = self.get_node().await?;
