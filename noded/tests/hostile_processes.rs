@@ -140,7 +140,10 @@ fn spoofed_vms_on_real_proc_are_not_counted_but_a_root_shims_child_is() {
         wait_argv0(p.pid(), "qemu-system-x86_64");
     }
     // Until it has exec'd, the shim is still setpriv, running as root.
-    wait_argv0(evil_shim.pid(), "/opt/kata/bin/containerd-shim-kata-qemu-v2");
+    wait_argv0(
+        evil_shim.pid(),
+        "/opt/kata/bin/containerd-shim-kata-qemu-v2",
+    );
     assert_eq!(uid_of(spoof.pid()), Some(synthetic::NOBODY));
     assert_eq!(uid_of(evil_shim.pid()), Some(synthetic::NOBODY));
 
