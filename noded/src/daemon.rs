@@ -171,12 +171,38 @@ struct Parts {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     publisher: Option<crate::k8s::daemon::RunningPublisher>,
     vm: Option<VmPart>,
+    /// The runtime socket the probe loop probes: a probe in flight when the loop is aborted leaves
+    /// its sandbox, which shutdown removes (on a node, containerd and its pods outlive noded).
+    probe_socket: Option<std::path::PathBuf>,
 }
 
 impl Parts {
     async fn stop(mut self) {
         for t in self.tasks.drain(..) {
             t.abort();
+            // Aborted tasks are gone only once awaited: a probe must not create a sandbox after
+            // the cleanup below.
+            let _ = t.await;
+        }
+        if let Some(socket) = self.probe_socket.take()
+            && self.private_containerd.is_none()
+        {
+            // Within a pod's default 30 s grace period, with room for the rest of the shutdown.
+            let bound = Duration::from_secs(10);
+            match tokio::time::timeout(
+                bound,
+                crate::cri::probe::remove_leftover_probes(&socket, bound),
+            )
+            .await
+            {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => info!(
+                    removed = n,
+                    "removed the probe sandbox in flight at shutdown"
+                ),
+                Ok(Err(e)) => tracing::warn!("probe sandboxes at shutdown: {e}"),
+                Err(_) => tracing::warn!("probe sandboxes at shutdown: timed out after {bound:?}"),
+            }
         }
         if let Some(vm) = self.vm.take() {
             vm.stop().await;
@@ -266,6 +292,7 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
         "boot-samples",
         Arc::clone(&observer).consume_boot_samples(boot_samples),
     ));
+    parts.probe_socket = Some(config.containerd.socket.clone());
     parts.tasks.push(health.spawn(
         "probe-loop",
         probe_loop(

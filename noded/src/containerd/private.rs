@@ -562,10 +562,32 @@ fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// The last `lines` lines of the log, preceded by the last few error/fatal/exit lines that fell out of
+/// them: the supervisor restarts a containerd that exits, and the next start's plugin lines would
+/// otherwise push the reason out of the tail.
 fn log_tail(path: &Path, lines: usize) -> String {
+    const REASONS: usize = 5;
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let start = all.len().saturating_sub(lines);
+    // containerd's own exit message (`containerd: ...`) is not a logrus line.
+    let is_reason = |l: &&&str| {
+        l.contains("level=fatal") || l.contains("level=error") || !l.starts_with("time=")
+    };
+    let mut earlier: Vec<&str> = all[..start]
+        .iter()
+        .rev()
+        .filter(is_reason)
+        .take(REASONS)
+        .copied()
+        .collect();
+    earlier.reverse();
+    let tail = all[start..].join("\n");
+    if earlier.is_empty() {
+        tail
+    } else {
+        format!("{}\n...\n{tail}", earlier.join("\n"))
+    }
 }
 
 fn write_scripts(
