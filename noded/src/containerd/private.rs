@@ -161,13 +161,12 @@ impl PrivateLayout {
     }
 }
 
-/// The containerd 1.6 config (version 2) that works for a private instance on this kind of machine (see
-/// DESIGN section 10): own paths, CRI required, runc with cgroupfs, overlayfs, `restrict_oom_score_adj`
-/// (without it runc cannot write oom_score_adj here and every sandbox fails).
-pub fn default_config(layout: &PrivateLayout, sandbox_image: &str) -> String {
+/// What every private containerd config starts with, whatever its version: its own root, state,
+/// sockets and opt dir, and CRI required (without CRI the instance is useless to noded).
+pub fn config_head(layout: &PrivateLayout, version: u8) -> String {
     let q = |p: &Path| toml_quote(&p.display().to_string());
     format!(
-        r#"version = 2
+        r#"version = {version}
 root = {root}
 state = {state}
 required_plugins = ["io.containerd.grpc.v1.cri"]
@@ -187,7 +186,23 @@ required_plugins = ["io.containerd.grpc.v1.cri"]
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = {opt}
+"#,
+        root = q(&layout.root),
+        state = q(&layout.state),
+        socket = q(&layout.socket),
+        ttrpc = q(&layout.ttrpc_socket),
+        debug = q(&layout.debug_socket),
+        opt = q(&layout.opt),
+    )
+}
 
+/// The containerd 1.6 config (version 2) that works for a private instance on this kind of machine (see
+/// DESIGN section 10): own paths, CRI required, runc with cgroupfs, overlayfs, `restrict_oom_score_adj`
+/// (without it runc cannot write oom_score_adj here and every sandbox fails).
+pub fn default_config(layout: &PrivateLayout, sandbox_image: &str) -> String {
+    let q = |p: &Path| toml_quote(&p.display().to_string());
+    format!(
+        r#"{head}
   [plugins."io.containerd.grpc.v1.cri"]
     sandbox_image = {sandbox}
     netns_mounts_under_state_dir = true
@@ -210,12 +225,7 @@ required_plugins = ["io.containerd.grpc.v1.cri"]
           [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
             SystemdCgroup = false
 "#,
-        root = q(&layout.root),
-        state = q(&layout.state),
-        socket = q(&layout.socket),
-        ttrpc = q(&layout.ttrpc_socket),
-        debug = q(&layout.debug_socket),
-        opt = q(&layout.opt),
+        head = config_head(layout, 2),
         sandbox = toml_quote(sandbox_image),
         cni_bin = q(&layout.cni_bin),
         cni_conf = q(&layout.cni_conf),

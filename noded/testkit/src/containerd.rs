@@ -427,27 +427,7 @@ fn toml_quote(s: &str) -> String {
 pub fn default_config_v3(layout: &PrivateLayout, sandbox_image: &str) -> String {
     let q = |p: &Path| toml_quote(&p.display().to_string());
     format!(
-        r#"version = 3
-root = {root}
-state = {state}
-required_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  address = {debug}
-
-[metrics]
-  address = ""
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = {opt}
-
+        r#"{head}
   [plugins."io.containerd.cri.v1.images"]
     snapshotter = "overlayfs"
 
@@ -474,12 +454,7 @@ required_plugins = ["io.containerd.grpc.v1.cri"]
           [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
             SystemdCgroup = false
 "#,
-        root = q(&layout.root),
-        state = q(&layout.state),
-        socket = q(&layout.socket),
-        ttrpc = q(&layout.ttrpc_socket),
-        debug = q(&layout.debug_socket),
-        opt = q(&layout.opt),
+        head = noded::containerd::private::config_head(layout, 3),
         sandbox = toml_quote(sandbox_image),
         cni_bin = q(&layout.cni_bin),
         cni_conf = q(&layout.cni_conf),
