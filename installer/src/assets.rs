@@ -1,6 +1,6 @@
 //! The files `installer bake` writes besides the Kata release, rendered from the bake options.
 
-use std::path::Path;
+use noded::containerd::handler::{HandlerSpec, KataHandler, normalize};
 
 pub const NODED_BIN: &str = "/usr/local/bin/noded";
 pub const INSTALLER_BIN: &str = "/usr/local/bin/installer";
@@ -98,8 +98,17 @@ pub enum Mode {
 }
 
 /// noded.toml; with a baked guest (`--guest-assets`), its pin and a template pool that uses it.
-pub fn noded_toml(mode: Mode, guest: Option<&crate::guest::GuestRecord>) -> String {
+pub fn noded_toml(
+    mode: Mode,
+    runtimes: &[KataHandler],
+    guest: Option<&crate::guest::GuestRecord>,
+) -> String {
     let k8s = mode == Mode::Kubernetes;
+    let runtimes = normalize(runtimes)
+        .iter()
+        .map(|h| format!("\"{}\"", h.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut s = format!(
         "# Written by `installer bake` (noded); removed by `installer uninstall`.\n\
 # Read by `installer boot` (noded-boot.service) and by `noded run` (DaemonSet or noded.service).\n\
@@ -112,7 +121,7 @@ log_format = \"json\"\n\
 \n\
 [containerd]\n\
 config = \"/etc/containerd/config.toml\"\n\
-runtimes = [\"kata-qemu\", \"kata-qemu-warm\"]\n\
+runtimes = [{runtimes}]\n\
 kata_root = \"{KATA_ROOT}\"\n\
 # noded-boot runs before containerd starts: nothing to restart there. The daemon restarts via systemd.\n\
 restart = \"auto\"\n\
@@ -152,43 +161,47 @@ pool_memory_budget_mib = 512\n",
     s
 }
 
-/// Plugin id of CRI runtimes for a containerd config version (2: containerd 1.x, 3: containerd 2.x).
-pub fn cri_runtimes_table(config_version: u32) -> &'static str {
-    if config_version >= 3 {
-        "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes"
-    } else {
-        "plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes"
-    }
-}
-
-/// One Kata handler as containerd TOML (DESIGN section 5's keys).
-pub fn handler_toml(config_version: u32, handler: &str, kata_root: &Path, flavour: &str) -> String {
-    let t = cri_runtimes_table(config_version);
-    let root = kata_root.display();
-    format!(
-        "[{t}.{handler}]\n\
-runtime_type = \"io.containerd.{handler}.v2\"\n\
-runtime_path = \"{root}/bin/containerd-shim-kata-v2\"\n\
-privileged_without_host_devices = true\n\
-pod_annotations = [\"io.katacontainers.*\"]\n\
-[{t}.{handler}.options]\n\
-ConfigPath = \"{root}/share/defaults/kata-containers/configuration-{flavour}.toml\"\n"
-    )
-}
-
 /// A NodeConfig drop-in: nodeadm merges every `/etc/eks/nodeadm.d/*.yaml` with the user data
 /// (nodeadm README, awslabs/amazon-eks-ami) and deep-merges `spec.containerd.config` into the
 /// containerd config it renders, so its rewrite of config.toml at boot keeps the Kata handlers.
-pub fn nodeadm_dropin(config_version: u32) -> String {
-    let mut toml = String::new();
-    for (handler, flavour) in [("kata-qemu", "qemu"), ("kata-qemu-warm", "qemu-warm")] {
-        toml.push_str(&handler_toml(
-            config_version,
-            handler,
-            Path::new(KATA_ROOT),
-            flavour,
-        ));
+/// `specs` are the baked noded.toml's handlers, presets and `[[handlers]]`, as noded writes them.
+pub fn nodeadm_dropin(config_version: u32, specs: &[HandlerSpec]) -> String {
+    // The runtimes map of CRI in this config version, as nested tables nodeadm deep-merges.
+    let path: &[&str] = if config_version >= 3 {
+        &[
+            "plugins",
+            "io.containerd.cri.v1.runtime",
+            "containerd",
+            "runtimes",
+        ]
+    } else {
+        &[
+            "plugins",
+            "io.containerd.grpc.v1.cri",
+            "containerd",
+            "runtimes",
+        ]
+    };
+    let mut doc = toml_edit::DocumentMut::new();
+    let mut table = doc.as_table_mut();
+    for seg in path {
+        let next = table
+            .entry(seg)
+            .or_insert_with(|| {
+                let mut t = toml_edit::Table::new();
+                t.set_implicit(true);
+                toml_edit::Item::Table(t)
+            })
+            .as_table_mut();
+        let Some(next) = next else {
+            return String::new();
+        };
+        table = next;
     }
+    for spec in specs {
+        table.insert(&spec.name, toml_edit::Item::Table(spec.to_table()));
+    }
+    let toml = doc.to_string();
     let mut out = String::from(
         "# Written by `installer bake` (noded); removed by `installer uninstall`.\n\
 # nodeadm (EKS AL2023) merges NodeConfig files from /etc/eks/nodeadm.d/ with the user data and\n\

@@ -5,6 +5,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use noded::containerd::handler::KataHandler;
 use noded::kata::{KataLayout, WarmOptions, warm};
 use serde::Serialize;
 
@@ -38,6 +39,9 @@ pub enum BakeError {
     Kata(#[from] noded::kata::KataError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
+    /// `--runtimes`: an empty list (the presets are the node's baseline; name at least one).
+    #[error("--runtimes: name at least one of kata-qemu, kata-qemu-warm, kata-clh, kata-fc")]
+    NoRuntimes,
     /// `--handlers`: unreadable, or not a file of `[[handlers]]` noded accepts.
     #[error("{path}: {message}")]
     Handlers { path: PathBuf, message: String },
@@ -52,6 +56,7 @@ impl noded::exit::ExitStatus for BakeError {
             | Self::NodedBinary { .. }
             | Self::Guest(_)
             | Self::Handlers { .. }
+            | Self::NoRuntimes
             | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
             _ => noded::exit::RUNTIME_FAILURE,
         }
@@ -97,6 +102,11 @@ pub struct BakeOptions {
     /// /opt/noded/guest and pinned in noded.toml; without it the node has no template pool.
     #[arg(long)]
     pub guest_assets: Option<PathBuf>,
+    /// The preset Kata handlers of the baked noded.toml (`containerd.runtimes`), comma-separated:
+    /// kata-qemu, kata-qemu-warm, kata-clh, kata-fc. Each is probed before the node is ready, so
+    /// list only what the node's hardware runs (kata-clh needs KVM, as kata-qemu does).
+    #[arg(long, value_delimiter = ',', default_values_t = [KataHandler::Qemu, KataHandler::QemuWarm])]
+    pub runtimes: Vec<KataHandler>,
     /// A TOML file of `[[handlers]]` entries (noded.toml's syntax, nothing else) appended to the
     /// baked noded.toml: Kata handlers beyond the kata-qemu pair, with their settings. Checked like
     /// noded checks them at load (exit 2, one line).
@@ -123,6 +133,9 @@ pub struct BakeReport {
 }
 
 pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
+    if o.runtimes.is_empty() {
+        return Err(BakeError::NoRuntimes);
+    }
     let digest = o.sha256.trim().to_ascii_lowercase();
     if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(BakeError::BadDigest(o.sha256.clone()));
@@ -229,21 +242,22 @@ fn bake_steps(
         0o644,
     ));
     let guest = bake_guest(ledger, o, &mut report)?;
-    let mut toml = assets::noded_toml(o.mode, guest.as_ref());
+    let mut toml = assets::noded_toml(o.mode, &o.runtimes, guest.as_ref());
     if let Some(path) = &o.handlers {
         toml.push_str(&handlers_section(path)?);
     }
     // The file must load in noded itself; a template bug would otherwise surface on a booted node.
-    noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml).map_err(|e| {
-        match &o.handlers {
-            // Only the appended handlers can make the baked file invalid beyond a template bug.
-            Some(path) => BakeError::Handlers {
-                path: path.clone(),
-                message: e.to_string(),
-            },
-            None => IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)).into(),
-        }
-    })?;
+    let config =
+        noded::config::NodedConfig::parse(Path::new(assets::NODED_TOML), &toml).map_err(|e| {
+            match &o.handlers {
+                // Only the appended handlers can make the baked file invalid beyond a template bug.
+                Some(path) => BakeError::Handlers {
+                    path: path.clone(),
+                    message: e.to_string(),
+                },
+                None => IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)).into(),
+            }
+        })?;
     files.push((assets::NODED_TOML, toml.into_bytes(), 0o644));
     let nodeadm = match o.nodeadm {
         Nodeadm::Always => true,
@@ -254,9 +268,17 @@ fn bake_steps(
         let version = o
             .containerd_config_version
             .unwrap_or_else(|| containerd_config_version(&root));
+        // The node's paths (bake may run on an image mount, but the node reads them at `/`).
+        let root_default = &config.containerd.kata_root;
+        let specs: Vec<_> = config
+            .kata_handlers()
+            .iter()
+            .map(|h| h.spec(root_default))
+            .chain(config.handlers.iter().map(|h| h.spec(root_default)))
+            .collect();
         files.push((
             assets::NODEADM_DROPIN,
-            assets::nodeadm_dropin(version).into_bytes(),
+            assets::nodeadm_dropin(version, &specs).into_bytes(),
             0o644,
         ));
     }
@@ -272,8 +294,6 @@ fn bake_steps(
     // containerd 1.6 ignores `runtime_path` and resolves a handler's shim by name on its PATH
     // (`io.containerd.kata-qemu.v2` → `containerd-shim-kata-qemu-v2`): one link per handler, as
     // kata-deploy installs them, so the handler runs on every containerd series.
-    let config = noded::config::NodedConfig::load(&root.path(assets::NODED_TOML))
-        .map_err(|e| IoError::at(Path::new(assets::NODED_TOML))(std::io::Error::other(e)))?;
     let handlers = config.kata_handlers();
     let shim = Path::new(assets::KATA_ROOT).join("bin/containerd-shim-kata-v2");
     let links = handlers

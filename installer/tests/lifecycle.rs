@@ -87,12 +87,6 @@ fn bake_boot_check_uninstall_leaves_the_root_byte_identical() {
     let dropin = std::fs::read_to_string(root.join("etc/eks/nodeadm.d/50-noded-kata.yaml"))
         .expect("nodeadm drop-in");
     assert!(dropin.contains("kind: NodeConfig"), "{dropin}");
-    assert!(
-        dropin.contains(
-            "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.kata-qemu-warm]"
-        ),
-        "{dropin}"
-    );
     // The inline TOML is valid containerd TOML.
     let inline: String = dropin
         .lines()
@@ -104,6 +98,18 @@ fn bake_boot_check_uninstall_leaves_the_root_byte_identical() {
     assert_eq!(
         parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["kata-qemu"]["runtime_type"].as_str(),
         Some("io.containerd.kata-qemu.v2")
+    );
+    // The same tables noded writes: the warm preset, and kata-deploy's annotations on each.
+    let warm_table = &parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["kata-qemu-warm"];
+    assert_eq!(
+        warm_table["options"]["ConfigPath"].as_str(),
+        Some("/opt/kata/share/defaults/kata-containers/configuration-qemu-warm.toml"),
+        "{dropin}"
+    );
+    assert_eq!(
+        warm_table["container_annotations"][0].as_str(),
+        Some(noded::containerd::handler::CONTAINER_ANNOTATION),
+        "{dropin}"
     );
     let warm = root.join("opt/kata/share/defaults/kata-containers/configuration-qemu-warm.toml");
     assert!(
