@@ -39,6 +39,8 @@ source "amazon-ebs" "al2023_eks" {
     "noded.io/kata"      = var.kata_version
     "noded.io/noded"     = var.noded_version
     "noded.io/k8s"       = var.kubernetes_version
+    # Space-separated: commas are outside the tag characters every AWS service accepts.
+    "noded.io/runtimes"  = join(" ", var.kata_runtimes)
     "noded.io/base-ami"  = "{{ .SourceAMI }}"
   }
 }
@@ -67,6 +69,7 @@ build {
       "KATA_TARBALL=${var.kata_tarball}",
       "KATA_SHA256=${var.kata_sha256}",
       "GUEST_ASSETS=${var.guest_assets}",
+      "KATA_RUNTIMES=${join(",", var.kata_runtimes)}",
     ]
   }
 

@@ -67,3 +67,9 @@ variable "guest_assets" {
   default     = ""
   description = "Directory name inside artifacts_dir written by `noded guest-assets --out` on a Debian host (vmlinux, initrd.cpio, guest-assets.json): baked and pinned by sha256 for noded's own template pool. Empty: no pool on the node."
 }
+
+variable "kata_runtimes" {
+  type        = list(string)
+  default     = ["kata-qemu", "kata-qemu-warm", "kata-clh"]
+  description = "Preset Kata handlers baked into noded.toml `containerd.runtimes` (`installer bake --runtimes`): kata-qemu, kata-qemu-warm, kata-clh, kata-fc. Each is probed on every node before its startup taint is lifted, so list only what every instance type of the NodePools runs (kata-clh needs KVM, as QEMU does; kata-fc needs a devmapper snapshotter the base AMI does not set up)."
+}

@@ -11,6 +11,18 @@ set -euo pipefail
 umask 077
 
 : "${STAGING:?}" "${KATA_TARBALL:?}" "${KATA_SHA256:?}"
+# Checked before anything else happens: handler names only (the installer checks each name), so
+# nothing but a comma-separated list reaches its command line.
+case "${KATA_RUNTIMES:-}" in
+  "")
+    echo "bake.sh: KATA_RUNTIMES is empty: name at least one Kata handler (packer variable kata_runtimes)" >&2
+    exit 2
+    ;;
+  *[!a-z0-9,-]*)
+    echo "bake.sh: KATA_RUNTIMES may hold only a-z, 0-9, '-' and ',' (comma-separated handler names, packer variable kata_runtimes)" >&2
+    exit 2
+    ;;
+esac
 if [ -L "$STAGING" ] || [ ! -d "$STAGING" ]; then
     echo "bake.sh: $STAGING must be a directory (not a symlink)" >&2
     exit 2
@@ -72,7 +84,8 @@ fi
 # Hashes while unpacking into a private staging dir; exit 2 (and nothing installed) on a bad tarball
 # or guest directory.
 cd "$work"
-./installer bake --kata-tarball "$tarball" --sha256 "$KATA_SHA256" --noded-binary ./noded --mode kubernetes "${guest_args[@]}"
+./installer bake --kata-tarball "$tarball" --sha256 "$KATA_SHA256" --noded-binary ./noded --mode kubernetes \
+    --runtimes "$KATA_RUNTIMES" "${guest_args[@]}"
 
 # Informational on the build instance: prints the table into the Packer log. Blockers here (e.g. the
 # containerd config nodeadm writes only at node boot) are expected and must not fail the bake.
