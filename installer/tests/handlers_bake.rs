@@ -142,3 +142,132 @@ fn bad_handlers_file_is_exit_2_one_line() {
         "a refused bake leaves the root as it was"
     );
 }
+
+/// The nodeadm drop-in's inline TOML (`config: |`), parsed.
+fn nodeadm_inline(root: &Path) -> (String, toml::Table) {
+    let dropin = std::fs::read_to_string(root.join("etc/eks/nodeadm.d/50-noded-kata.yaml"))
+        .expect("nodeadm drop-in");
+    let inline: String = dropin
+        .lines()
+        .skip_while(|l| !l.contains("config: |"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    let parsed = inline.parse().expect("inline TOML parses");
+    (dropin, parsed)
+}
+
+#[test]
+fn bake_runtimes_sets_the_presets_shims_and_nodeadm_dropin() {
+    let node = Node::new();
+    let root = node.root();
+    let before = snapshot(&root);
+    let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
+    let noded = node.fake_noded();
+    let args = |runtimes: &'static str| -> Vec<String> {
+        [
+            "bake",
+            "--kata-tarball",
+            tarball.to_str().expect("utf8"),
+            "--sha256",
+            &sha,
+            "--noded-binary",
+            noded.to_str().expect("utf8"),
+            "--nodeadm",
+            "always",
+            "--containerd-config-version",
+            "3",
+            "--runtimes",
+            runtimes,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+
+    // Refused lists first: exit 2, the problem on one line, nothing under the root.
+    for (bad, needle) in [
+        ("", "''"),
+        ("kata-bogus", "kata-bogus"),
+        ("kata-qemu,", "''"),
+    ] {
+        let out = installer()
+            .args(args(bad))
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        // clap (installer/src/main.rs `Cli::parse`) follows its error line with a blank line and
+        // "For more information, try '--help'."; that tip is the only other text allowed.
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| !l.is_empty() && *l != "For more information, try '--help'.")
+            .collect();
+        assert_eq!(lines.len(), 1, "{bad:?}: {stderr}");
+        assert!(
+            lines[0].contains("--runtimes")
+                && lines[0].contains(needle)
+                && lines[0]
+                    .contains("expected one of kata-qemu, kata-qemu-warm, kata-clh, kata-fc"),
+            "{bad:?}: {stderr}"
+        );
+    }
+    assert_eq!(
+        snapshot(&root),
+        before,
+        "a refused --runtimes leaves the root as it was"
+    );
+
+    let args = args("kata-qemu,kata-clh");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, stderr) = run_json(&args, &root);
+    assert_eq!(code, 0, "bake failed: {stderr}");
+    let toml = std::fs::read_to_string(root.join("etc/noded/noded.toml")).expect("noded.toml");
+    let config = noded::config::NodedConfig::parse(Path::new("noded.toml"), &toml).expect("loads");
+    let names: Vec<&str> = config
+        .containerd
+        .runtimes
+        .iter()
+        .map(|h| h.name())
+        .collect();
+    assert_eq!(names, ["kata-qemu", "kata-clh"], "{toml}");
+    assert_eq!(
+        std::fs::read_link(root.join("usr/local/bin/containerd-shim-kata-clh-v2"))
+            .expect("kata-clh shim link"),
+        Path::new("/opt/kata/bin/containerd-shim-kata-v2")
+    );
+    assert!(
+        root.join("usr/local/bin/containerd-shim-kata-qemu-warm-v2")
+            .symlink_metadata()
+            .is_err(),
+        "no shim link for a handler that is not baked"
+    );
+
+    // nodeadm renders containerd's config at every boot: the drop-in carries exactly the baked
+    // handlers, in config version 3's CRI runtime plugin.
+    let (dropin, parsed) = nodeadm_inline(&root);
+    let runtimes = parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]
+        .as_table()
+        .expect("runtimes table");
+    assert_eq!(
+        runtimes
+            .keys()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>(),
+        ["kata-clh", "kata-qemu"].into(),
+        "{dropin}"
+    );
+    assert_eq!(
+        runtimes["kata-clh"]["runtime_type"].as_str(),
+        Some("io.containerd.kata-clh.v2"),
+        "{dropin}"
+    );
+    assert!(
+        runtimes["kata-clh"]["options"]["ConfigPath"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/configuration-clh.toml")),
+        "{dropin}"
+    );
+    assert!(!runtimes.contains_key("kata-qemu-warm"), "{dropin}");
+}
