@@ -39,6 +39,9 @@ pub enum BakeError {
     Kata(#[from] noded::kata::KataError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
+    /// `--kata-root`: not a root a side-by-side release may live in.
+    #[error("--kata-root {path}: {message}; nothing was installed")]
+    BadKataRoot { path: PathBuf, message: String },
     /// `--runtimes`: an empty list (the presets are the node's baseline; name at least one).
     #[error("--runtimes: name at least one of kata-qemu, kata-qemu-warm, kata-clh, kata-fc")]
     NoRuntimes,
@@ -57,6 +60,7 @@ impl noded::exit::ExitStatus for BakeError {
             | Self::Guest(_)
             | Self::Handlers { .. }
             | Self::NoRuntimes
+            | Self::BadKataRoot { .. }
             | Self::Manifest(ManifestError::Foreign { .. }) => noded::exit::BAD_INPUT,
             _ => noded::exit::RUNTIME_FAILURE,
         }
@@ -107,6 +111,12 @@ pub struct BakeOptions {
     /// list only what the node's hardware runs (kata-clh needs KVM, as kata-qemu does).
     #[arg(long, value_delimiter = ',', default_values_t = [KataHandler::Qemu, KataHandler::QemuWarm])]
     pub runtimes: Vec<KataHandler>,
+    /// Install this release side by side in another root (e.g. `/opt/kata-3.28` for a canary) and
+    /// nothing else: `[[handlers]]` with `kata_root` pointing here use it. Its configuration files
+    /// are relocated to the new prefix, as kata-deploy's multi-install does. `/opt/kata` and its
+    /// noded.toml, units and links stay the main bake's (run without --kata-root).
+    #[arg(long, conflicts_with_all = ["noded_binary", "guest_assets", "handlers", "runtimes", "nodeadm", "containerd_config_version"])]
+    pub kata_root: Option<PathBuf>,
     /// A TOML file of `[[handlers]]` entries (noded.toml's syntax, nothing else) appended to the
     /// baked noded.toml: Kata handlers beyond the kata-qemu pair, with their settings. Checked like
     /// noded checks them at load (exit 2, one line).
@@ -155,37 +165,43 @@ pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
         crate::guest::load(dir)?;
     }
     let mut ledger = Ledger::open(root)?;
+    let kata_root = match &o.kata_root {
+        Some(p) => side_by_side_root(&ledger, p)?,
+        None => PathBuf::from(assets::KATA_ROOT),
+    };
     // Everything fallible about the inputs is checked before the first write.
     let kata_current = ledger
         .manifest
-        .kata
-        .as_ref()
+        .release(&kata_root)
         .is_some_and(|k| k.tarball_sha256 == digest)
         && root
-            .path(assets::KATA_ROOT)
+            .path(&kata_root)
             .symlink_metadata()
             .is_ok_and(|m| m.is_dir());
     // Opened once, here: this descriptor is the only reader of the tarball (see archive.rs).
     let tarball = if kata_current {
         None
     } else {
-        if root.path(assets::KATA_ROOT).symlink_metadata().is_ok()
-            && ledger.entry(Path::new(assets::KATA_ROOT)).is_none()
-        {
+        if root.path(&kata_root).symlink_metadata().is_ok() && ledger.entry(&kata_root).is_none() {
             return Err(ManifestError::Foreign {
-                path: root.path(assets::KATA_ROOT),
+                path: root.path(&kata_root),
             }
             .into());
         }
         Some(archive::open_regular(&o.kata_tarball)?)
     };
-    match bake_steps(
-        &mut ledger,
-        o,
-        &digest,
-        tarball.as_ref(),
-        noded_bytes.as_deref(),
-    ) {
+    let steps = if o.kata_root.is_some() {
+        release_steps(&mut ledger, o, &kata_root, &digest, tarball.as_ref())
+    } else {
+        bake_steps(
+            &mut ledger,
+            o,
+            &digest,
+            tarball.as_ref(),
+            noded_bytes.as_deref(),
+        )
+    };
+    match steps {
         Ok(report) => Ok(report),
         Err(e) => {
             for p in ledger.rollback_run() {
@@ -194,6 +210,57 @@ pub fn bake(root: &Root, o: &BakeOptions) -> Result<BakeReport, BakeError> {
             Err(e)
         }
     }
+}
+
+/// `--kata-root`: an absolute path of plain components that neither is, contains, nor lies inside
+/// `/opt/kata` or another release's root (uninstalling one must never touch another).
+fn side_by_side_root(ledger: &Ledger, p: &Path) -> Result<PathBuf, BakeError> {
+    let bad = |message: &str| BakeError::BadKataRoot {
+        path: p.to_path_buf(),
+        message: message.to_owned(),
+    };
+    let plain = p.is_absolute()
+        && p.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    if !plain || p.parent().is_none() {
+        return Err(bad("must be an absolute path below / without `.` or `..`"));
+    }
+    let main = Path::new(assets::KATA_ROOT);
+    if p == main {
+        return Err(bad("is the main Kata root; bake it without --kata-root"));
+    }
+    for other in
+        std::iter::once(main).chain(ledger.manifest.releases.iter().map(|r| r.root.as_path()))
+    {
+        if p != other && (p.starts_with(other) || other.starts_with(p)) {
+            return Err(bad(&format!("overlaps the Kata root {}", other.display())));
+        }
+    }
+    Ok(p.to_path_buf())
+}
+
+/// A side-by-side release: the verified tree in its own root, recorded, and nothing else.
+fn release_steps(
+    ledger: &mut Ledger,
+    o: &BakeOptions,
+    kata_root: &Path,
+    digest: &str,
+    tarball: Option<&File>,
+) -> Result<BakeReport, BakeError> {
+    if let Some(file) = tarball {
+        install_kata(ledger, file, o, digest, kata_root)?;
+    }
+    ledger.save()?;
+    Ok(BakeReport {
+        kata_version: KataLayout::new(ledger.root.path(kata_root)).version(),
+        kata_changed: tarball.is_some(),
+        written: Vec::new(),
+        unchanged: Vec::new(),
+    })
 }
 
 fn bake_steps(
@@ -211,7 +278,7 @@ fn bake_steps(
         unchanged: Vec::new(),
     };
     if let Some(file) = tarball {
-        install_kata(ledger, file, o, digest)?;
+        install_kata(ledger, file, o, digest, Path::new(assets::KATA_ROOT))?;
     }
     let layout = KataLayout::new(root.path(assets::KATA_ROOT));
     report.kata_version = layout.version();
@@ -306,12 +373,36 @@ fn bake_steps(
                 h.shim_path(&h.kata_root(&config.containerd.kata_root)),
             )
         }));
+    let mut wanted = Vec::new();
     for (name, target) in links {
         let link = Path::new(assets::SHIM_LINK_DIR).join(assets::shim_link_name(&name));
         if ledger.symlink(&link, &target, Phase::Bake)? {
-            report.written.push(link);
+            report.written.push(link.clone());
         } else {
-            report.unchanged.push(link);
+            report.unchanged.push(link.clone());
+        }
+        wanted.push(link);
+    }
+    // Links of handlers an earlier bake had and this one dropped (a canary's, say) go now: a
+    // removed handler leaves no shim on containerd's PATH.
+    let stale: Vec<PathBuf> = ledger
+        .manifest
+        .entries
+        .iter()
+        .filter(|e| {
+            e.kind == Kind::Symlink
+                && e.phase == Phase::Bake
+                && e.path.parent() == Some(Path::new(assets::SHIM_LINK_DIR))
+                && e.path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("containerd-shim-kata"))
+                && !wanted.contains(&e.path)
+        })
+        .map(|e| e.path.clone())
+        .collect();
+    for link in stale {
+        for problem in ledger.forget(&link) {
+            tracing::warn!(link = %link.display(), %problem, "stale shim link");
         }
     }
 
@@ -367,12 +458,11 @@ fn install_kata(
     tarball: &File,
     o: &BakeOptions,
     digest: &str,
+    kata_root: &Path,
 ) -> Result<(), BakeError> {
     let root = ledger.root.clone();
-    let dest = root.path(assets::KATA_ROOT);
-    let parent_node = Path::new(assets::KATA_ROOT)
-        .parent()
-        .unwrap_or(Path::new("/"));
+    let dest = root.path(kata_root);
+    let parent_node = kata_root.parent().unwrap_or(Path::new("/"));
     ledger.ensure_dir(parent_node)?;
     // Announced before it exists, so a killed run's staging dir is known to the next run.
     let staging_node = parent_node.join(format!(
@@ -382,7 +472,7 @@ fn install_kata(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos())
     ));
-    ledger.announce_tree(Path::new(assets::KATA_ROOT), &staging_node, digest)?;
+    ledger.announce_tree(kata_root, &staging_node, digest)?;
     // 0700 and created by us: no other user can plant or swap anything below it while we unpack.
     let staging = Staging::create(root.path(&staging_node))?;
     let extracted = archive::extract_verified(
@@ -398,6 +488,9 @@ fn install_kata(
         "Kata release verified and unpacked"
     );
     let staged = extracted.kata_root;
+    if kata_root != Path::new(assets::KATA_ROOT) {
+        crate::relocate::relocate(&staged, kata_root)?;
+    }
     let install = KataLayout::new(&staged)
         .inspect()
         .map_err(|e| BakeError::NotKata {
@@ -408,7 +501,7 @@ fn install_kata(
         })?;
     // Configs name their VMM at its final path (/opt/kata/bin/...): look for it inside the staging copy.
     let staged_vmm = |b: &Path| {
-        [Path::new(assets::KATA_ROOT), dest.as_path()]
+        [kata_root, dest.as_path()]
             .iter()
             .find_map(|prefix| b.strip_prefix(prefix).ok())
             .is_some_and(|rest| {
@@ -436,7 +529,7 @@ fn install_kata(
     let ino = std::fs::symlink_metadata(&staged)
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .map_err(IoError::at(&staged))?;
-    ledger.tree_about_to_move(Path::new(assets::KATA_ROOT), ino)?;
+    ledger.tree_about_to_move(kata_root, ino)?;
     if dest.symlink_metadata().is_ok() {
         // Upgrade: swap atomically so a running node never sees no /opt/kata.
         nix::fcntl::renameat2(
@@ -456,7 +549,7 @@ fn install_kata(
     }
     ledger.tree_installed(
         Entry {
-            path: PathBuf::from(assets::KATA_ROOT),
+            path: kata_root.to_path_buf(),
             kind: Kind::Tree,
             phase: Phase::Bake,
             sha256: Some(digest.to_owned()),
@@ -465,7 +558,7 @@ fn install_kata(
         KataRecord {
             tarball_sha256: digest.to_owned(),
             version: install.version,
-            root: PathBuf::from(assets::KATA_ROOT),
+            root: kata_root.to_path_buf(),
         },
     )?;
     drop(staging);

@@ -10,6 +10,7 @@ mod containerd_step;
 mod guest;
 mod host;
 mod manifest;
+mod relocate;
 mod root;
 mod uninstall;
 
@@ -55,6 +56,9 @@ enum Command {
         /// Also remove noded's own state (data_dir, run_dir) that the daemon created.
         #[arg(long)]
         purge: bool,
+        /// Remove only the side-by-side release `installer bake --kata-root DIR` installed there.
+        #[arg(long, conflicts_with = "purge")]
+        kata_root: Option<PathBuf>,
     },
 }
 
@@ -110,8 +114,12 @@ fn main() -> ExitCode {
                 noded::exit::OK
             }
         }
-        Command::Uninstall { purge } => {
-            finish(cli.output, uninstall::uninstall(&root, purge), |r| {
+        Command::Uninstall { purge, kata_root } => {
+            let result = match &kata_root {
+                Some(dir) => uninstall::uninstall_release(&root, dir),
+                None => uninstall::uninstall(&root, purge),
+            };
+            finish(cli.output, result, |r| {
                 let mut s = if r.installed {
                     format!(
                         "removed {} installed item(s); containerd config {}\n",

@@ -78,6 +78,10 @@ pub struct Manifest {
     pub format: u32,
     #[serde(default)]
     pub kata: Option<KataRecord>,
+    /// Releases installed side by side in other roots (`installer bake --kata-root`), e.g. a canary
+    /// at `/opt/kata-3.28` that `[[handlers]]` with `kata_root` use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<KataRecord>,
     #[serde(default)]
     pub entries: Vec<Entry>,
     /// Directories that did not exist before, in creation order (removed in reverse, if empty).
@@ -93,6 +97,26 @@ pub struct Manifest {
     /// Writes announced but not yet recorded as entries (see [`Intent`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub intents: Vec<Intent>,
+}
+
+impl Manifest {
+    /// The release installed at `node_root` (`/opt/kata` or a side-by-side root).
+    pub fn release(&self, node_root: &Path) -> Option<&KataRecord> {
+        self.kata
+            .iter()
+            .chain(&self.releases)
+            .find(|k| k.root == node_root)
+    }
+
+    /// Records the release `k` installed (replacing the record of its root).
+    fn set_release(&mut self, k: KataRecord) {
+        if k.root == Path::new(crate::assets::KATA_ROOT) {
+            self.kata = Some(k);
+        } else {
+            self.releases.retain(|r| r.root != k.root);
+            self.releases.push(k);
+        }
+    }
 }
 
 /// A write about to happen. Saved before the write, removed when its entry is recorded; one left
@@ -413,6 +437,12 @@ impl Ledger {
         problems
     }
 
+    /// Removes one side-by-side release (its tree and its record), nothing else.
+    pub fn forget_release(&mut self, node_root: &Path) -> Vec<String> {
+        self.manifest.releases.retain(|r| r.root != node_root);
+        self.forget(node_root)
+    }
+
     fn undo_last_entry(&mut self) -> Vec<String> {
         let Some(e) = self.manifest.entries.pop() else {
             return Vec::new();
@@ -546,7 +576,7 @@ impl Ledger {
     pub fn tree_installed(&mut self, entry: Entry, kata: KataRecord) -> Result<(), ManifestError> {
         let path = entry.path.clone();
         self.record(entry);
-        self.manifest.kata = Some(kata);
+        self.manifest.set_release(kata);
         self.settled(&path);
         self.save()
     }
@@ -608,7 +638,7 @@ impl Ledger {
                             sha256: Some(sha256.clone()),
                             backup: None,
                         });
-                        self.manifest.kata = Some(KataRecord {
+                        self.manifest.set_release(KataRecord {
                             tarball_sha256: sha256,
                             version: noded::kata::KataLayout::new(&real).version(),
                             root: path,

@@ -21,12 +21,28 @@ pub enum UninstallError {
     Incomplete(String),
     #[error("{0}; --purge refused, nothing removed")]
     UnsafePurge(String),
+    /// `--kata-root` names no side-by-side release of this root's installer.
+    #[error(
+        "--kata-root {0}: not a release `installer bake --kata-root` installed; nothing removed"
+    )]
+    NotARelease(PathBuf),
+    /// `--kata-root`: noded.toml still has handlers that run from it.
+    #[error(
+        "--kata-root {root}: {config} still uses it ({handlers}); bake without those [[handlers]] first; nothing removed"
+    )]
+    ReleaseInUse {
+        root: PathBuf,
+        config: PathBuf,
+        handlers: String,
+    },
 }
 
 impl noded::exit::ExitStatus for UninstallError {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::UnsafePurge(_) => noded::exit::BAD_INPUT,
+            Self::UnsafePurge(_) | Self::NotARelease(_) | Self::ReleaseInUse { .. } => {
+                noded::exit::BAD_INPUT
+            }
             _ => noded::exit::RUNTIME_FAILURE,
         }
     }
@@ -176,5 +192,44 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
         removed_entries,
         purged,
         warnings,
+    })
+}
+
+/// `uninstall --kata-root DIR`: removes the side-by-side release at DIR and nothing else (the main
+/// install, other releases, containerd's config stay). Refused while noded.toml's `[[handlers]]`
+/// still run from it: their containerd entries would name a shim that is gone.
+pub fn uninstall_release(root: &Root, kata_root: &Path) -> Result<UninstallReport, UninstallError> {
+    let mut ledger = Ledger::open(root)?;
+    if kata_root == Path::new(assets::KATA_ROOT)
+        || !ledger.manifest.releases.iter().any(|r| r.root == kata_root)
+    {
+        return Err(UninstallError::NotARelease(kata_root.to_path_buf()));
+    }
+    let config_path = root.path(assets::NODED_TOML);
+    if let Ok(config) = NodedConfig::load(&config_path) {
+        let users: Vec<String> = config
+            .handlers
+            .iter()
+            .filter(|h| h.kata_root(&config.containerd.kata_root) == kata_root)
+            .map(|h| h.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(UninstallError::ReleaseInUse {
+                root: kata_root.to_path_buf(),
+                config: config_path,
+                handlers: users.join(", "),
+            });
+        }
+    }
+    let problems = ledger.forget_release(kata_root);
+    if !problems.is_empty() {
+        return Err(UninstallError::Incomplete(problems.join("; ")));
+    }
+    Ok(UninstallReport {
+        installed: true,
+        containerd_reverted: false,
+        removed_entries: 1,
+        purged: Vec::new(),
+        warnings: Vec::new(),
     })
 }
