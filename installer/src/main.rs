@@ -63,7 +63,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match noded::exit::parse_args::<Cli>("installer") {
+        Ok(c) => c,
+        Err(code) => return ExitCode::from(code),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -66,7 +66,10 @@ enum TemplateAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match noded::exit::parse_args::<Cli>("noded") {
+        Ok(c) => c,
+        Err(code) => return ExitCode::from(code),
+    };
     let code = match cli.command {
         Command::Run { config } => noded::daemon::run_cli(config.as_deref()),
         Command::Containerd(ContainerdCommand::Plan(o)) => noded::containerd::cli::plan(&o),
