@@ -528,3 +528,55 @@ fn k3s_and_rke2_components_mount_the_paths_their_flavour_uses() {
         }
     }
 }
+
+/// `daemonset/examples/kata-canary`: a second Kata root (`installer bake --kata-root`) mounted into
+/// the pod at its own path, hostPath type Directory (a node without the release fails the pod's
+/// mount instead of running noded without it); the base's /opt/kata mount is kept; still strict.
+#[test]
+fn kata_canary_component_mounts_the_second_root_at_its_own_path() {
+    if !tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(daemonset_dir(), tmp.path().join("base")).expect("symlink");
+    std::os::unix::fs::symlink(
+        daemonset_dir().join("examples/kata-canary"),
+        tmp.path().join("kata-canary"),
+    )
+    .expect("symlink");
+    std::fs::write(
+        tmp.path().join("kustomization.yaml"),
+        "resources:\n  - base\ncomponents:\n  - kata-canary\n",
+    )
+    .expect("write");
+    let rendered = kustomize(tmp.path());
+    let out = validate(&rendered);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let docs = yaml_docs(&rendered);
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    for (volume, path) in [
+        ("opt-kata", "/opt/kata"),
+        ("opt-kata-canary", "/opt/kata-3.28"),
+    ] {
+        let v = spec["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == volume))
+            .unwrap_or_else(|| panic!("volume {volume}"));
+        assert_eq!(v["hostPath"]["path"], path, "{v}");
+        assert_eq!(v["hostPath"]["type"], "Directory", "{v}");
+        let m = spec["containers"][0]["volumeMounts"]
+            .as_array()
+            .and_then(|v| v.iter().find(|m| m["name"] == volume))
+            .unwrap_or_else(|| panic!("mount {volume}"));
+        assert_eq!(m["mountPath"], path, "{m}");
+        assert!(m.get("readOnly").is_none_or(|r| r == false), "{m}");
+    }
+}

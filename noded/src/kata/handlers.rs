@@ -537,6 +537,21 @@ pub fn apply(
     default_root: &Path,
     state_path: &Path,
 ) -> Result<DropinOutcome, KataError> {
+    // A handler on a Kata root this process cannot see (a side-by-side release not installed, or
+    // not mounted into the DaemonSet) is named here, not as a missing file deep inside it.
+    for h in handlers {
+        let root = h.kata_root(default_root);
+        if !root.is_dir() {
+            return Err(KataError::InvalidConfig {
+                path: root,
+                message: format!(
+                    "Kata root of handler {} is not here: install it (`installer bake --kata-root`) \
+                     and, for the DaemonSet, mount it (daemonset/examples/kata-canary)",
+                    h.name
+                ),
+            });
+        }
+    }
     let mut state = load_state(state_path)?;
     let mut outcome = DropinOutcome::default();
     let mut wanted: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
@@ -696,5 +711,22 @@ block_device_driver = "virtio-blk"
             "name = \"t\"\nhypervisor = \"qemu\"\ndefault_vcpus = 2\n[kata.hypervisor.qemu]\ndefault_vcpus = 3",
         );
         assert!(twice.render_dropin(Path::new("/s.toml"), SHIPPED).is_err());
+    }
+
+    #[test]
+    fn a_handler_on_a_missing_root_is_named_and_nothing_is_written() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path().join("state/kata-handlers.json");
+        let h = parse(&format!(
+            "name = \"kata-qemu-328\"\nhypervisor = \"qemu\"\nkata_root = \"{}\"",
+            tmp.path().join("opt/kata-3.28").display()
+        ));
+        let err = apply(&[h], tmp.path(), &state).expect_err("missing root");
+        let text = err.to_string();
+        assert!(
+            text.contains("kata-qemu-328") && text.contains("opt/kata-3.28"),
+            "{text}"
+        );
+        assert!(!state.exists(), "state written for a refused apply");
     }
 }
