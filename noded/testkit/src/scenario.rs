@@ -54,6 +54,42 @@ pub fn image_archive() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The DaemonSet as `kubectl kustomize` renders daemonset/ with the named Components of
+/// daemonset/examples (what an operator's kustomization applies), written alone to a file in `dir`.
+pub fn daemonset_with_components(dir: &Path, components: &[&str]) -> Result<PathBuf> {
+    let kubectl = crate::require::require("kubectl").context("kubectl is not installed")?;
+    let k = dir.join("kustomize");
+    std::fs::create_dir_all(&k)?;
+    let daemonset_dir = workspace().join("daemonset");
+    std::os::unix::fs::symlink(&daemonset_dir, k.join("base"))?;
+    let mut text = String::from("resources:\n  - base\ncomponents:\n");
+    for c in components {
+        std::os::unix::fs::symlink(daemonset_dir.join("examples").join(c), k.join(c))?;
+        text.push_str(&format!("  - {c}\n"));
+    }
+    std::fs::write(k.join("kustomization.yaml"), text)?;
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&k)
+        .output()
+        .context("run kubectl kustomize")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl kustomize {}: {}",
+            k.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let rendered = String::from_utf8(out.stdout).context("kustomize output is not UTF-8")?;
+    let ds = rendered
+        .split("\n---\n")
+        .find(|doc| doc.lines().any(|l| l == "kind: DaemonSet"))
+        .context("no DaemonSet in the kustomize output")?;
+    let path = dir.join("daemonset.yaml");
+    std::fs::write(&path, ds)?;
+    Ok(path)
+}
+
 /// The image tag the DaemonSet manifest names.
 pub fn manifest_image() -> Result<String> {
     let ds = crate::kubelet::read_daemonset(&daemonset_manifest())?;
@@ -179,17 +215,31 @@ pub async fn boot_with(
     archive: &Path,
     kata: KataRelease,
 ) -> Result<Booted> {
+    boot_baked(series, bins, archive, |nodebox, installer, dir| {
+        let (tarball, sha) = match kata {
+            KataRelease::Runc => kata_tarball(dir, "3.99.0-box")?,
+            KataRelease::Bootable => bootable_kata_tarball(dir, "3.99.0-box")?,
+        };
+        bake(nodebox, installer, &tarball, &sha)
+    })
+    .await
+}
+
+/// Like [`boot_with`], with the AMI build done by `ami`: it gets the box, the installer binary and
+/// the outside directory (for tarballs and other inputs) and runs `installer bake` as it needs.
+pub async fn boot_baked(
+    series: Series,
+    bins: Binaries,
+    archive: &Path,
+    ami: impl FnOnce(&NodeBox, &Path, &Path) -> Result<()>,
+) -> Result<Booted> {
     let nodebox = NodeBox::new(series, bins)?;
     let dir = tempfile::Builder::new()
         .prefix("nodebox-outside-")
         .tempdir_in("/tmp")?;
-    let (tarball, sha) = match kata {
-        KataRelease::Runc => kata_tarball(dir.path(), "3.99.0-box")?,
-        KataRelease::Bootable => bootable_kata_tarball(dir.path(), "3.99.0-box")?,
-    };
     let installer = installer_binary()?;
     // AMI bake: Kata release, units, noded.toml, per-handler shim links.
-    bake(&nodebox, &installer, &tarball, &sha)?;
+    ami(&nodebox, &installer, dir.path())?;
     // The box's "host" is the holder's mount namespace, not PID 1's: the DaemonSet pod (hostPID) must
     // run Kata's factory tool there, where a node's noded.toml says `/proc/1/ns/mnt`.
     point_kata_at_box(&nodebox)?;
@@ -295,7 +345,13 @@ impl Booted {
     /// The DaemonSet's pod as kubelet runs it on this node, with the API server's kubeconfig injected
     /// (a real kubelet injects `KUBERNETES_SERVICE_*` and the service account token instead).
     pub fn pod(&self, image: Option<&str>) -> Result<PodRunner> {
-        let ds = crate::kubelet::read_daemonset(&daemonset_manifest())?;
+        self.pod_from(&daemonset_manifest(), image)
+    }
+
+    /// [`Booted::pod`] of another rendering of the DaemonSet (e.g. with a kustomize Component,
+    /// [`daemonset_with_components`]).
+    pub fn pod_from(&self, manifest: &Path, image: Option<&str>) -> Result<PodRunner> {
+        let ds = crate::kubelet::read_daemonset(manifest)?;
         let holder_root = self.nodebox.path("/");
         let mut opts = PodOptions::new(crate::fake_api::NODE)
             .check_path(move |p| holder_root.join(p.strip_prefix("/").unwrap_or(p)))
