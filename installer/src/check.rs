@@ -274,6 +274,62 @@ pub fn check(root: &Root) -> CheckReport {
         }
     };
 
+    // Each [[handlers]] entry runs from its own Kata root (a side-by-side release, say): its shim and
+    // shipped configuration must be there, or its probe keeps the node tainted.
+    let handler_roots = config.iter().flat_map(|c| {
+        c.handlers
+            .iter()
+            .map(move |h| (h, h.kata_root(&c.containerd.kata_root)))
+    });
+    for (h, handler_root) in handler_roots {
+        let node_root = root.path(&handler_root);
+        let shim = h.shim_path(&node_root);
+        let shipped = h.shipped_config(&node_root);
+        let missing: Vec<String> = [&shim, &shipped]
+            .into_iter()
+            .filter(|p| !p.is_file())
+            .map(|p| {
+                p.strip_prefix(&node_root)
+                    .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+            })
+            .collect();
+        let version = KataLayout::new(&node_root).version();
+        if !node_root.is_dir() {
+            push(
+                "handler",
+                Status::Blocker,
+                format!(
+                    "{}: Kata root {} missing (installer bake --kata-root {})",
+                    h.name,
+                    handler_root.display(),
+                    handler_root.display()
+                ),
+            );
+        } else if !missing.is_empty() {
+            push(
+                "handler",
+                Status::Blocker,
+                format!(
+                    "{}: {} has no {}",
+                    h.name,
+                    handler_root.display(),
+                    missing.join(", ")
+                ),
+            );
+        } else {
+            push(
+                "handler",
+                Status::Ok,
+                format!(
+                    "{}: Kata {} at {}",
+                    h.name,
+                    version.as_deref().unwrap_or("unknown version"),
+                    handler_root.display()
+                ),
+            );
+        }
+    }
+
     // Template memory: each noded template's tmpfs (guest memory + 8 MiB) plus its pool budget, and
     // Kata's own factory template (the warm config's default_memory + 8 MiB).
     let mib = 1024 * 1024;

@@ -83,10 +83,49 @@ fn canary_release_beside_the_main_one_and_uninstall_of_exactly_it() {
 
     let (code, stderr) = main_bake(&node, &main_tar, &main_sha, with.path());
     assert_eq!(code, 0, "main bake: {stderr}");
+    // `installer check` names the handler whose release is not there yet.
+    let handler_check = |name: &str| {
+        let (_, report, stderr) = run_json(&["check"], &root);
+        report["checks"]
+            .as_array()
+            .and_then(|c| {
+                c.iter()
+                    .find(|i| {
+                        i["check"] == "handler"
+                            && i["detail"].as_str().is_some_and(|d| d.starts_with(name))
+                    })
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("no handler check for {name}: {report} {stderr}"))
+    };
+    let missing = handler_check("kata-qemu-328");
+    assert_eq!(missing["status"], "blocker", "{missing}");
+    assert!(
+        missing["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("/opt/kata-3.28 missing")),
+        "{missing}"
+    );
     let (code, report, stderr) = canary_bake(&node, &canary_tar, &canary_sha);
     assert_eq!(code, 0, "canary bake: {stderr}");
     assert_eq!(report["kata_version"], "3.28.0", "{report}");
     assert_eq!(report["kata_changed"], true, "{report}");
+
+    let present = handler_check("kata-qemu-328");
+    assert_eq!(present["status"], "ok", "{present}");
+    assert!(
+        present["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("3.28.0")),
+        "{present}"
+    );
+    let main_handler = handler_check("kata-qemu-big");
+    assert!(
+        main_handler["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("3.27.0")),
+        "{main_handler}"
+    );
 
     // The canary's configs name its own prefix, never the main release's files.
     let canary = root.join(CANARY.trim_start_matches('/'));
