@@ -532,6 +532,9 @@ fn k3s_and_rke2_components_mount_the_paths_their_flavour_uses() {
 /// `daemonset/examples/kata-canary`: a second Kata root (`installer bake --kata-root`) mounted into
 /// the pod at its own path, hostPath type Directory (a node without the release fails the pod's
 /// mount instead of running noded without it); the base's /opt/kata mount is kept; still strict.
+/// Its handler's RuntimeClass (kata-qemu-328) is added to the ClusterRole's runtimeclasses rule and
+/// to the noded-runtimeclasses policy's name check (what that policy then admits is evaluated in
+/// daemonset/policy-tests/tests/admission_policy.rs).
 #[test]
 fn kata_canary_component_mounts_the_second_root_at_its_own_path() {
     if !tools() {
@@ -579,4 +582,46 @@ fn kata_canary_component_mounts_the_second_root_at_its_own_path() {
         assert_eq!(m["mountPath"], path, "{m}");
         assert!(m.get("readOnly").is_none_or(|r| r == false), "{m}");
     }
+
+    // RBAC: the presets plus the canary's class, nothing else, and the other rules untouched.
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+    };
+    let mut names: Vec<&str> = noded::containerd::handler::KataHandler::ALL
+        .iter()
+        .map(|h| h.name())
+        .collect();
+    names.push(CANARY_CLASS);
+    assert_eq!(
+        find("ClusterRole", "noded")["rules"],
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+            {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+            {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"],
+             "resourceNames": names, "verbs": ["patch", "create"]},
+        ])
+    );
+    // Admission: the name check lists the same names, and its message says so.
+    let check =
+        &find("ValidatingAdmissionPolicy", "noded-runtimeclasses")["spec"]["validations"][0];
+    let quoted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    assert_eq!(
+        check["expression"],
+        format!("object.metadata.name in [{}]", quoted.join(", ")),
+        "{check}"
+    );
+    let (last, presets) = names.split_last().expect("names");
+    assert_eq!(
+        check["message"],
+        format!(
+            "noded manages only the RuntimeClasses {} and {last}",
+            presets.join(", ")
+        ),
+        "{check}"
+    );
 }
+
+/// The canary handler's name in `daemonset/examples/kata-canary` (noded.toml `[[handlers]]`).
+const CANARY_CLASS: &str = "kata-qemu-328";

@@ -543,6 +543,128 @@ fn runtime_classes_keep_handler_scheduling_and_bounded_overhead() {
     );
 }
 
+/// A directory removed on drop, also when the test fails.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `kubectl kustomize` of the base with `components` (daemonset/examples/<name>), as an operator's
+/// kustomization adds them.
+fn kustomize(kubectl: &Path, components: &[&str]) -> String {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "policy-tests-kustomize-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )));
+    std::fs::create_dir(&dir.0).expect("temp dir");
+    let daemonset = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("daemonset/");
+    std::os::unix::fs::symlink(&daemonset, dir.0.join("base")).expect("symlink base");
+    let mut text = String::from("resources:\n  - base\ncomponents:\n");
+    for c in components {
+        std::os::unix::fs::symlink(daemonset.join("examples").join(c), dir.0.join(c))
+            .expect("symlink component");
+        text.push_str(&format!("  - {c}\n"));
+    }
+    std::fs::write(dir.0.join("kustomization.yaml"), text).expect("kustomization.yaml");
+    let out = std::process::Command::new(kubectl)
+        .arg("kustomize")
+        .arg(&dir.0)
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {components:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("kustomize output is UTF-8")
+}
+
+/// `daemonset/examples/kata-canary` rendered with the base as an operator renders it: the canary
+/// handler's class kata-qemu-328 is admitted (created and updated) and still held to the handler,
+/// scheduling and overhead checks; the presets stay admitted; any other name is still refused, with a
+/// message naming the canary. The base alone refuses kata-qemu-328.
+#[test]
+fn kata_canary_component_admits_its_class_and_no_other() {
+    const CANARY: &str = "kata-qemu-328";
+    let Some(kubectl) = testkit::require::require("kubectl") else {
+        return;
+    };
+    let base = PolicySet::parse("kustomize base", &kustomize(&kubectl, &[])).expect("base");
+    let canary = PolicySet::parse(
+        "kustomize base + kata-canary",
+        &kustomize(&kubectl, &["kata-canary"]),
+    )
+    .expect("base + kata-canary");
+    for set in [&base, &canary] {
+        for p in ["noded-own-node", "noded-runtimeclasses"] {
+            assert!(set.policy(p).is_some(), "{p} not bound");
+        }
+    }
+    let class = |name: &str| {
+        let mut c = noded::k8s::runtimeclass::runtime_class(name, 170);
+        c["overhead"]["podFixed"]["memory"] = json!(canonical_mib(170));
+        c
+    };
+
+    for h in noded::containerd::handler::KataHandler::ALL {
+        let c = class(h.name());
+        for (set, what) in [(&base, "base"), (&canary, "kata-canary")] {
+            assert_allowed(
+                &set.admit(&runtime_class_write("CREATE", None, &c)),
+                &format!("{what}: {c}"),
+            );
+        }
+    }
+
+    let c = class(CANARY);
+    assert_denied(
+        &base.admit(&runtime_class_write("CREATE", None, &c)),
+        "base: the canary's class",
+        "noded manages only the RuntimeClasses kata-qemu, kata-qemu-warm, kata-clh and kata-fc",
+    );
+    assert_allowed(
+        &canary.admit(&runtime_class_write("CREATE", None, &c)),
+        "kata-canary: create the canary's class",
+    );
+    let mut resized = c.clone();
+    resized["overhead"]["podFixed"]["memory"] = json!(canonical_mib(400));
+    assert_allowed(
+        &canary.admit(&runtime_class_write("UPDATE", Some(&c), &resized)),
+        "kata-canary: update the canary's class",
+    );
+    let mut runc = c.clone();
+    runc["handler"] = json!("runc");
+    assert_denied(
+        &canary.admit(&runtime_class_write("CREATE", None, &runc)),
+        "kata-canary: the canary's class on runc",
+        "handler of its own name",
+    );
+    let mut steered = c.clone();
+    steered["scheduling"]["nodeSelector"]["kubernetes.io/hostname"] = json!(NODE);
+    assert_denied(
+        &canary.admit(&runtime_class_write("CREATE", None, &steered)),
+        "kata-canary: the canary's class steered to one node",
+        "scheduling only",
+    );
+
+    // Names the component does not add, including near misses of the canary's.
+    for other in ["kata-evil", "kata-qemu-32", "kata-qemu-3280", "runc"] {
+        assert_denied(
+            &canary.admit(&runtime_class_write("CREATE", None, &class(other))),
+            &format!("kata-canary: {other}"),
+            "noded manages only the RuntimeClasses kata-qemu, kata-qemu-warm, kata-clh, kata-fc and kata-qemu-328",
+        );
+    }
+}
+
 /// The policy names what noded really writes: change a constant in noded/src/k8s without the policy
 /// and this fails (the publisher replay above catches the behaviour; this names the culprit).
 #[test]
