@@ -28,6 +28,11 @@ fn kustomize(dir: &Path) -> String {
     String::from_utf8(out.stdout).expect("utf8")
 }
 
+/// The base with daemonset/examples Components, as an operator's kustomization renders it.
+fn with_components(components: &[&str]) -> String {
+    testkit::scenario::kustomize(components).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 fn run_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -470,19 +475,7 @@ fn k3s_and_rke2_components_mount_the_paths_their_flavour_uses() {
         return;
     }
     for (name, flavour) in [("k3s", Flavour::K3s), ("rke2", Flavour::Rke2)] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        std::os::unix::fs::symlink(daemonset_dir(), tmp.path().join("base")).expect("symlink");
-        std::os::unix::fs::symlink(
-            daemonset_dir().join("examples").join(name),
-            tmp.path().join(name),
-        )
-        .expect("symlink");
-        std::fs::write(
-            tmp.path().join("kustomization.yaml"),
-            format!("resources:\n  - base\ncomponents:\n  - {name}\n"),
-        )
-        .expect("write");
-        let rendered = kustomize(tmp.path());
+        let rendered = with_components(&[name]);
         let out = validate(&rendered);
         assert!(
             out.status.success(),
@@ -540,19 +533,7 @@ fn kata_canary_component_mounts_the_second_root_at_its_own_path() {
     if !tools() {
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    std::os::unix::fs::symlink(daemonset_dir(), tmp.path().join("base")).expect("symlink");
-    std::os::unix::fs::symlink(
-        daemonset_dir().join("examples/kata-canary"),
-        tmp.path().join("kata-canary"),
-    )
-    .expect("symlink");
-    std::fs::write(
-        tmp.path().join("kustomization.yaml"),
-        "resources:\n  - base\ncomponents:\n  - kata-canary\n",
-    )
-    .expect("write");
-    let rendered = kustomize(tmp.path());
+    let rendered = with_components(&["kata-canary"]);
     let out = validate(&rendered);
     assert!(
         out.status.success(),

@@ -543,48 +543,9 @@ fn runtime_classes_keep_handler_scheduling_and_bounded_overhead() {
     );
 }
 
-/// A directory removed on drop, also when the test fails.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `kubectl kustomize` of the base with `components` (daemonset/examples/<name>), as an operator's
-/// kustomization adds them.
-fn kustomize(kubectl: &Path, components: &[&str]) -> String {
-    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "policy-tests-kustomize-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )));
-    std::fs::create_dir(&dir.0).expect("temp dir");
-    let daemonset = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .expect("daemonset/");
-    std::os::unix::fs::symlink(&daemonset, dir.0.join("base")).expect("symlink base");
-    let mut text = String::from("resources:\n  - base\ncomponents:\n");
-    for c in components {
-        std::os::unix::fs::symlink(daemonset.join("examples").join(c), dir.0.join(c))
-            .expect("symlink component");
-        text.push_str(&format!("  - {c}\n"));
-    }
-    std::fs::write(dir.0.join("kustomization.yaml"), text).expect("kustomization.yaml");
-    let out = std::process::Command::new(kubectl)
-        .arg("kustomize")
-        .arg(&dir.0)
-        .output()
-        .expect("run kubectl kustomize");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {components:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("kustomize output is UTF-8")
+/// `kubectl kustomize` of the base with `components`, as an operator's kustomization adds them.
+fn kustomize(components: &[&str]) -> String {
+    testkit::scenario::kustomize(components).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `daemonset/examples/kata-canary` rendered with the base as an operator renders it: the canary
@@ -594,15 +555,12 @@ fn kustomize(kubectl: &Path, components: &[&str]) -> String {
 #[test]
 fn kata_canary_component_admits_its_class_and_no_other() {
     const CANARY: &str = "kata-qemu-328";
-    let Some(kubectl) = testkit::require::require("kubectl") else {
+    if testkit::require::require("kubectl").is_none() {
         return;
-    };
-    let base = PolicySet::parse("kustomize base", &kustomize(&kubectl, &[])).expect("base");
-    let canary = PolicySet::parse(
-        "kustomize base + kata-canary",
-        &kustomize(&kubectl, &["kata-canary"]),
-    )
-    .expect("base + kata-canary");
+    }
+    let base = PolicySet::parse("kustomize base", &kustomize(&[])).expect("base");
+    let canary = PolicySet::parse("kustomize base + kata-canary", &kustomize(&["kata-canary"]))
+        .expect("base + kata-canary");
     for set in [&base, &canary] {
         for p in ["noded-own-node", "noded-runtimeclasses"] {
             assert!(set.policy(p).is_some(), "{p} not bound");

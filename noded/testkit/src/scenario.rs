@@ -54,33 +54,37 @@ pub fn image_archive() -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The DaemonSet as `kubectl kustomize` renders daemonset/ with the named Components of
-/// daemonset/examples (what an operator's kustomization applies), written alone to a file in `dir`.
-pub fn daemonset_with_components(dir: &Path, components: &[&str]) -> Result<PathBuf> {
+/// `kubectl kustomize` of daemonset/ with the named Components of daemonset/examples, as an
+/// operator's kustomization adds them (`resources: [base]`, `components: [...]`): every document.
+pub fn kustomize(components: &[&str]) -> Result<String> {
     let kubectl = crate::require::require("kubectl").context("kubectl is not installed")?;
-    let k = dir.join("kustomize");
-    std::fs::create_dir_all(&k)?;
+    let k = tempfile::Builder::new().prefix("kustomize-").tempdir()?;
     let daemonset_dir = workspace().join("daemonset");
-    std::os::unix::fs::symlink(&daemonset_dir, k.join("base"))?;
+    std::os::unix::fs::symlink(&daemonset_dir, k.path().join("base"))?;
     let mut text = String::from("resources:\n  - base\ncomponents:\n");
     for c in components {
-        std::os::unix::fs::symlink(daemonset_dir.join("examples").join(c), k.join(c))?;
+        std::os::unix::fs::symlink(daemonset_dir.join("examples").join(c), k.path().join(c))?;
         text.push_str(&format!("  - {c}\n"));
     }
-    std::fs::write(k.join("kustomization.yaml"), text)?;
+    std::fs::write(k.path().join("kustomization.yaml"), text)?;
     let out = std::process::Command::new(kubectl)
         .arg("kustomize")
-        .arg(&k)
+        .arg(k.path())
         .output()
         .context("run kubectl kustomize")?;
     if !out.status.success() {
         bail!(
-            "kubectl kustomize {}: {}",
-            k.display(),
+            "kubectl kustomize with {components:?}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let rendered = String::from_utf8(out.stdout).context("kustomize output is not UTF-8")?;
+    String::from_utf8(out.stdout).context("kustomize output is not UTF-8")
+}
+
+/// The DaemonSet of [`kustomize`] with `components`, written alone to `dir/daemonset.yaml` (what
+/// [`Booted::pod_from`] runs).
+pub fn daemonset_with_components(dir: &Path, components: &[&str]) -> Result<PathBuf> {
+    let rendered = kustomize(components)?;
     let ds = rendered
         .split("\n---\n")
         .find(|doc| doc.lines().any(|l| l == "kind: DaemonSet"))
