@@ -376,6 +376,38 @@ impl Booted {
         )?)
     }
 
+    /// The baked installer, copied outside the box (uninstall removes the node's own copy).
+    pub fn installer_copy(&self) -> Result<PathBuf> {
+        let copy = self.outside.dir.path().join("installer");
+        std::fs::copy(self.nodebox.path("/usr/local/bin/installer"), &copy)
+            .context("copy the baked installer")?;
+        Ok(copy)
+    }
+
+    /// `installer uninstall` on the node; then none of `gone` (node paths) is left, and the node's
+    /// containerd, restarted by its unit, still runs runc pods.
+    pub async fn uninstall_leaves_runc(&self, gone: &[&str]) -> Result<()> {
+        self.nodebox
+            .installer(&self.installer_copy()?, &["uninstall"])?;
+        for g in gone {
+            if self.nodebox.path(g).exists() {
+                bail!("{g} left after uninstall");
+            }
+        }
+        self.nodebox.stop_containerd()?;
+        self.nodebox.start_containerd().await?;
+        let outcome = noded::cri::probe::probe(
+            &self.nodebox.containerd_socket(),
+            "runc",
+            &noded::cri::probe::ProbeOptions::sandbox_only(),
+        )
+        .await;
+        if !outcome.ok {
+            bail!("runc pod after uninstall: {outcome:?}");
+        }
+        Ok(())
+    }
+
     /// Waits until the fake API server's node has no startup taint; returns how long that took.
     pub async fn wait_taint_lifted(&self, timeout: Duration) -> Result<Duration> {
         let start = Instant::now();

@@ -7,10 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use noded::containerd::cri_plugin;
-use noded::cri::probe::{ProbeOptions, probe};
 use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::Series;
-use testkit::fake_api::NODE;
 use testkit::scenario::{Booted, boot};
 
 const HANDLERS: [&str; 2] = ["kata-qemu", "kata-qemu-warm"];
@@ -254,28 +252,15 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
         .await?;
 
     // 8. installer uninstall: every artifact gone; containerd (restarted by its unit) runs runc pods.
-    let installer = b.nodebox.path("/usr/local/bin/installer");
-    let copy = b.outside.dir.path().join("installer");
-    std::fs::copy(&installer, &copy)?;
-    b.nodebox.installer(&copy, &["uninstall"])?;
-    for gone in [
+    b.uninstall_leaves_runc(&[
         "/opt/kata",
         "/usr/local/bin/containerd-shim-kata-qemu-v2",
         "/usr/local/bin/containerd-shim-kata-qemu-warm-v2",
         "/usr/local/bin/installer",
         "/etc/noded/noded.toml",
         "/etc/systemd/system/noded-boot.service",
-    ] {
-        ensure!(
-            !b.nodebox.path(gone).exists(),
-            "{gone} left after uninstall"
-        );
-    }
-    b.nodebox.stop_containerd()?;
-    b.nodebox.start_containerd().await?;
-    let outcome = probe(&socket, "runc", &ProbeOptions::sandbox_only()).await;
-    ensure!(outcome.ok, "runc pod after uninstall: {outcome:?}");
-    let _ = NODE;
+    ])
+    .await?;
     Ok(())
 }
 

@@ -314,8 +314,7 @@ async fn scenario(b: &Booted, ami: &Ami) -> Result<()> {
 
     // 5. Retire the canary: re-bake without its handler (a new AMI, or in place), boot (containerd
     //    stopped, as at a node boot), uninstall exactly that release.
-    let installer = b.outside.dir.path().join("installer");
-    std::fs::copy(b.nodebox.path("/usr/local/bin/installer"), &installer)?;
+    let installer = b.installer_copy()?;
     let file = b.outside.dir.path().join("handlers-no-canary.toml");
     std::fs::write(&file, handlers(false))?;
     b.nodebox.stop_containerd()?;
@@ -354,21 +353,12 @@ async fn scenario(b: &Booted, ami: &Ami) -> Result<()> {
     }
 
     // 6. Full uninstall: no Kata left, runc pods still run.
-    b.nodebox.installer(&installer, &["uninstall"])?;
-    for gone in [
+    b.uninstall_leaves_runc(&[
         "/opt/kata",
         "/usr/local/bin/containerd-shim-kata-clh-v2",
         "/usr/local/bin/containerd-shim-kata-qemu-tuned-v2",
         "/etc/noded/noded.toml",
-    ] {
-        ensure!(
-            !b.nodebox.path(gone).exists(),
-            "{gone} left after uninstall"
-        );
-    }
-    b.nodebox.stop_containerd()?;
-    b.nodebox.start_containerd().await?;
-    let outcome = probe(&socket, "runc", &ProbeOptions::sandbox_only()).await;
-    ensure!(outcome.ok, "runc pod after uninstall: {outcome:?}");
+    ])
+    .await?;
     Ok(())
 }
