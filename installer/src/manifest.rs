@@ -187,6 +187,11 @@ impl Ledger {
             ),
             Err(e) => return Err(IoError::at(&path)(e).into()),
         };
+        // Side-by-side releases may live elsewhere than /opt: their parents are swept too (under
+        // the lock, anything there is a dead run's).
+        for r in &manifest.releases {
+            sweep_staging_beside(root, &r.root);
+        }
         let mut ledger = Self {
             root: root.clone(),
             manifest,
@@ -520,6 +525,11 @@ impl Ledger {
                     ));
                 }
             }
+            None if e.kind == Kind::Tree => {
+                if let Err(err) = remove_tree(&real) {
+                    problems.push(err.to_string());
+                }
+            }
             None => {
                 if let Err(err) = remove_if_exists(&real) {
                     problems.push(err.to_string());
@@ -816,20 +826,34 @@ fn lock_root(root: &Root) -> Result<nix::fcntl::Flock<std::fs::File>, ManifestEr
 
 /// Under the lock, these fixed temp names can only be a dead run's: the installer dir chain half
 /// built or half removed, and Kata staging dirs.
-fn sweep(root: &Root) {
-    let mut cur = Some(Path::new(INSTALLER_DIR));
-    while let Some(d) = cur {
-        for name in [INSTALLER_NEW, INSTALLER_OLD] {
-            let _ = remove_if_exists(&root.path(d).join(name));
-        }
-        cur = d.parent();
+/// Removes a whole tree (a Kata release) so that no kill leaves part of it under its own name: it
+/// is first renamed to a staging name beside it (one atomic step, made durable), then deleted. A
+/// half-deleted tree under its name would pass for the installed release with a re-run `bake` of
+/// the same tarball; a staging name is swept by the next run instead.
+fn remove_tree(real: &Path) -> Result<(), IoError> {
+    if real.symlink_metadata().is_err() {
+        return Ok(());
     }
-    let kata_parent = root.path(
-        Path::new(crate::assets::KATA_ROOT)
-            .parent()
-            .unwrap_or(Path::new("/")),
-    );
-    if let Ok(list) = std::fs::read_dir(&kata_parent) {
+    let Some(parent) = real.parent() else {
+        return remove_if_exists(real).map(|_| ());
+    };
+    let doomed = parent.join(format!(
+        "{}rm-{}-{}",
+        crate::bake::STAGING_PREFIX,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::rename(real, &doomed).map_err(IoError::at(real))?;
+    fsync_dir(parent)?;
+    remove_if_exists(&doomed).map(|_| ())
+}
+
+/// The staging dirs (`.kata-staging-*`) a killed run left beside `node_root`'s release tree.
+fn sweep_staging_beside(root: &Root, node_root: &Path) {
+    let parent = root.path(node_root.parent().unwrap_or(Path::new("/")));
+    if let Ok(list) = std::fs::read_dir(&parent) {
         for e in list.filter_map(|e| e.ok()) {
             if e.file_name()
                 .to_string_lossy()
@@ -839,4 +863,15 @@ fn sweep(root: &Root) {
             }
         }
     }
+}
+
+fn sweep(root: &Root) {
+    let mut cur = Some(Path::new(INSTALLER_DIR));
+    while let Some(d) = cur {
+        for name in [INSTALLER_NEW, INSTALLER_OLD] {
+            let _ = remove_if_exists(&root.path(d).join(name));
+        }
+        cur = d.parent();
+    }
+    sweep_staging_beside(root, Path::new(crate::assets::KATA_ROOT));
 }

@@ -509,31 +509,45 @@ fn kill_9_at_every_step_of_a_canary_uninstall_converges() {
         Run::CanaryUninstall,
         &steps,
         || bed.restore(&retired_root),
-        &[&|step, ctx| {
-            let out = bed.run(Run::CanaryUninstall);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let at = steps.iter().position(|s| s == step).expect("a traced step");
-            if at > forgotten_at {
-                assert_eq!(out.status.code(), Some(2), "re-run after {ctx}: {stderr}");
+        &[
+            &|step, ctx| {
+                let out = bed.run(Run::CanaryUninstall);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let at = steps.iter().position(|s| s == step).expect("a traced step");
+                if at > forgotten_at {
+                    assert_eq!(out.status.code(), Some(2), "re-run after {ctx}: {stderr}");
+                    assert!(
+                        stderr.contains("not a release"),
+                        "re-run after {ctx}: {stderr}"
+                    );
+                } else {
+                    assert!(out.status.success(), "re-run after {ctx}: {stderr}");
+                }
                 assert!(
-                    stderr.contains("not a release"),
-                    "re-run after {ctx}: {stderr}"
+                    !bed.root().join(CANARY.trim_start_matches('/')).exists(),
+                    "{CANARY} left after re-run, {ctx}"
                 );
-            } else {
-                assert!(out.status.success(), "re-run after {ctx}: {stderr}");
-            }
-            assert!(
-                !bed.root().join(CANARY.trim_start_matches('/')).exists(),
-                "{CANARY} left after re-run, {ctx}"
-            );
-            assert_eq!(outside(&state(&bed.root())), removed, "re-run after {ctx}");
-            assert_eq!(
-                releases(&bed.root())["releases"],
-                serde_json::Value::Null,
-                "the release is still recorded after re-run, {ctx}"
-            );
-            bed.ok(Run::Uninstall, ctx);
-            assert_eq!(state(&bed.root()), before, "uninstall after re-run, {ctx}");
-        }],
+                assert_eq!(outside(&state(&bed.root())), removed, "re-run after {ctx}");
+                assert_eq!(
+                    releases(&bed.root())["releases"],
+                    serde_json::Value::Null,
+                    "the release is still recorded after re-run, {ctx}"
+                );
+                bed.ok(Run::Uninstall, ctx);
+                assert_eq!(state(&bed.root()), before, "uninstall after re-run, {ctx}");
+            },
+            &|_step, ctx| {
+                // The operator bakes the canary again instead: never a half-removed tree taken for the
+                // installed release (a kill while its files were deleted), always the whole release.
+                bed.ok(Run::CanaryBake, ctx);
+                assert_eq!(
+                    outside(&state(&bed.root())),
+                    outside(&retired),
+                    "canary re-baked after {ctx}"
+                );
+                bed.ok(Run::Uninstall, ctx);
+                assert_eq!(state(&bed.root()), before, "uninstall after re-bake, {ctx}");
+            },
+        ],
     );
 }
