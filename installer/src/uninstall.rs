@@ -136,6 +136,22 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
         .map_err(UninstallError::Containerd)?;
 
     let mut warnings = Vec::new();
+    // Kata's factory templates are tmpfs Kata mounted: unmounted through Kata (with the handler's
+    // configuration, so before noded's copies go) before the trees go.
+    if let Some(c) = &config {
+        for t in c.warm_targets() {
+            if !root.path(&t.template_path).join("state").exists() {
+                continue;
+            }
+            let layout = KataLayout::new(root.path(&t.kata_root));
+            match KataFactory::new(layout, root.path(&t.config), &root.path(&c.daemon.data_dir))
+                .and_then(|f| f.destroy())
+            {
+                Ok(()) => {}
+                Err(e) => warnings.push(format!("Kata factory template of {}: {e}", t.name)),
+            }
+        }
+    }
     // [[handlers]] drop-ins and configuration copies noded wrote, before the Kata tree goes; a file
     // someone changed since is left and reported.
     if let Some(c) = &config {
@@ -149,23 +165,6 @@ pub fn uninstall(root: &Root, purge: bool) -> Result<UninstallReport, UninstallE
                     .map(|p| format!("{}: changed since noded wrote it; left", p.display())),
             ),
             Err(e) => warnings.push(format!("Kata handler drop-ins: {e}")),
-        }
-    }
-    // Kata's factory template is a tmpfs Kata mounted; unmount it through Kata before its tree goes.
-    let layout = KataLayout::new(root.path(assets::KATA_ROOT));
-    let template = root.path(assets::KATA_TEMPLATE_DIR);
-    if template.join("state").exists()
-        && let Some(c) = &config
-    {
-        match KataFactory::new(
-            layout.clone(),
-            layout.warm_config(),
-            &root.path(&c.daemon.data_dir),
-        )
-        .and_then(|f| f.destroy())
-        {
-            Ok(()) => {}
-            Err(e) => warnings.push(format!("Kata factory template: {e}")),
         }
     }
 

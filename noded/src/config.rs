@@ -527,13 +527,30 @@ impl NodedConfig {
         }
     }
 
-    /// Runtime handlers served from Kata's factory template (`kata-qemu-warm`), whose template noded
-    /// keeps built.
-    pub fn warm_handlers(&self) -> Vec<KataHandler> {
-        self.kata_handlers()
+    /// Runtime handlers served from Kata's factory template, whose template noded keeps built: the
+    /// kata-qemu-warm preset, then `[[handlers]]` with `warm = true`.
+    pub fn warm_targets(&self) -> Vec<crate::kata::WarmTarget> {
+        let root = &self.containerd.kata_root;
+        let presets = self
+            .kata_handlers()
             .into_iter()
             .filter(|h| h.is_warm())
-            .collect()
+            .map(|h| crate::kata::WarmTarget {
+                name: h.name().to_owned(),
+                kata_root: root.clone(),
+                config: h.spec(root).config_path,
+                template_path: PathBuf::from(crate::kata::warm::DEFAULT_TEMPLATE_PATH),
+            });
+        let custom = self.handlers.iter().filter(|h| h.warm).map(|h| {
+            let kata_root = h.kata_root(root);
+            crate::kata::WarmTarget {
+                name: h.name.clone(),
+                config: h.config_path(&kata_root),
+                kata_root,
+                template_path: h.factory_template_path(),
+            }
+        });
+        presets.chain(custom).collect()
     }
 
     /// The handlers to register in the runtime's config: `containerd.runtimes` sorted, each once, the

@@ -356,15 +356,19 @@ fn warm_initrd_is_the_configs_or_katas_default_never_a_guess() {
 
 #[test]
 fn keeper_check_builds_then_keeps_and_reports_failures_as_invalid() {
-    use noded::containerd::handler::KataHandler;
     use noded::kata::keeper::{KeeperSettings, TemplateCheck, check_once};
     let (dir, kata) = fake("3.27.0");
     let layout = KataLayout::new(&kata.root);
     let opts = warm_opts(&dir);
     warm::derive(&layout, &opts).expect("derive");
-    let settings = KeeperSettings {
-        handlers: vec![KataHandler::QemuWarm],
+    let target = noded::kata::WarmTarget {
+        name: "kata-qemu-warm".into(),
         kata_root: kata.root.clone(),
+        config: layout.warm_config(),
+        template_path: opts.template_path.clone(),
+    };
+    let settings = KeeperSettings {
+        handlers: vec![target.clone()],
         data_dir: dir.path().join("data"),
         check_interval: std::time::Duration::from_secs(1),
         exec: noded::kata::FactoryExec::default(),
@@ -372,24 +376,134 @@ fn keeper_check_builds_then_keeps_and_reports_failures_as_invalid() {
         mount_namespace: Some("/proc/self/ns/mnt".into()),
     };
     assert_eq!(
-        check_once(&settings, KataHandler::QemuWarm),
+        check_once(&settings, &target),
         TemplateCheck::Valid {
             action: EnsureAction::BuiltMissing
         }
     );
     assert_eq!(
-        check_once(&settings, KataHandler::QemuWarm),
+        check_once(&settings, &target),
         TemplateCheck::Valid {
             action: EnsureAction::Kept
         }
     );
     std::fs::remove_dir_all(&opts.template_path).expect("reboot");
     std::fs::write(kata.root.join("fail-init"), b"").expect("arm");
-    match check_once(&settings, KataHandler::QemuWarm) {
+    match check_once(&settings, &target) {
         TemplateCheck::Invalid { reason } => {
             assert!(reason.contains("failed to boot template VM"), "{reason}")
         }
         other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+/// A `[[handlers]]` entry with `warm = true`: noded derives its templating configuration in the
+/// handler's own directory (settings as a drop-in over it), the keeper builds its template in its own
+/// template path with its own record, and the preset's template and record are not touched.
+#[test]
+fn a_warm_handler_gets_its_own_template_config_template_and_record() {
+    use noded::config::NodedConfig;
+    use noded::kata::keeper::{KeeperSettings, TemplateCheck, check_once};
+    let (dir, kata) = fake("3.27.0");
+    let data = dir.path().join("data");
+    let template = dir.path().join("run/vc/vm/template-kata-qemu-small");
+    let config = NodedConfig::parse(
+        std::path::Path::new("noded.toml"),
+        &format!(
+            "[containerd]\nkata_root = \"{}\"\nruntimes = [\"kata-qemu\"]\n\
+             [[handlers]]\nname = \"kata-qemu-small\"\nhypervisor = \"qemu\"\nwarm = true\n\
+             template_path = \"{}\"\ndefault_memory = 512\n",
+            kata.root.display(),
+            template.display()
+        ),
+    )
+    .expect("noded.toml");
+    let targets = config.warm_targets();
+    assert_eq!(targets.len(), 1, "{targets:?}");
+    let t = &targets[0];
+    let own = kata
+        .root
+        .join("share/defaults/kata-containers/noded/kata-qemu-small");
+    assert_eq!(t.config, own.join("configuration-qemu.toml"));
+    assert_eq!(t.template_path, template);
+
+    let state = data.join(noded::kata::handlers::STATE_FILE);
+    noded::kata::handlers::apply(&config.handlers, &kata.root, &state).expect("apply");
+    let text = std::fs::read_to_string(&t.config).expect("warm copy");
+    let copy: toml::Table = text.parse().expect("TOML");
+    assert_eq!(copy["factory"]["enable_template"].as_bool(), Some(true));
+    assert_eq!(
+        copy["factory"]["template_path"].as_str(),
+        Some(template.to_str().expect("utf8"))
+    );
+    assert!(copy["hypervisor"]["qemu"].get("image").is_none(), "{text}");
+    assert!(
+        copy["hypervisor"]["qemu"]["initrd"].as_str().is_some(),
+        "{text}"
+    );
+    assert!(text.contains("for the kata-qemu-small handler"), "{text}");
+    let dropin: toml::Table = std::fs::read_to_string(own.join("config.d/50-noded.toml"))
+        .expect("drop-in")
+        .parse()
+        .expect("TOML");
+    assert_eq!(
+        dropin["hypervisor"]["qemu"]["default_memory"].as_integer(),
+        Some(512)
+    );
+
+    let settings = KeeperSettings {
+        handlers: targets.clone(),
+        data_dir: data.clone(),
+        check_interval: std::time::Duration::from_secs(1),
+        exec: noded::kata::FactoryExec::default(),
+        mount_namespace: Some("/proc/self/ns/mnt".into()),
+    };
+    assert_eq!(
+        check_once(&settings, t),
+        TemplateCheck::Valid {
+            action: EnsureAction::BuiltMissing
+        }
+    );
+    assert!(template.join("state").is_file(), "no template built");
+    assert!(
+        data.join("kata/factory-template.kata-qemu-small.json")
+            .is_file(),
+        "record not named after the handler"
+    );
+    assert!(
+        !data
+            .join("kata/factory-template.configuration-qemu.json")
+            .exists()
+    );
+    assert!(
+        kata.calls()
+            .iter()
+            .any(|c| c.contains(&format!("--config {} factory init", t.config.display()))),
+        "{:?}",
+        kata.calls()
+    );
+    assert_eq!(
+        check_once(&settings, t),
+        TemplateCheck::Valid {
+            action: EnsureAction::Kept
+        }
+    );
+    // A setting that changes the template (its drop-in) makes the recorded template stale.
+    let changed = NodedConfig::parse(
+        std::path::Path::new("noded.toml"),
+        &format!(
+            "[containerd]\nkata_root = \"{}\"\nruntimes = [\"kata-qemu\"]\n\
+             [[handlers]]\nname = \"kata-qemu-small\"\nhypervisor = \"qemu\"\nwarm = true\n\
+             template_path = \"{}\"\ndefault_memory = 768\n",
+            kata.root.display(),
+            template.display()
+        ),
+    )
+    .expect("noded.toml");
+    noded::kata::handlers::apply(&changed.handlers, &kata.root, &state).expect("apply");
+    match check_once(&settings, t) {
+        TemplateCheck::Valid { action } => assert_ne!(action, EnsureAction::Kept, "{action:?}"),
+        other => panic!("rebuild expected, got {other:?}"),
     }
 }
 

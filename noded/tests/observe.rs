@@ -266,6 +266,7 @@ fn observer_on(root: &Path) -> Observer {
             runtime_handler: "kata-qemu-warm".into(),
         }],
         warm_handlers: vec!["kata-qemu-warm".into()],
+        warm_template_dirs: vec![],
         template_dirs: vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
         own_vms_dir: None,
         capacity: Default::default(),
@@ -408,4 +409,52 @@ fn a_cold_vm_seen_before_its_boot_sample_is_a_miss_of_the_handler_containerd_nam
         obs.observe_now().expect("scan");
     }
     assert_eq!(misses(&obs), 1.0);
+}
+
+/// Two warm handlers, no word from containerd yet: a Kata clone is attributed to the handler whose
+/// template directory holds its guest memory, not to the first warm handler (the Go shim's binary
+/// name tells no handler on containerd 1.7+).
+#[test]
+fn a_kata_clone_belongs_to_the_warm_handler_whose_template_it_maps() {
+    let node = SyntheticNode::default();
+    let tree = synthetic_tree(&node);
+    let config = ObserverConfig {
+        proc_root: tree.path().to_path_buf(),
+        handlers: vec![
+            "kata-qemu".into(),
+            "kata-qemu-warm".into(),
+            "kata-qemu-warm-debug".into(),
+        ],
+        probe_handlers: vec!["kata-qemu".into()],
+        probe_failure_threshold: 3,
+        templates: vec![],
+        warm_handlers: vec!["kata-qemu-warm".into(), "kata-qemu-warm-debug".into()],
+        // The synthetic clones map /run/vc/vm/template/memory.
+        warm_template_dirs: vec![
+            (
+                PathBuf::from("/run/vc/vm/template-other"),
+                "kata-qemu-warm".into(),
+            ),
+            (
+                PathBuf::from(KATA_FACTORY_TEMPLATE_DIR),
+                "kata-qemu-warm-debug".into(),
+            ),
+        ],
+        template_dirs: vec![PathBuf::from(KATA_FACTORY_TEMPLATE_DIR)],
+        own_vms_dir: None,
+        capacity: Default::default(),
+    };
+    let metrics = Arc::new(Metrics::new(config.metrics_scope()));
+    let obs = Observer::new(config, metrics);
+    obs.observe_now().expect("observe");
+    let snaps = obs.handler_snapshots();
+    let of = |h: &str| {
+        snaps
+            .iter()
+            .find(|s| s.runtime_handler == h)
+            .map(|s| s.vms_template)
+            .unwrap_or_else(|| panic!("no snapshot of {h}"))
+    };
+    assert_eq!(of("kata-qemu-warm-debug"), 250);
+    assert_eq!(of("kata-qemu-warm"), 0);
 }

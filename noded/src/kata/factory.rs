@@ -139,8 +139,14 @@ impl KataFactory {
     pub fn new(layout: KataLayout, config: PathBuf, data_dir: &Path) -> Result<Self, KataError> {
         let template_path = template_path_of(&config)?;
         // One record per warm config: two warm handlers must not vouch for each other's template.
-        let stem = config
-            .file_stem()
+        // A [[handlers]] entry's config is `.../noded/<handler>/configuration-qemu.toml` (one file
+        // name for all of them): its record is named after the handler's directory.
+        let own_dir = config
+            .parent()
+            .filter(|d| d.parent().and_then(Path::file_name) == Some("noded".as_ref()));
+        let stem = own_dir
+            .and_then(Path::file_name)
+            .or_else(|| config.file_stem())
             .and_then(|s| s.to_str())
             .unwrap_or("configuration");
         Ok(Self {
@@ -191,7 +197,7 @@ impl KataFactory {
                 .layout
                 .version()
                 .ok_or_else(|| KataError::NoVersion(self.layout.root().to_path_buf()))?,
-            config_sha256: crate::fsutil::sha256_bytes(text.as_bytes()),
+            config_sha256: config_sha256(&self.config, &text)?,
             kernel_sha256: asset("kernel")?,
             initrd_sha256: asset("initrd")?,
         })
@@ -480,6 +486,37 @@ fn diff(have: &Fingerprint, want: &Fingerprint) -> Option<String> {
         }
     }
     (!what.is_empty()).then(|| what.join(", "))
+}
+
+/// What Kata builds a template from: the configuration and the drop-ins merged over it (the
+/// regular files of `config.d/` beside the symlink-resolved path, by name; see kata/handlers.rs).
+/// Without drop-ins this is the sha256 of the file alone, as records before drop-ins have it.
+fn config_sha256(config: &Path, text: &str) -> Result<String, KataError> {
+    let resolved = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    let dir = resolved
+        .parent()
+        .map(|p| p.join("config.d"))
+        .unwrap_or_default();
+    let mut dropins: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if dropins.is_empty() {
+        return Ok(crate::fsutil::sha256_bytes(text.as_bytes()));
+    }
+    dropins.sort();
+    let mut all = text.as_bytes().to_vec();
+    for d in dropins {
+        all.push(0);
+        all.extend_from_slice(d.file_name().unwrap_or_default().as_encoded_bytes());
+        all.push(0);
+        all.extend(read(&d)?.into_bytes());
+    }
+    Ok(crate::fsutil::sha256_bytes(&all))
 }
 
 fn template_path_of(config: &Path) -> Result<PathBuf, KataError> {

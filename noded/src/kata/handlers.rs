@@ -19,7 +19,11 @@
 //! Because `config.d/` is per directory, a handler with settings gets its own directory: a copy of
 //! the shipped configuration (a regular file, not a symlink: the Go runtime would follow a symlink to
 //! the shared directory) plus `config.d/50-noded.toml`. Two handlers sharing one shipped file thus
-//! never see each other's settings, and Kata's own files are never edited.
+//! never see each other's settings, and Kata's own files are never edited. A `warm = true` handler
+//! also gets its own directory: its copy is the templating configuration derived from the shipped
+//! file as for the kata-qemu-warm preset (kata/warm.rs), with the handler's own `template_path`, and
+//! noded's keeper builds that template (`kata-runtime --config <copy> factory init`, which merges the
+//! drop-ins as the shim does).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,6 +68,9 @@ pub struct HandlerConfig {
     /// factory` ignores the configuration, see [`KataError::RuntimeRsFactory`]).
     #[serde(default)]
     pub warm: bool,
+    /// Where Kata's factory template of a warm handler lives (`[factory] template_path`); default
+    /// `/run/vc/vm/template-<name>`. A tmpfs `kata-runtime factory init` mounts.
+    pub template_path: Option<PathBuf>,
     pub snapshotter: Option<Snapshotter>,
     /// Kata install this handler uses; unset = `containerd.kata_root`.
     pub kata_root: Option<PathBuf>,
@@ -119,13 +126,20 @@ impl HandlerConfig {
                 field("warm")
             ));
         }
-        // The template keeper and the warm configuration serve the kata-qemu-warm preset only so
-        // far; accepting `warm` here would register a handler that silently cold-boots.
-        if self.warm {
-            return Err(format!(
-                "{}: not supported on [[handlers]] yet; list the kata-qemu-warm preset in containerd.runtimes",
-                field("warm")
-            ));
+        if let Some(p) = &self.template_path {
+            if !self.warm {
+                return Err(format!(
+                    "{}: only a warm = true handler has a factory template",
+                    field("template_path")
+                ));
+            }
+            if !p.is_absolute() {
+                return Err(format!(
+                    "{}: {} is not an absolute path",
+                    field("template_path"),
+                    p.display()
+                ));
+            }
         }
         if let Some(root) = &self.kata_root
             && !root.is_absolute()
@@ -175,7 +189,26 @@ impl HandlerConfig {
         Ok(())
     }
 
-    /// Whether noded writes a drop-in (and the handler its own configuration directory).
+    /// Whether the handler gets its own configuration directory: for a drop-in, or for the
+    /// templating configuration of a warm handler (which the shipped file is not).
+    pub fn own_dir_needed(&self) -> bool {
+        self.warm || self.has_settings()
+    }
+
+    /// Kata's factory template of a warm handler: one per handler, beside Kata's default
+    /// (`/run/vc/vm/template`, the kata-qemu-warm preset's), on the tmpfs `kata-runtime factory init`
+    /// mounts there.
+    pub fn factory_template_path(&self) -> PathBuf {
+        self.template_path.clone().unwrap_or_else(|| {
+            PathBuf::from(format!(
+                "{}-{}",
+                super::warm::DEFAULT_TEMPLATE_PATH,
+                self.name
+            ))
+        })
+    }
+
+    /// Whether noded writes a drop-in.
     pub fn has_settings(&self) -> bool {
         self.default_vcpus.is_some()
             || self.default_memory.is_some()
@@ -233,7 +266,7 @@ impl HandlerConfig {
     /// settings (so its `config.d/` is the handler's alone).
     pub fn config_path(&self, root: &Path) -> PathBuf {
         let shipped = self.shipped_config(root);
-        if !self.has_settings() {
+        if !self.own_dir_needed() {
             return shipped;
         }
         match shipped.file_name() {
@@ -556,13 +589,30 @@ pub fn apply(
     let mut outcome = DropinOutcome::default();
     let mut wanted: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
     // Render everything first: a bad key in any handler leaves every file untouched.
-    for h in handlers.iter().filter(|h| h.has_settings()) {
+    for h in handlers.iter().filter(|h| h.own_dir_needed()) {
         let root = h.kata_root(default_root);
         let shipped = h.shipped_config(&root);
-        let text = std::fs::read_to_string(&shipped).map_err(io_err(&shipped))?;
-        let dropin = h.render_dropin(&shipped, &text)?;
+        let mut text = std::fs::read_to_string(&shipped).map_err(io_err(&shipped))?;
+        if h.warm {
+            // The templating configuration, derived as for the kata-qemu-warm preset but with this
+            // handler's own template; its settings still come as a drop-in over it.
+            let opts = super::WarmOptions {
+                template_path: h.factory_template_path(),
+                ..super::WarmOptions::default()
+            };
+            let (warm, _, _) =
+                super::warm::render(&shipped, &text, &super::KataLayout::new(&root), &opts)?;
+            text = warm.replacen(
+                "for the kata-qemu-warm handler",
+                &format!("for the {} handler", h.name),
+                1,
+            );
+        }
+        if h.has_settings() {
+            let dropin = h.render_dropin(&shipped, &text)?;
+            wanted.insert(h.dropin_path(&root), dropin.into_bytes());
+        }
         wanted.insert(h.config_path(&root), text.into_bytes());
-        wanted.insert(h.dropin_path(&root), dropin.into_bytes());
     }
     for (path, bytes) in &wanted {
         // Recorded before the write: a crash between the two leaves a record of a file that is
@@ -666,6 +716,43 @@ enable_debug = false
             toml::from_str::<HandlerConfig>("name = \"x\"\nhypervisor = \"qemu\"\nvcpus = 2")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_warm_handler_has_its_own_dir_and_template() {
+        let w = parse("name = \"kata-w\"\nhypervisor = \"qemu\"\nwarm = true");
+        assert_eq!(w.validate(0), Ok(()));
+        let root = Path::new("/opt/kata");
+        // No settings, still its own templating copy (the shipped file has templating off).
+        assert_eq!(
+            w.config_path(root),
+            root.join("share/defaults/kata-containers/noded/kata-w/configuration-qemu.toml")
+        );
+        assert_eq!(
+            w.factory_template_path(),
+            Path::new("/run/vc/vm/template-kata-w")
+        );
+        let moved = parse(
+            "name = \"kata-w\"\nhypervisor = \"qemu\"\nwarm = true\ntemplate_path = \"/dev/shm/t\"",
+        );
+        assert_eq!(moved.factory_template_path(), Path::new("/dev/shm/t"));
+        for (text, field) in [
+            (
+                "name = \"kata-w\"\nhypervisor = \"qemu\"\ntemplate_path = \"/t\"",
+                "handlers[0].template_path",
+            ),
+            (
+                "name = \"kata-w\"\nhypervisor = \"qemu\"\nwarm = true\ntemplate_path = \"t\"",
+                "handlers[0].template_path",
+            ),
+            (
+                "name = \"kata-w\"\nruntime = \"rust\"\nhypervisor = \"qemu\"\nwarm = true",
+                "handlers[0].warm",
+            ),
+        ] {
+            let e = parse(text).validate(0).expect_err(text);
+            assert!(e.starts_with(field), "{e}");
+        }
     }
 
     #[test]

@@ -14,9 +14,9 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::KataError;
+use super::WarmTarget;
 use super::factory::{EnsureAction, FactoryExec, KataFactory, in_mount_namespace};
 use super::layout::KataLayout;
-use crate::containerd::handler::KataHandler;
 
 /// First retry after a failed build; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(2);
@@ -24,8 +24,7 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct KeeperSettings {
-    pub handlers: Vec<KataHandler>,
-    pub kata_root: PathBuf,
+    pub handlers: Vec<WarmTarget>,
     /// noded's persistent directory (the build records must survive the reboot that empties the
     /// template tmpfs).
     pub data_dir: PathBuf,
@@ -38,8 +37,7 @@ pub struct KeeperSettings {
 impl KeeperSettings {
     pub fn from_config(cfg: &crate::config::NodedConfig) -> Self {
         Self {
-            handlers: cfg.warm_handlers(),
-            kata_root: cfg.containerd.kata_root.clone(),
+            handlers: cfg.warm_targets(),
             data_dir: cfg.daemon.data_dir.clone(),
             check_interval: Duration::from_secs(cfg.kata.template_check_seconds.max(1)),
             exec: FactoryExec {
@@ -67,18 +65,19 @@ pub trait TemplateReporter: Send + Sync {
 /// Runs until the task is aborted. Checks run one after another on the blocking pool: building a
 /// template boots a VM and hashes files, which must not occupy the async workers.
 pub async fn run(settings: KeeperSettings, reporter: Arc<dyn TemplateReporter>) {
-    let mut failures: BTreeMap<KataHandler, u32> = BTreeMap::new();
+    let mut failures: BTreeMap<String, u32> = BTreeMap::new();
     loop {
-        for &handler in &settings.handlers {
-            let span = tracing::info_span!("kata_template", runtime_handler = %handler);
+        for handler in &settings.handlers {
+            let span = tracing::info_span!("kata_template", runtime_handler = %handler.name);
             let s = settings.clone();
-            let check = tokio::task::spawn_blocking(move || check_once(&s, handler))
+            let target = handler.clone();
+            let check = tokio::task::spawn_blocking(move || check_once(&s, &target))
                 .instrument(span.clone())
                 .await
                 .unwrap_or_else(|e| TemplateCheck::Invalid {
                     reason: format!("template check panicked: {e}"),
                 });
-            let n = failures.entry(handler).or_default();
+            let n = failures.entry(handler.name.clone()).or_default();
             match &check {
                 TemplateCheck::Valid { .. } => *n = 0,
                 TemplateCheck::Invalid { reason } => {
@@ -88,7 +87,7 @@ pub async fn run(settings: KeeperSettings, reporter: Arc<dyn TemplateReporter>) 
                     });
                 }
             }
-            reporter.checked(handler.name(), &check);
+            reporter.checked(&handler.name, &check);
         }
         let worst = failures.values().copied().max().unwrap_or(0);
         tokio::time::sleep(next_wait(worst, settings.check_interval)).await;
@@ -106,11 +105,10 @@ pub fn next_wait(failures: u32, check_interval: Duration) -> Duration {
 }
 
 /// One synchronous check (and build when needed) of `handler`'s template.
-pub fn check_once(settings: &KeeperSettings, handler: KataHandler) -> TemplateCheck {
+pub fn check_once(settings: &KeeperSettings, target: &WarmTarget) -> TemplateCheck {
     let result = in_mount_namespace(settings.mount_namespace.as_deref(), || {
-        let layout = KataLayout::new(&settings.kata_root);
-        let config = handler.spec(&settings.kata_root).config_path;
-        KataFactory::new(layout, config, &settings.data_dir)?
+        let layout = KataLayout::new(&target.kata_root);
+        KataFactory::new(layout, target.config.clone(), &settings.data_dir)?
             .with_exec(settings.exec.clone())
             .ensure()
     });

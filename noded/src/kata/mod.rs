@@ -16,6 +16,20 @@ pub use factory::{
 pub use layout::{Hypervisor, KataInstall, KataLayout};
 pub use warm::{WarmOptions, WarmOutcome, WarmSharedFs};
 
+/// A handler served from Kata's VM factory template, whose template noded keeps built: the
+/// kata-qemu-warm preset or a `[[handlers]]` entry with `warm = true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmTarget {
+    /// The runtime handler (and the `template` label of its metrics).
+    pub name: String,
+    /// The Kata release whose `kata-runtime` builds the template.
+    pub kata_root: PathBuf,
+    /// The configuration its shim and `kata-runtime factory init` read (`[factory]` enabled).
+    pub config: PathBuf,
+    /// Where that configuration puts the template (`[factory] template_path`).
+    pub template_path: PathBuf,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KataError {
     #[error("{root}: not a Kata install ({missing} is missing)")]

@@ -58,8 +58,11 @@ pub struct ObserverConfig {
     /// `probe.failure_threshold`: failures in a row that make a proven node not ready (as the taint).
     pub probe_failure_threshold: u32,
     pub templates: Vec<TemplateRef>,
-    /// Kata handlers served from Kata's own factory template (`kata-qemu-warm`).
+    /// Kata handlers served from Kata's own factory template (`kata-qemu-warm`, warm `[[handlers]]`).
     pub warm_handlers: Vec<String>,
+    /// Each warm handler's template directory: a Kata clone whose guest memory comes from there is
+    /// that handler's (the Go shim's binary name tells no handler on containerd 1.7+).
+    pub warm_template_dirs: Vec<(PathBuf, String)>,
     /// Directories holding template memory files.
     pub template_dirs: Vec<PathBuf>,
     /// noded's `run_dir/vms`: the spawn records that identify its own VMs (`vm::reap::VmRecord`).
@@ -90,6 +93,7 @@ impl ObserverConfig {
             }
         }
         const MIB: u64 = 1024 * 1024;
+        let warm = cfg.warm_targets();
         let o = &cfg.observe;
         ObserverConfig {
             proc_root: o.proc_root.clone(),
@@ -97,10 +101,10 @@ impl ObserverConfig {
             probe_handlers,
             probe_failure_threshold: cfg.probe.failure_threshold,
             templates,
-            warm_handlers: cfg
-                .warm_handlers()
-                .into_iter()
-                .map(|h| h.name().to_owned())
+            warm_handlers: warm.iter().map(|t| t.name.clone()).collect(),
+            warm_template_dirs: warm
+                .iter()
+                .map(|t| (absolute(&t.template_path), t.name.clone()))
                 .collect(),
             // QEMU is given canonical paths (the engine canonicalizes run_dir), so compare with those.
             template_dirs: [
@@ -109,6 +113,7 @@ impl ObserverConfig {
                 cfg.daemon.data_dir.join("templates"),
             ]
             .into_iter()
+            .chain(warm.iter().map(|t| t.template_path.clone()))
             .map(|d| absolute(&d))
             .collect(),
             own_vms_dir: Some(cfg.daemon.run_dir.join("vms")),
@@ -505,7 +510,17 @@ impl Observer {
             .as_ref()
             .is_some_and(|h| h.role != VmRole::Cold);
         if clone {
-            // A Kata clone belongs to a warm handler; a noded clone was named after its template above.
+            // A Kata clone belongs to the warm handler whose template holds its memory; a noded
+            // clone was named after its template above.
+            let mem = sb.hypervisor.as_ref().and_then(|h| h.mem_path.as_ref());
+            if let Some((_, h)) = self
+                .config
+                .warm_template_dirs
+                .iter()
+                .find(|(dir, _)| mem.is_some_and(|m| m.starts_with(dir)))
+            {
+                return h.clone();
+            }
             if let Some(h) = self.config.warm_handlers.first() {
                 return h.clone();
             }

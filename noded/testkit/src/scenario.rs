@@ -324,10 +324,15 @@ pub fn set_kata_check_seconds(nodebox: &NodeBox, seconds: u64) -> Result<()> {
 
 /// Empties Kata's factory template as a reboot does (its tmpfs is unmounted).
 pub fn wipe_kata_template(nodebox: &NodeBox) -> Result<()> {
-    let out = nodebox.run("umount", &["/run/vc/vm/template"])?;
+    wipe_kata_template_at(nodebox, noded::kata::warm::DEFAULT_TEMPLATE_PATH)
+}
+
+/// [`wipe_kata_template`] of the template at `dir` (a warm `[[handlers]]` entry's).
+pub fn wipe_kata_template_at(nodebox: &NodeBox, dir: &str) -> Result<()> {
+    let out = nodebox.run("umount", &[dir])?;
     if !out.status.success() {
         bail!(
-            "umount /run/vc/vm/template: {}",
+            "umount {dir}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -406,6 +411,32 @@ impl Booted {
             bail!("runc pod after uninstall: {outcome:?}");
         }
         Ok(())
+    }
+
+    /// Runs a pod sandbox on `handler` through the node's CRI and returns how the fake Kata shim of
+    /// the release at `kata_root` (a node path) booted its VM (its `vm_calls` record); the sandbox is
+    /// removed once noded's observer had two scans (5 s apart) to see the VM.
+    pub async fn run_kata_pod(
+        &self,
+        handler: &str,
+        name: &str,
+        kata_root: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let mut cri = noded::cri::CriClient::connect(&self.nodebox.containerd_socket()).await?;
+        let mut spec = noded::cri::PodSpec::unique(name, handler);
+        spec.host_network = true;
+        let id = cri.run_pod(&spec, timeout).await?;
+        let vm = crate::fake_kata::FakeKata {
+            root: self.nodebox.path(kata_root),
+        }
+        .vm_calls()
+        .into_iter()
+        .rfind(|v| v["id"] == id.as_str())
+        .with_context(|| format!("no VM recorded for sandbox {id}"))?;
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        cri.remove_pod(&id, timeout).await?;
+        Ok(vm)
     }
 
     /// Waits until the fake API server's node has no startup taint; returns how long that took.

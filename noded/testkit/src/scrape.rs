@@ -20,6 +20,43 @@ pub fn scrape(addr: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Polls `done` every 200 ms until it holds (returns how long that took) or `timeout` passes.
+pub async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> Result<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if done() {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("{what}: not reached within {timeout:?}")
+}
+
+/// Scrapes the node's `/metrics` every 500 ms until `name{labels}` is at least `at_least`.
+pub async fn wait_node_metric(
+    name: &str,
+    labels: &[(&str, &str)],
+    at_least: f64,
+    timeout: Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        if let Ok(m) = scrape(NODE_METRICS) {
+            if metric(&m, name, labels).is_some_and(|v| v >= at_least) {
+                return Ok(());
+            }
+            last = grep(&m, name);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("{name}{labels:?} never reached {at_least}: {last}")
+}
+
 /// The sum of the samples `name{…}` whose labels include every pair of `labels`; `None` if none.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;

@@ -308,6 +308,7 @@ pub fn observer_on(proc_root: &Path, handlers: &[&str]) -> Observer {
         probe_failure_threshold: 3,
         templates: vec![],
         warm_handlers: vec![],
+        warm_template_dirs: vec![],
         template_dirs: vec![],
         own_vms_dir: None,
         capacity: Default::default(),

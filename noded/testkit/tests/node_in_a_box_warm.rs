@@ -4,10 +4,9 @@
 //! the warm path with its probe, and count real pods' boots as hits and misses — through a reboot
 //! (tmpfs wiped), a build failure, a damaged template and a new Kata release baked on the node.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use noded::cri::{CriClient, PodSpec};
 use testkit::containerd::Series;
 use testkit::fake_kata::FakeKata;
 use testkit::scenario::{
@@ -233,37 +232,18 @@ fn record_version(b: &Booted) -> anyhow::Result<String> {
         .context("no kata_version in the record")
 }
 
-/// Runs a pod sandbox on `handler`, returns how its VM booted (the fake shim's record), and removes it
-/// once noded's observer had a chance to see the VM.
+/// Runs a pod on `handler` and returns how its VM booted (`template`, `cold`).
 async fn start_pod(b: &Booted, handler: &str, name: &str) -> anyhow::Result<String> {
-    let mut cri = CriClient::connect(&b.nodebox.containerd_socket()).await?;
-    let mut spec = PodSpec::unique(name, handler);
-    spec.host_network = true;
-    let id = cri.run_pod(&spec, TIMEOUT).await?;
-    let vm = kata(b)
-        .vm_calls()
-        .into_iter()
-        .rfind(|v| v["id"] == id.as_str())
-        .with_context(|| format!("no VM recorded for sandbox {id}"))?;
-    // The observer scans every 5 s and counts a sandbox once; keep it up for two scans.
-    tokio::time::sleep(Duration::from_secs(11)).await;
-    cri.remove_pod(&id, TIMEOUT).await?;
+    let vm = Box::pin(b.run_kata_pod(handler, name, "/opt/kata", TIMEOUT)).await?;
     Ok(vm["boot"].as_str().unwrap_or_default().to_owned())
 }
 
 async fn wait_for(
     timeout: Duration,
     what: &str,
-    mut done: impl FnMut() -> bool,
+    done: impl FnMut() -> bool,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if done() {
-            return Ok(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::bail!("{what}: not reached within {timeout:?}")
+    testkit::scrape::wait_until(timeout, what, done).await
 }
 
 async fn wait_counter(name: &str, at_least: f64) -> anyhow::Result<()> {
@@ -271,18 +251,7 @@ async fn wait_counter(name: &str, at_least: f64) -> anyhow::Result<()> {
 }
 
 async fn wait_metric(name: &str, labels: &[(&str, &str)], at_least: f64) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < TIMEOUT {
-        if let Ok(m) = scrape() {
-            if metric(&m, name, labels).is_some_and(|v| v >= at_least) {
-                return Ok(());
-            }
-            last = grep(&m, name);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    anyhow::bail!("{name}{labels:?} never reached {at_least}: {last}")
+    testkit::scrape::wait_node_metric(name, labels, at_least, TIMEOUT).await
 }
 
 fn scrape() -> anyhow::Result<String> {
