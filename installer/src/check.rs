@@ -342,6 +342,18 @@ pub fn check(root: &Root) -> CheckReport {
     if wanted.iter().any(|h| h == "kata-qemu-warm") {
         need += (kata_default_memory_mib(&layout.warm_config()).unwrap_or(2048) + 8) * mib;
     }
+    // Each warm [[handlers]] entry keeps a template of its own: its default_memory, else its release's.
+    for c in config.iter() {
+        for h in c.handlers.iter().filter(|h| h.warm) {
+            let shipped = h.shipped_config(&root.path(h.kata_root(&c.containerd.kata_root)));
+            let guest = h
+                .default_memory
+                .map(u64::from)
+                .or_else(|| kata_default_memory_mib(&shipped))
+                .unwrap_or(2048);
+            need += (guest + 8) * mib;
+        }
+    }
     let available = host::mem_available(root);
     match available {
         Some(a) if a < need => push(

@@ -267,3 +267,28 @@ fn bake_runtimes_sets_the_presets_shims_and_nodeadm_dropin() {
     );
     assert!(!runtimes.contains_key("kata-qemu-warm"), "{dropin}");
 }
+
+/// `installer check` counts the memory of every Kata template the node will keep: the preset's and
+/// one per warm `[[handlers]]` entry (its default_memory + 8 MiB of tmpfs).
+#[test]
+fn check_counts_a_template_per_warm_handler() {
+    let node = Node::new();
+    let root = node.root();
+    let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
+    let noded = node.fake_noded();
+    let need = |handlers: &str| {
+        let file = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(file.path(), handlers).expect("write");
+        let (code, _, stderr) = run_json(&bake_args(&tarball, &sha, &noded, file.path()), &root);
+        assert_eq!(code, 0, "bake: {stderr}");
+        let (_, report, _) = run_json(&["check"], &root);
+        report["template_memory_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{report}"))
+    };
+    let cold = need("[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\n");
+    let warm = need(
+        "[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\nwarm = true\ndefault_memory = 512\n",
+    );
+    assert_eq!(warm - cold, (512 + 8) * 1024 * 1024);
+}
