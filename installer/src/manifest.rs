@@ -187,10 +187,16 @@ impl Ledger {
             ),
             Err(e) => return Err(IoError::at(&path)(e).into()),
         };
-        // Side-by-side releases may live elsewhere than /opt: their parents are swept too (under
-        // the lock, anything there is a dead run's).
-        for r in &manifest.releases {
-            sweep_staging_beside(root, &r.root);
+        // Beside every tree (releases outside /opt, noded's ownership dir): a killed run's staging
+        // or half-removed tree ([`remove_tree`]). Under the lock, anything there is a dead run's.
+        let trees = manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Tree)
+            .map(|e| e.path.as_path())
+            .chain(manifest.releases.iter().map(|r| r.root.as_path()));
+        for t in trees {
+            sweep_staging_beside(root, t);
         }
         let mut ledger = Self {
             root: root.clone(),

@@ -425,21 +425,19 @@ fn kata_runtimes_from_packer_through_bake_sh_into_noded_toml() {
     let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
     let noded = node.fake_noded();
     let (code, _, stderr) = common::run_json(
-        &[
-            "bake",
-            "--kata-tarball",
-            tarball.to_str().expect("utf8"),
-            "--sha256",
+        &common::bake_args(
+            &tarball,
             &sha,
-            "--noded-binary",
-            noded.to_str().expect("utf8"),
-            "--mode",
-            "kubernetes",
-            "--nodeadm",
-            "never",
-            "--runtimes",
-            default,
-        ],
+            &noded,
+            &[
+                "--mode",
+                "kubernetes",
+                "--nodeadm",
+                "never",
+                "--runtimes",
+                default,
+            ],
+        ),
         &root,
     );
     assert_eq!(code, 0, "bake --runtimes {default}: {stderr}");

@@ -8,25 +8,18 @@ use std::path::Path;
 
 use common::{Node, installer, run_json, snapshot};
 
-fn bake_args<'a>(
-    tarball: &'a Path,
-    sha: &'a str,
-    noded: &'a Path,
-    handlers: &'a Path,
-) -> Vec<&'a str> {
-    vec![
-        "bake",
-        "--kata-tarball",
-        tarball.to_str().expect("utf8"),
-        "--sha256",
+fn bake_args(tarball: &Path, sha: &str, noded: &Path, handlers: &Path) -> Vec<String> {
+    common::bake_args(
+        tarball,
         sha,
-        "--noded-binary",
-        noded.to_str().expect("utf8"),
-        "--nodeadm",
-        "never",
-        "--handlers",
-        handlers.to_str().expect("utf8"),
-    ]
+        noded,
+        &[
+            "--nodeadm",
+            "never",
+            "--handlers",
+            handlers.to_str().expect("utf8"),
+        ],
+    )
 }
 
 const HANDLERS: &str = "[[handlers]]\nname = \"kata-qemu-big\"\nhypervisor = \"qemu\"\ndefault_vcpus = 4\n\n[[handlers]]\nname = \"kata-clh\"\nhypervisor = \"clh\"\n";
@@ -165,23 +158,19 @@ fn bake_runtimes_sets_the_presets_shims_and_nodeadm_dropin() {
     let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
     let noded = node.fake_noded();
     let args = |runtimes: &'static str| -> Vec<String> {
-        [
-            "bake",
-            "--kata-tarball",
-            tarball.to_str().expect("utf8"),
-            "--sha256",
+        common::bake_args(
+            &tarball,
             &sha,
-            "--noded-binary",
-            noded.to_str().expect("utf8"),
-            "--nodeadm",
-            "always",
-            "--containerd-config-version",
-            "3",
-            "--runtimes",
-            runtimes,
-        ]
-        .map(str::to_owned)
-        .to_vec()
+            &noded,
+            &[
+                "--nodeadm",
+                "always",
+                "--containerd-config-version",
+                "3",
+                "--runtimes",
+                runtimes,
+            ],
+        )
     };
 
     // Refused lists first: exit 2, the problem on one line, nothing under the root.

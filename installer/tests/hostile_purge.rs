@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use common::{Node, installer, snapshot};
 
-fn run(args: &[&str], root: &Path) -> (i32, String) {
+fn run<S: AsRef<std::ffi::OsStr>>(args: &[S], root: &Path) -> (i32, String) {
     let out = installer()
         .args(args)
         .arg("--root")
@@ -30,19 +30,12 @@ fn baked() -> (Node, PathBuf) {
     let (tarball, sha) = node.kata_tarball("3.27.0", |_| {});
     let noded = node.fake_noded();
     let (code, stderr) = run(
-        &[
-            "bake",
-            "--kata-tarball",
-            tarball.to_str().expect("utf8"),
-            "--sha256",
+        &common::bake_args(
+            &tarball,
             &sha,
-            "--noded-binary",
-            noded.to_str().expect("utf8"),
-            "--nodeadm",
-            "always",
-            "--containerd-config-version",
-            "3",
-        ],
+            &noded,
+            &["--nodeadm", "always", "--containerd-config-version", "3"],
+        ),
         &root,
     );
     assert_eq!(code, 0, "bake: {stderr}");

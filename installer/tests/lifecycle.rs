@@ -7,20 +7,13 @@ use std::path::Path;
 
 use common::{Node, installer, run_json, snapshot};
 
-fn bake_args<'a>(tarball: &'a Path, sha: &'a str, noded: &'a Path) -> Vec<&'a str> {
-    vec![
-        "bake",
-        "--kata-tarball",
-        tarball.to_str().expect("utf8"),
-        "--sha256",
+fn bake_args(tarball: &Path, sha: &str, noded: &Path) -> Vec<String> {
+    common::bake_args(
+        tarball,
         sha,
-        "--noded-binary",
-        noded.to_str().expect("utf8"),
-        "--nodeadm",
-        "always",
-        "--containerd-config-version",
-        "3",
-    ]
+        noded,
+        &["--nodeadm", "always", "--containerd-config-version", "3"],
+    )
 }
 
 #[test]

@@ -27,19 +27,17 @@ fn handlers(with_canary: bool) -> String {
 fn main_bake(node: &Node, tarball: &Path, sha: &str, handlers: &Path) -> (i32, String) {
     let noded = node.fake_noded();
     let (code, _, stderr) = run_json(
-        &[
-            "bake",
-            "--kata-tarball",
-            tarball.to_str().expect("utf8"),
-            "--sha256",
+        &common::bake_args(
+            tarball,
             sha,
-            "--noded-binary",
-            noded.to_str().expect("utf8"),
-            "--nodeadm",
-            "never",
-            "--handlers",
-            handlers.to_str().expect("utf8"),
-        ],
+            &noded,
+            &[
+                "--nodeadm",
+                "never",
+                "--handlers",
+                handlers.to_str().expect("utf8"),
+            ],
+        ),
         &node.root(),
     );
     (code, stderr)

@@ -134,12 +134,33 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
     }
 }
 
+/// `installer bake` of `tarball` (its sha256 `sha`) installing the noded artifact `noded`, then the
+/// test's own flags.
+pub fn bake_args(tarball: &Path, sha: &str, noded: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "bake",
+        "--kata-tarball",
+        tarball.to_str().expect("utf8"),
+        "--sha256",
+        sha,
+        "--noded-binary",
+        noded.to_str().expect("utf8"),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
 pub fn installer() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("installer").expect("installer binary")
 }
 
 /// `installer <args> --root <root> --output json`: exit code, parsed stdout (Null if not JSON), stderr.
-pub fn run_json(args: &[&str], root: &Path) -> (i32, serde_json::Value, String) {
+pub fn run_json<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    root: &Path,
+) -> (i32, serde_json::Value, String) {
     let out = installer()
         .args(args)
         .arg("--root")
