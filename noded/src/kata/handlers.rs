@@ -263,7 +263,7 @@ impl HandlerConfig {
     }
 
     /// What containerd's `ConfigPath` names: the shipped file, or noded's copy when the handler has
-    /// settings (so its `config.d/` is the handler's alone).
+    /// settings or is warm (so its `config.d/` is the handler's alone).
     pub fn config_path(&self, root: &Path) -> PathBuf {
         let shipped = self.shipped_config(root);
         if !self.own_dir_needed() {
@@ -575,13 +575,15 @@ pub fn apply(
     for h in handlers {
         let root = h.kata_root(default_root);
         if !root.is_dir() {
+            let fix = if root == default_root {
+                "Kata is not installed (`installer bake`)"
+            } else {
+                "install it (`installer bake --kata-root`) and, for the DaemonSet, mount it \
+                 (daemonset/examples/kata-canary)"
+            };
             return Err(KataError::InvalidConfig {
                 path: root,
-                message: format!(
-                    "Kata root of handler {} is not here: install it (`installer bake --kata-root`) \
-                     and, for the DaemonSet, mount it (daemonset/examples/kata-canary)",
-                    h.name
-                ),
+                message: format!("Kata root of handler {} is not here: {fix}", h.name),
             });
         }
     }
