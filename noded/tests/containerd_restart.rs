@@ -46,7 +46,8 @@ async fn apply_restarts_verifies_and_running_containers_survive(series) {
     let original = std::fs::read(&config).expect("read config");
     let state = tempfile::tempdir().expect("state dir");
     let pod = common::containerd::start_sleeper(&socket, "runc").await;
-    let sleeper_pids = common::containerd::pids_with_cmdline("3600");
+    let sleeper_pids = common::containerd::sleeper_pids(&pod);
+    assert!(!sleeper_pids.is_empty(), "no process of the sleeper found");
     assert!(!handlers(&socket).await.contains(&"kata-qemu".to_owned()));
     let pid_before = ctrd.containerd_pid().expect("containerd pid");
 

@@ -122,6 +122,27 @@ pub async fn remove(socket: &Path, pod: &RunningPod) {
 }
 
 /// PIDs of processes whose command line contains `needle` (e.g. a unique container id).
+/// The processes of `pod`'s sleeper container: children of the shim serving its sandbox (whose
+/// command line names the sandbox id) that run `sleep 3600`. Not every `sleep 3600` on the machine:
+/// parallel tests run sleepers of their own and kill them when they end.
+pub fn sleeper_pids(pod: &RunningPod) -> Vec<i32> {
+    let shims = pids_with_cmdline(&pod.sandbox_id);
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; split after the last ')'.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    pids_with_cmdline("3600")
+        .into_iter()
+        .filter(|p| ppid(*p).is_some_and(|pp| shims.contains(&pp)))
+        .collect()
+}
+
 pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     noded::proctable::pids_where(Path::new("/proc"), |argv| {
         argv.iter().any(|a| a.contains(needle))
