@@ -441,13 +441,8 @@ fn kata_runtimes_from_packer_through_bake_sh_into_noded_toml() {
         &root,
     );
     assert_eq!(code, 0, "bake --runtimes {default}: {stderr}");
-    let toml = std::fs::read_to_string(root.join("etc/noded/noded.toml")).expect("noded.toml");
-    let config = noded::config::NodedConfig::parse(Path::new("noded.toml"), &toml).expect("loads");
-    let names: Vec<&str> = config
-        .containerd
-        .runtimes
-        .iter()
-        .map(|h| h.name())
-        .collect();
-    assert_eq!(names, ["kata-qemu", "kata-qemu-warm", "kata-clh"], "{toml}");
+    assert_eq!(
+        common::baked_runtimes(&root),
+        ["kata-qemu", "kata-qemu-warm", "kata-clh"]
+    );
 }

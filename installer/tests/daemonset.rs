@@ -33,6 +33,24 @@ fn with_components(components: &[&str]) -> String {
     testkit::scenario::kustomize(components).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// [`with_components`], validated strictly: every document, and the DaemonSet among them.
+fn validated_with_components(components: &[&str]) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let rendered = with_components(components);
+    let out = validate(&rendered);
+    assert!(
+        out.status.success(),
+        "{components:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let docs = yaml_docs(&rendered);
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .cloned()
+        .expect("DaemonSet");
+    (docs, ds)
+}
+
 fn run_stdin(cmd: &mut Command, input: &str) -> std::process::Output {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -475,18 +493,7 @@ fn k3s_and_rke2_components_mount_the_paths_their_flavour_uses() {
         return;
     }
     for (name, flavour) in [("k3s", Flavour::K3s), ("rke2", Flavour::Rke2)] {
-        let rendered = with_components(&[name]);
-        let out = validate(&rendered);
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let docs = yaml_docs(&rendered);
-        let ds = docs
-            .iter()
-            .find(|d| d["kind"] == "DaemonSet")
-            .expect("DaemonSet");
+        let (_, ds) = validated_with_components(&[name]);
         let spec = &ds["spec"]["template"]["spec"];
         let host_path = |volume: &str| {
             spec["volumes"]
@@ -533,18 +540,7 @@ fn kata_canary_component_mounts_the_second_root_at_its_own_path() {
     if !tools() {
         return;
     }
-    let rendered = with_components(&["kata-canary"]);
-    let out = validate(&rendered);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let docs = yaml_docs(&rendered);
-    let ds = docs
-        .iter()
-        .find(|d| d["kind"] == "DaemonSet")
-        .expect("DaemonSet");
+    let (docs, ds) = validated_with_components(&["kata-canary"]);
     let spec = &ds["spec"]["template"]["spec"];
     for (volume, path) in [
         ("opt-kata", "/opt/kata"),

@@ -204,19 +204,9 @@ fn bake_runtimes_sets_the_presets_shims_and_nodeadm_dropin() {
         "a refused --runtimes leaves the root as it was"
     );
 
-    let args = args("kata-qemu,kata-clh");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (code, _, stderr) = run_json(&args, &root);
+    let (code, _, stderr) = run_json(&args("kata-qemu,kata-clh"), &root);
     assert_eq!(code, 0, "bake failed: {stderr}");
-    let toml = std::fs::read_to_string(root.join("etc/noded/noded.toml")).expect("noded.toml");
-    let config = noded::config::NodedConfig::parse(Path::new("noded.toml"), &toml).expect("loads");
-    let names: Vec<&str> = config
-        .containerd
-        .runtimes
-        .iter()
-        .map(|h| h.name())
-        .collect();
-    assert_eq!(names, ["kata-qemu", "kata-clh"], "{toml}");
+    assert_eq!(common::baked_runtimes(&root), ["kata-qemu", "kata-clh"]);
     assert_eq!(
         std::fs::read_link(root.join("usr/local/bin/containerd-shim-kata-clh-v2"))
             .expect("kata-clh shim link"),

@@ -152,6 +152,19 @@ pub fn bake_args(tarball: &Path, sha: &str, noded: &Path, extra: &[&str]) -> Vec
     args
 }
 
+/// `containerd.runtimes` of the noded.toml bake wrote under `root` (noded must load the file).
+pub fn baked_runtimes(root: &Path) -> Vec<String> {
+    let toml = std::fs::read_to_string(root.join("etc/noded/noded.toml")).expect("noded.toml");
+    let config = noded::config::NodedConfig::parse(Path::new("noded.toml"), &toml)
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    config
+        .containerd
+        .runtimes
+        .iter()
+        .map(|h| h.name().to_owned())
+        .collect()
+}
+
 pub fn installer() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("installer").expect("installer binary")
 }
