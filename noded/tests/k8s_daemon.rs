@@ -78,13 +78,15 @@ fn api_server_down_does_not_stop_metrics_or_health() {
         ),
     )
     .expect("config");
+    let stderr_path = dir.path().join("noded.stderr");
+    let stderr_text = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
     let child = Command::new(env!("CARGO_BIN_EXE_noded"))
         .args(["run", "--config"])
         .arg(&config)
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("spawn noded");
     let mut daemon = Daemon(child);
@@ -94,8 +96,17 @@ fn api_server_down_does_not_stop_metrics_or_health() {
     let (code, body) = wait_http(port, "/metrics");
     assert_eq!(code, 200);
     assert!(body.contains("noded_"), "{body}");
-    // Still serving after the publisher has failed a few times against the dead API server.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Still serving after the publisher has failed a few times against the dead API server. Its
+    // syncs run in its own task: waited for, not a fixed time after /metrics first answered.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stderr_text().matches("Kubernetes sync failed").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the publisher did not fail twice against the dead API server within 60 s:\n{}",
+            stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(wait_http(port, "/healthz").0, 200);
 
     nix::sys::signal::kill(
@@ -104,10 +115,7 @@ fn api_server_down_does_not_stop_metrics_or_health() {
     )
     .expect("SIGTERM");
     let status = daemon.0.wait().expect("wait");
-    let mut stderr = String::new();
-    if let Some(mut e) = daemon.0.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
+    let stderr = stderr_text();
     assert!(
         status.success(),
         "noded exited with {status}; stderr:\n{stderr}"
