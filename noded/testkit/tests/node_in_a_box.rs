@@ -193,11 +193,22 @@ async fn lifecycle(b: &Booted) -> anyhow::Result<()> {
             == Some(("containerd.service", "replace")),
         "restart calls: {calls:?}"
     );
+    // fake-systemd logs the call before it runs the restart: until the unit's stop has run, the old
+    // containerd still answers CRI and the unit's pidfile still names it.
+    testkit::scrape::wait_until(BOOT_TIMEOUT, "containerd was not restarted", || {
+        b.nodebox
+            .containerd_pid()
+            .is_some_and(|p| Some(p) != pid_before)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "containerd pid {:?}, before the drift {pid_before:?}; containerd log:\n{}",
+            b.nodebox.containerd_pid(),
+            testkit::nodebox::tail(&b.nodebox.containerd_log(), 30)
+        )
+    })?;
     b.nodebox.wait_cri(Duration::from_secs(30)).await?;
-    ensure!(
-        b.nodebox.containerd_pid() != pid_before,
-        "containerd was not restarted"
-    );
     pod.wait_ready(BOOT_TIMEOUT).await?;
     let mut cri = CriClient::connect(&socket).await?;
     let status = cri_plugin::status(&mut cri).await?;
