@@ -171,38 +171,69 @@ struct Parts {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     publisher: Option<crate::k8s::daemon::RunningPublisher>,
     vm: Option<VmPart>,
-    /// The runtime socket the probe loop probes: a probe in flight when the loop is aborted leaves
-    /// its sandbox, which shutdown removes (on a node, containerd and its pods outlive noded).
-    probe_socket: Option<std::path::PathBuf>,
+    /// The probe loop, stopped before anything else: on a node, containerd and its pods outlive
+    /// noded, so a probe sandbox must not be cut off mid-creation.
+    probe: Option<ProbeTask>,
+}
+
+/// The probe loop's task and how to stop it between probes.
+struct ProbeTask {
+    socket: std::path::PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How long shutdown lets a probe in flight finish (its sandbox created, then stopped and removed by
+/// the probe itself) before cutting it off; with [`PROBE_SWEEP`], within a pod's default 30 s grace.
+const PROBE_DRAIN: Duration = Duration::from_secs(10);
+/// Bound on removing what a cut-off probe left at shutdown.
+const PROBE_SWEEP: Duration = Duration::from_secs(10);
+
+impl ProbeTask {
+    /// Lets a probe in flight finish, then stops the loop. A cancelled `RunPodSandbox` is not undone
+    /// by containerd: it finishes creating the sandbox after the client is gone (2.1 then leaves it
+    /// `SANDBOX_UNKNOWN` with its shim running), so the sandbox can appear only after a sweep has
+    /// listed the pods. Cut off only a probe that outlives [`PROBE_DRAIN`]; the sweep here and the
+    /// one at the next start remove what that leaves.
+    async fn stop(mut self, private_containerd: bool) {
+        let _ = self.stop.send(true);
+        let drained = tokio::time::timeout(PROBE_DRAIN, &mut self.task)
+            .await
+            .is_ok();
+        if drained {
+            return;
+        }
+        self.task.abort();
+        let _ = self.task.await;
+        tracing::warn!("a probe outlived the {PROBE_DRAIN:?} shutdown drain; cut off");
+        // Local mode stops its own containerd, and every sandbox with it.
+        if private_containerd {
+            return;
+        }
+        match tokio::time::timeout(
+            PROBE_SWEEP,
+            crate::cri::probe::remove_leftover_probes(&self.socket, PROBE_SWEEP),
+        )
+        .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(removed = n, "removed the probe sandbox cut off at shutdown"),
+            Ok(Err(e)) => tracing::warn!("probe sandboxes at shutdown: {e}"),
+            Err(_) => {
+                tracing::warn!("probe sandboxes at shutdown: timed out after {PROBE_SWEEP:?}")
+            }
+        }
+    }
 }
 
 impl Parts {
     async fn stop(mut self) {
+        if let Some(probe) = self.probe.take() {
+            probe.stop(self.private_containerd.is_some()).await;
+        }
         for t in self.tasks.drain(..) {
             t.abort();
-            // Aborted tasks are gone only once awaited: a probe must not create a sandbox after
-            // the cleanup below.
             let _ = t.await;
-        }
-        if let Some(socket) = self.probe_socket.take()
-            && self.private_containerd.is_none()
-        {
-            // Within a pod's default 30 s grace period, with room for the rest of the shutdown.
-            let bound = Duration::from_secs(10);
-            match tokio::time::timeout(
-                bound,
-                crate::cri::probe::remove_leftover_probes(&socket, bound),
-            )
-            .await
-            {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => info!(
-                    removed = n,
-                    "removed the probe sandbox in flight at shutdown"
-                ),
-                Ok(Err(e)) => tracing::warn!("probe sandboxes at shutdown: {e}"),
-                Err(_) => tracing::warn!("probe sandboxes at shutdown: timed out after {bound:?}"),
-            }
         }
         if let Some(vm) = self.vm.take() {
             vm.stop().await;
@@ -292,15 +323,20 @@ async fn start(config: &NodedConfig, parts: &mut Parts) -> Result<(), DaemonErro
         "boot-samples",
         Arc::clone(&observer).consume_boot_samples(boot_samples),
     ));
-    parts.probe_socket = Some(config.containerd.socket.clone());
-    parts.tasks.push(health.spawn(
-        "probe-loop",
-        probe_loop(
-            config.clone(),
-            Arc::clone(&observer),
-            parts.publisher.as_ref().map(|p| p.handles.health.clone()),
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    parts.probe = Some(ProbeTask {
+        socket: config.containerd.socket.clone(),
+        stop,
+        task: health.spawn(
+            "probe-loop",
+            probe_loop(
+                config.clone(),
+                Arc::clone(&observer),
+                parts.publisher.as_ref().map(|p| p.handles.health.clone()),
+                stopped,
+            ),
         ),
-    ));
+    });
     // Kata's factory template for warm handlers: checked and (re)built in the background; a node
     // without it still runs pods (cold), so it never delays the startup taint.
     let keeper = crate::kata::keeper::KeeperSettings::from_config(config);
@@ -343,11 +379,13 @@ async fn reconcile_loop(
 }
 
 /// Proves every probe handler with a real sandbox every `probe.interval_seconds`. Outcomes feed
-/// `/readyz` and the metrics (observer) and the node publisher (startup taint, condition).
+/// `/readyz` and the metrics (observer) and the node publisher (startup taint, condition). Returns
+/// between probes once `stop` turns true.
 async fn probe_loop(
     config: NodedConfig,
     observer: Arc<Observer>,
     health: Option<tokio::sync::watch::Sender<crate::k8s::publisher::RuntimeHealth>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let opts = crate::cri::probe::ProbeOptions {
         timeout: Duration::from_secs(config.probe.timeout_seconds.max(1)),
@@ -372,6 +410,9 @@ async fn probe_loop(
     loop {
         let mut all_ok = true;
         for handler in &handlers {
+            if *stop.borrow() {
+                return;
+            }
             let warm = observer.warm().is_warm(handler);
             let (outcome, boot) = crate::cri::probe::probe_inspecting(
                 &config.containerd.socket,
@@ -410,6 +451,7 @@ async fn probe_loop(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = observer.warm().changed() => retry = PROBE_RETRY_FIRST,
+            _ = stop.wait_for(|stop| *stop) => return,
         }
     }
 }

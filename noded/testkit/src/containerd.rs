@@ -395,6 +395,36 @@ pub async fn start(series: Series, sandbox_image: &str) -> Result<TempContainerd
     start_temp_with(sandbox_image, series.config_version(), &bins.launch()).await
 }
 
+/// Like [`start`], with `runtime` registered as one more runc handler whose runc is `binary` (e.g. a
+/// wrapper that makes every runc call slow).
+pub async fn start_with_runc_handler(
+    series: Series,
+    sandbox_image: &str,
+    runtime: &str,
+    binary: &Path,
+) -> Result<TempContainerd> {
+    let bins = binaries(series)?;
+    let dir = tempfile::Builder::new()
+        .prefix("noded-ctrd-")
+        .tempdir_in("/tmp")
+        .context("temp dir for a private containerd")?;
+    let layout = PrivateLayout::new(dir.path());
+    let config = dir.path().join("config.toml");
+    let table = format!(
+        "plugins.{}.containerd.runtimes.{runtime}",
+        toml_quote(series.runtime_plugin())
+    );
+    let text = format!(
+        "{}\n[{table}]\n  runtime_type = \"io.containerd.runc.v2\"\n\n\
+         [{table}.options]\n  BinaryName = {}\n  SystemdCgroup = false\n",
+        default_config_for(series.config_version(), &layout, sandbox_image),
+        toml_quote(&binary.display().to_string()),
+    );
+    std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+    let ctrd = PrivateContainerd::start_with(dir.path(), &config, &bins.launch()).await?;
+    Ok(TempContainerd { ctrd, _dir: dir })
+}
+
 /// The default private config of `series` for `dir` (version 2 for 1.x, version 3 for 2.x).
 pub fn default_config(series: Series, dir: &Path, sandbox_image: &str) -> String {
     default_config_for(
