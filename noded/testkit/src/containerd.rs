@@ -375,15 +375,26 @@ pub async fn start_temp_with(
     version: ConfigVersion,
     launch: &Launch,
 ) -> Result<TempContainerd> {
+    start_in_temp(launch, |layout| {
+        default_config_for(version, layout, sandbox_image)
+    })
+    .await
+}
+
+/// Starts `launch`'s containerd in a fresh temp dir under /tmp with the config `config` writes for
+/// that dir's layout.
+async fn start_in_temp(
+    launch: &Launch,
+    config: impl FnOnce(&PrivateLayout) -> String,
+) -> Result<TempContainerd> {
     let dir = tempfile::Builder::new()
         .prefix("noded-ctrd-")
         .tempdir_in("/tmp")
         .context("temp dir for a private containerd")?;
-    let layout = PrivateLayout::new(dir.path());
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, default_config_for(version, &layout, sandbox_image))
-        .with_context(|| format!("write {}", config.display()))?;
-    let ctrd = PrivateContainerd::start_with(dir.path(), &config, launch).await?;
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config(&PrivateLayout::new(dir.path())))
+        .with_context(|| format!("write {}", path.display()))?;
+    let ctrd = PrivateContainerd::start_with(dir.path(), &path, launch).await?;
     Ok(TempContainerd { ctrd, _dir: dir })
 }
 
@@ -404,25 +415,19 @@ pub async fn start_with_runc_handler(
     binary: &Path,
 ) -> Result<TempContainerd> {
     let bins = binaries(series)?;
-    let dir = tempfile::Builder::new()
-        .prefix("noded-ctrd-")
-        .tempdir_in("/tmp")
-        .context("temp dir for a private containerd")?;
-    let layout = PrivateLayout::new(dir.path());
-    let config = dir.path().join("config.toml");
     let table = format!(
         "plugins.{}.containerd.runtimes.{runtime}",
         toml_quote(series.runtime_plugin())
     );
-    let text = format!(
-        "{}\n[{table}]\n  runtime_type = \"io.containerd.runc.v2\"\n\n\
-         [{table}.options]\n  BinaryName = {}\n  SystemdCgroup = false\n",
-        default_config_for(series.config_version(), &layout, sandbox_image),
-        toml_quote(&binary.display().to_string()),
-    );
-    std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
-    let ctrd = PrivateContainerd::start_with(dir.path(), &config, &bins.launch()).await?;
-    Ok(TempContainerd { ctrd, _dir: dir })
+    start_in_temp(&bins.launch(), |layout| {
+        format!(
+            "{}\n[{table}]\n  runtime_type = \"io.containerd.runc.v2\"\n\n\
+             [{table}.options]\n  BinaryName = {}\n  SystemdCgroup = false\n",
+            default_config_for(series.config_version(), layout, sandbox_image),
+            toml_quote(&binary.display().to_string()),
+        )
+    })
+    .await
 }
 
 /// The default private config of `series` for `dir` (version 2 for 1.x, version 3 for 2.x).
