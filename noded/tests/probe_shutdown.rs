@@ -11,8 +11,9 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -20,18 +21,10 @@ use nix::unistd::Pid;
 use noded::containerd::image::PAUSE_IMAGE;
 use noded::cri::CriClient;
 use noded::cri::probe::PROBE_LABEL;
+use testkit::process::Proc;
+use testkit::scrape::{free_port, wait_until};
 
 const HANDLER: &str = "runc-slow";
-
-/// Kills noded if the test fails before it exits (containerd is dropped by its own guard).
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// runc, with every `create` held for 2 s and marked in `marks` when it starts and ends.
 fn slow_runc(dir: &Path, marks: &Path) -> std::path::PathBuf {
@@ -95,10 +88,7 @@ testkit::per_series!(
 
         let data = dir.path().join("data");
         let config = dir.path().join("noded.toml");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         std::fs::write(
             &config,
             format!(
@@ -115,13 +105,15 @@ testkit::per_series!(
         .expect("config");
         let log_path = dir.path().join("noded.log");
         let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-        let mut daemon = Daemon(
+        // Killed with its group if the test fails before it exits (containerd has its own guard).
+        let mut daemon = Proc(
             Command::new(env!("CARGO_BIN_EXE_noded"))
                 .args(["run", "--config"])
                 .arg(&config)
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log_path).expect("log file"))
+                .process_group(0)
                 .spawn()
                 .expect("spawn noded"),
         );
@@ -141,21 +133,16 @@ testkit::per_series!(
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let pid = Pid::from_raw(i32::try_from(daemon.0.id()).expect("pid"));
-        kill(pid, Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = daemon.0.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{series}: noded still runs 30 s after SIGTERM:\n{}",
-                log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        kill(Pid::from_raw(daemon.pid()), Signal::SIGTERM).expect("SIGTERM");
+        let mut status = None;
+        wait_until(Duration::from_secs(30), "noded exits after SIGTERM", || {
+            status = daemon.0.try_wait().expect("wait");
+            status.is_some()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{series}: {e}:\n{}", log()));
         let text = log();
+        let status = status.expect("exited");
         assert!(status.success(), "{series}: exit {status}:\n{text}");
         let (_, after) = text
             .split_once("SIGTERM: shutting down")
@@ -166,18 +153,12 @@ testkit::per_series!(
         );
 
         // Whatever containerd still had in hand for the probe is done before looking.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        wait_until(Duration::from_secs(20), "runc create ended", || {
             let (started, ended) = marks(&marks_path);
-            if started == ended {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{series}: runc create never ended"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            started == ended
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{series}: {e}"));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let left = probe_pods(ctrd.socket()).await;
         assert!(

@@ -358,28 +358,22 @@ fn report(out: &Path, pid: u32) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-async fn wait_log(runner: &PodRunner, line: &str) {
+/// Waits up to 10 s for something the pod does (`what`), printing the pod log if it never happens.
+async fn wait_pod(runner: &PodRunner, what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..200 {
-        if runner.logs().contains(line) {
+        if done() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{line:?} never logged; pod log:\n{}", runner.logs());
+    panic!("{what} never happened; pod log:\n{}", runner.logs());
 }
 
 async fn wait_file(path: &Path, runner: &PodRunner) {
-    for _ in 0..200 {
-        if path.exists() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{} never appeared; pod log:\n{}",
-        path.display(),
-        runner.logs()
-    );
+    wait_pod(runner, &format!("{} appearing", path.display()), || {
+        path.exists()
+    })
+    .await;
 }
 
 async fn runs_a_daemonset_pod_on(series: Series) {
@@ -470,7 +464,11 @@ async fn runs_a_daemonset_pod_on(series: Series) {
     assert!(!dir.path().join("in/written").exists());
     assert_eq!(r["socket"], "yes", "hostPath Socket mounted");
     // The shell echoes after it renames the report: the log line may trail the file.
-    wait_log(&runner, &format!("report written by {pid0}")).await;
+    let line = format!("report written by {pid0}");
+    wait_pod(&runner, &format!("{line:?} logged"), || {
+        runner.logs().contains(&line)
+    })
+    .await;
     assert!(runner.log_path().ends_with("writer/0.log"));
 
     assert_eq!(
