@@ -312,10 +312,13 @@ fn scrapes_answer_during_slowloris_and_connection_flood() {
 
     // Let the attack fill every slot first.
     std::thread::sleep(Duration::from_secs(1));
-    let before = attack_conns.load(Ordering::Relaxed);
+    // Attack connections opened so far, before each scrape and after the last (printed per scrape
+    // so a failure shows when the attack stalled).
+    let mut marks = Vec::new();
     let scraper = Client::new();
     let mut times = Vec::new();
     for i in 0..10 {
+        marks.push(attack_conns.load(Ordering::Relaxed));
         let t = Instant::now();
         let result = scraper
             .connect([127, 0, 0, 9], addr)
@@ -332,18 +335,24 @@ fn scrapes_answer_during_slowloris_and_connection_flood() {
         times.push(took);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let during = attack_conns.load(Ordering::Relaxed) - before;
+    marks.push(attack_conns.load(Ordering::Relaxed));
     stop.store(true, Ordering::Relaxed);
     slowloris.join().expect("slowloris thread");
     flood.join().expect("flood thread");
 
     times.sort();
+    let per_scrape: Vec<usize> = marks.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!(
-        "scrape times under attack: {times:?}; attack connections during the scrapes: {during}"
+        "scrape times under attack: {times:?}; attack connections opened during each scrape and its pause: {per_scrape:?}"
     );
+    // How many a machine opens varies tenfold: thousands when idle, 265 in all on a busy 2-core CI
+    // box, where connects stall in SYN retries once the flood fills the accept queue (idle runs
+    // show such stalls too, as scrape intervals with none). At least 100 means the server had to
+    // turn away connections beyond its 64-connection cap while the scrapes ran.
+    let during: usize = per_scrape.iter().sum();
     assert!(
-        during > 500,
-        "the attack was running during the scrapes ({during} connections)"
+        during >= 100,
+        "the attack was not running during the scrapes: {per_scrape:?} connections opened per scrape"
     );
     assert!(
         times[times.len() / 2] < Duration::from_millis(50),
