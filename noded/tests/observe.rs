@@ -385,7 +385,7 @@ fn processes_vanishing_mid_scan_are_skipped_not_errors() {
 
 /// A Kata VM is on /proc before containerd's task event names its handler: a cold VM seen first and
 /// attributed later is still counted against the handler containerd names (a miss of the warm one),
-/// not against a guessed cold handler.
+/// not against a guessed cold handler, and at once, with its boot sample.
 #[test]
 fn a_cold_vm_seen_before_its_boot_sample_is_a_miss_of_the_handler_containerd_names() {
     let node = SyntheticNode::default();
@@ -400,8 +400,11 @@ fn a_cold_vm_seen_before_its_boot_sample_is_a_miss_of_the_handler_containerd_nam
     };
     obs.observe_now().expect("first scan: handler unknown");
     assert_eq!(misses(&obs), 0.0);
+    // The miss is counted when containerd names the handler, with the boot sample, not a scan
+    // later: whoever sees the boot sample also sees the miss.
     obs.record_boot("kata-qemu-warm", &synthetic::sandbox_id(1), 3.5);
-    obs.observe_now().expect("second scan: containerd named it");
+    assert_eq!(misses(&obs), 1.0);
+    obs.observe_now().expect("second scan: counted once");
     assert_eq!(misses(&obs), 1.0);
     // The other cold VMs never got a boot sample: after the wait, the guess (kata-qemu, no template)
     // decides, and none of them is a miss.

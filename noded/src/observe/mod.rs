@@ -337,6 +337,12 @@ impl Observer {
         st.sandbox_handlers
             .insert(sandbox_id.to_string(), handler.to_string());
         if let Some(kind) = st.live.get(sandbox_id).copied() {
+            // A scan saw this VM before containerd named its handler and left it uncounted: decide
+            // now rather than a scan later, so a boot sample is never published before the hit or
+            // miss of its VM.
+            if st.unattributed_scans.contains_key(sandbox_id) {
+                self.count_hit_or_miss(&mut st, sandbox_id, handler, kind);
+            }
             self.finish_boot(&mut st, handler, kind, seconds);
         } else {
             if st.pending.len() >= PENDING_MAX
@@ -480,6 +486,21 @@ impl Observer {
         }
     }
 
+    /// Counts a live Kata sandbox once: a clone is a template hit, a cold boot a miss when its
+    /// handler has a template.
+    fn count_hit_or_miss(&self, st: &mut State, id: &str, handler: &str, kind: BootKind) {
+        match kind {
+            BootKind::Template => self.metrics.record_template_hit(),
+            BootKind::Cold if self.config.has_template(handler) => {
+                tracing::info!(sandbox = %id, runtime_handler = %handler, "VM booted cold although a template is configured");
+                self.metrics.record_template_miss();
+            }
+            BootKind::Cold => {}
+        }
+        st.counted.insert(id.to_string());
+        st.unattributed_scans.remove(id);
+    }
+
     fn finish_boot(&self, st: &mut State, handler: &str, kind: BootKind, seconds: f64) {
         self.metrics
             .observe_boot(handler, kind, BootOutcome::Ok, seconds);
@@ -579,16 +600,7 @@ impl Observer {
                 let seen = st.unattributed_scans.entry(sb.id.clone()).or_insert(0);
                 *seen = seen.saturating_add(1);
                 if known || *seen > PENDING_SCANS {
-                    match kind {
-                        BootKind::Template => self.metrics.record_template_hit(),
-                        BootKind::Cold if self.config.has_template(&handler) => {
-                            tracing::info!(sandbox = %sb.id, runtime_handler = %handler, "VM booted cold although a template is configured");
-                            self.metrics.record_template_miss();
-                        }
-                        BootKind::Cold => {}
-                    }
-                    st.counted.insert(sb.id.clone());
-                    st.unattributed_scans.remove(&sb.id);
+                    self.count_hit_or_miss(&mut st, &sb.id, &handler, kind);
                 }
             }
         }
