@@ -415,7 +415,8 @@ impl Booted {
 
     /// Runs a pod sandbox on `handler` through the node's CRI and returns how the fake Kata shim of
     /// the release at `kata_root` (a node path) booted its VM (its `vm_calls` record); the sandbox is
-    /// removed once noded's observer had two scans (5 s apart) to see the VM.
+    /// removed once noded published the VM's boot sample under `handler` (and with it the VM's
+    /// template hit or miss), which it can only do while a scan sees the VM alive.
     pub async fn run_kata_pod(
         &self,
         handler: &str,
@@ -423,6 +424,14 @@ impl Booted {
         kata_root: &str,
         timeout: Duration,
     ) -> Result<serde_json::Value> {
+        const BOOTS: &str = "noded_vm_boot_seconds_count";
+        let by_handler = [("runtime_handler", handler)];
+        let before = crate::scrape::metric(
+            &crate::scrape::scrape(crate::scrape::NODE_METRICS)?,
+            BOOTS,
+            &by_handler,
+        )
+        .unwrap_or(0.0);
         let mut cri = noded::cri::CriClient::connect(&self.nodebox.containerd_socket()).await?;
         let mut spec = noded::cri::PodSpec::unique(name, handler);
         spec.host_network = true;
@@ -434,8 +443,10 @@ impl Booted {
         .into_iter()
         .rfind(|v| v["id"] == id.as_str())
         .with_context(|| format!("no VM recorded for sandbox {id}"))?;
-        tokio::time::sleep(Duration::from_secs(11)).await;
+        let counted =
+            crate::scrape::wait_node_metric(BOOTS, &by_handler, before + 1.0, timeout).await;
         cri.remove_pod(&id, timeout).await?;
+        counted.with_context(|| format!("the VM of sandbox {id} was not counted"))?;
         Ok(vm)
     }
 
