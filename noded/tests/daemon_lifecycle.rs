@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use testkit::scrape::free_port;
 
 /// How long noded may take to stop after the signal (kubelet's grace period is 30 s; the private
 /// containerd's own stop timeout is 10 s).
@@ -25,13 +26,6 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// the 30 s probe interval, so a first probe that fails (the node unready for a whole interval) fails
 /// the case instead of passing late.
 const TRIGGER_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
 
 /// A noded.toml shaped like `local-default.toml` with every path under `dir`, no templates (no QEMU),
 /// Kubernetes off, and the given extra lines at the end of `[containerd]`.

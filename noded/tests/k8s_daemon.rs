@@ -2,9 +2,10 @@
 //! served (the publisher is its own task) and SIGTERM stops the daemon cleanly.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use testkit::scrape::free_port;
 
 struct Daemon(Child);
 
@@ -13,13 +14,6 @@ impl Drop for Daemon {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// GET `path`; `None` while nothing listens yet.
