@@ -326,12 +326,11 @@ async fn probe_with_runc_succeeds_and_leaves_nothing_behind(series) {
     let sock = ctrd.socket().display().to_string();
     // The shim exits once its last sandbox is removed: after containerd's Shutdown call returned,
     // in its own time (10 s, as for the fake Kata shim; 2 s was short for a loaded runner).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut shims = common::containerd::pids_with_cmdline(&sock);
-    while !shims.is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        shims = common::containerd::pids_with_cmdline(&sock);
-    }
+    let _ = testkit::scrape::wait_until(Duration::from_secs(10), "runc shims exited", || {
+        common::containerd::pids_with_cmdline(&sock).is_empty()
+    })
+    .await;
+    let shims = common::containerd::pids_with_cmdline(&sock);
     assert!(shims.is_empty(), "shims left after 10 s: {shims:?}");
 }
 }

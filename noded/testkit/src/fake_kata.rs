@@ -17,6 +17,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -246,6 +247,33 @@ impl FakeKata {
     /// The shim binary of this release.
     pub fn shim(&self) -> PathBuf {
         self.root.join("bin/containerd-shim-kata-v2")
+    }
+
+    /// Live processes running this release's shim binary.
+    pub fn shim_pids(&self) -> Vec<i32> {
+        let want = std::fs::canonicalize(self.shim()).expect("canonical shim path");
+        std::fs::read_dir("/proc")
+            .expect("read /proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == want)
+            })
+            .collect()
+    }
+
+    /// Waits up to 10 s for this release's shims to exit (they do after containerd's Shutdown call
+    /// returned, in their own time); panics naming `after` and the pids if any is left.
+    pub async fn wait_no_shim(&self, after: &str) {
+        let _ = crate::scrape::wait_until(Duration::from_secs(10), "shims exited", || {
+            self.shim_pids().is_empty()
+        })
+        .await;
+        assert_eq!(
+            self.shim_pids(),
+            Vec::<i32>::new(),
+            "shim processes left after {after}"
+        );
     }
 
     /// Makes the shim resolvable as `containerd-shim-<handler>-v2` in `bin_dir` (a directory on

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, CreateContainerRequest, ImageSpec,
@@ -24,29 +24,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn prerequisites() -> bool {
     testkit::require::require_runc_pods()
-}
-
-/// Live processes running this release's shim binary.
-fn shim_processes(kata: &FakeKata) -> Vec<i32> {
-    let want = std::fs::canonicalize(kata.shim()).expect("canonical shim path");
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == want))
-        .collect()
-}
-
-async fn wait_no_shim(kata: &FakeKata, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !shim_processes(kata).is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        shim_processes(kata),
-        Vec::<i32>::new(),
-        "shim processes left after {what}"
-    );
 }
 
 fn container_config(pod: &PodSpec, marker: &str) -> ContainerConfig {
@@ -187,7 +164,7 @@ async fn kata_sandbox_runs(series: Series) {
     }
     eprintln!("{series}: creates seen by the shim: {creates:?}; log: {log}");
     assert_eq!(
-        shim_processes(&kata).len(),
+        kata.shim_pids().len(),
         1,
         "{series}: one shim process per sandbox"
     );
@@ -195,7 +172,7 @@ async fn kata_sandbox_runs(series: Series) {
     cri.remove_pod(&sandbox, TIMEOUT)
         .await
         .expect("stop and remove the pod");
-    wait_no_shim(&kata, "stop/remove").await;
+    kata.wait_no_shim("stop/remove").await;
 
     // A handler whose ConfigPath names a file that is not there.
     let clh_config = kata_root.join("share/defaults/kata-containers/configuration-clh.toml");
@@ -222,7 +199,7 @@ async fn kata_sandbox_runs(series: Series) {
     for id in cri.all_pods().await.expect("list pods") {
         let _ = cri.remove_pod(&id, TIMEOUT).await;
     }
-    wait_no_shim(&kata, "a failed RunPodSandbox").await;
+    kata.wait_no_shim("a failed RunPodSandbox").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
